@@ -1,0 +1,779 @@
+"""Settings: the ini file loaded, interpolated and validated in one place.
+
+Nothing else in rbit reads the ini file or the environment. Every error raised here is a
+:class:`rbit.errors.ConfigError` naming file, section, key and reason.
+"""
+
+from __future__ import annotations
+
+import configparser
+import difflib
+import math
+import os
+import re
+import shlex
+import string
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from rbit.errors import ConfigError
+
+
+class RunnerOptions(dict):
+    """A runner section's own keys, as handed to the runner.
+
+    A plain ``dict`` (JSON-serialisable, ``format_map``-able) whose ``repr`` hides the
+    values of keys that look secret (password, secret, token, auth, api_key), so that
+    logging a :class:`RunnerSettings` never leaks them.
+    """
+
+    def __repr__(self) -> str:
+        shown = {key: "***" if _is_secret(key) else value for key, value in self.items()}
+        return f"RunnerOptions({shown!r})"
+
+
+@dataclass(frozen=True)
+class HostAddress:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class AmqpSettings:
+    """How to reach RabbitMQ. ``hosts`` are tried in order (failover)."""
+
+    hosts: tuple[HostAddress, ...] = (HostAddress("localhost", 5672),)
+    user: str = "guest"
+    password: str = field(default="guest", repr=False)
+    virtual_host: str = "/"
+    heartbeat: int = 60
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_verify: bool = True
+    connect_timeout: float = 10.0
+    reconnect_delay: float = 1.0  # first backoff step after a lost connection
+    reconnect_max_delay: float = 30.0  # backoff cap
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Delayed retries: try ``n`` waits ``min(retry_delay * backoff**(n-1), max_delay)``
+    seconds, spread by +-``jitter`` (a fraction)."""
+
+    max_retries: int = 0
+    retry_delay: float = 10.0
+    backoff: float = 2.0
+    max_delay: float = 3600.0
+    jitter: float = 0.1
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """One ``[runner:<queue>]`` section."""
+
+    queue: str
+    runner: str  # the spec as written, e.g. "python!pkg.mod:func"
+    kind: str  # "python" or "shell"
+    target: str  # what follows the "!"
+    routing_key: str  # binding on the pybit exchange
+    concurrency: int = 1
+    prefetch: int = 1
+    timeout: float | None = None
+    python: str | None = None  # interpreter for a child-process python! runner
+    queue_type: str = "classic"  # or "quorum"
+    delivery_limit: int | None = None  # quorum queues: x-delivery-limit
+    retry: RetryPolicy = RetryPolicy()
+    # Extra classes a jsonpickle body may name ([rbit] and this section's
+    # jsonpickle_classes), added to the decoder's built-in allow-list.
+    allowed_classes: frozenset[str] = frozenset()
+    settings: Mapping[str, str] = field(default_factory=dict)  # every other key
+
+
+@dataclass(frozen=True)
+class StatusSettings:
+    """Where job statuses go (``[status]``)."""
+
+    sinks: tuple[str, ...] = ("log",)  # any of "log", "amqp", "http"
+    exchange: str = "rbit.status"  # topic exchange for the amqp sink
+    routing_key: str = "{queue}.{status}"  # template; {queue}, {status}, {job_id}, {worker}
+    http_url: str | None = None  # PyBit front-end base URL
+    http_user: str | None = None
+    http_password: str | None = field(default=None, repr=False)
+    http_timeout: float = 10.0
+    retry_max_delay: float = 60.0  # cap of the backoff while a sink is down
+    max_pending: int = 100_000  # events kept in memory per sink while it is down
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The ``[rbit]`` section."""
+
+    name: str
+    distribution: str = ""
+    architecture: str = ""
+    suites: tuple[str, ...] = ()
+    format: str = ""
+    polling_time: float = 60.0
+    mode: str = "consume"  # or "poll"
+    concurrency: int = 1  # default for runners
+    prefetch: int | None = None  # default: follows concurrency
+    shutdown_grace: float = 30.0
+    exchange: str = "pybit"
+    queue_type: str = "classic"  # default for runners
+    consumer_timeout: float | None = None  # broker's delivery-ack timeout, if lowered
+    jsonpickle_classes: tuple[str, ...] = ()  # extra classes every runner may decode
+
+
+@dataclass(frozen=True)
+class Settings:
+    file: str
+    worker: WorkerSettings
+    amqp: AmqpSettings
+    status: StatusSettings
+    runners: tuple[RunnerSettings, ...]
+    warnings: tuple[str, ...] = ()  # unknown sections/keys, by name
+    # Python logging sections present ([loggers], [handler_x], ...), in file order; when
+    # any is, the CLI may hand the file to logging.config.fileConfig.
+    logging_sections: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+_LOGGING_SECTIONS = frozenset({"loggers", "handlers", "formatters"})
+_LOGGING_PREFIXES = ("logger_", "handler_", "formatter_")
+_RUNNER_PREFIX = "runner:"
+# configparser's [DEFAULT] would leak its keys into every section (and so into every
+# runner's settings); rbit treats it as an ordinary, unknown section instead.
+_NO_DEFAULT_SECTION = "\x00no-default\x00"
+
+_QUEUE_TYPES = ("classic", "quorum")
+_SINKS = ("log", "amqp", "http")
+_STATUS_FIELDS = frozenset({"queue", "status", "job_id", "worker"})
+_TRUE = frozenset({"yes", "true", "on", "1"})
+_FALSE = frozenset({"no", "false", "off", "0"})
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_PYTHON_TARGET = re.compile(rf"{_IDENT}(?:\.{_IDENT})*:{_IDENT}(?:\.{_IDENT})*")
+_CLASS_NAME = re.compile(rf"{_IDENT}(?:\.{_IDENT})+")
+_ENV_REFERENCE = re.compile(r"\$(?:(\$)|\{([^}]*)\}|(\{))")
+_ENV_NAME = re.compile(_IDENT)
+
+# Keys whose values must never be echoed in an error or warning.
+_SECRET_WORDS = ("password", "secret", "token", "auth", "url", "api_key")
+
+
+def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load, interpolate and validate an rbit ini file.
+
+    ``${NAME}`` in a value is replaced by the environment variable ``NAME`` (``$$`` is a
+    literal ``$``); a lone ``$`` not followed by ``{`` is kept as is. Keys are
+    case-insensitive (configparser lower-cases them). Unknown sections and keys do not
+    stop loading: each gets a line in :attr:`Settings.warnings`.
+
+    Args:
+        path: The ini file.
+        environ: Variables for ``${NAME}`` references; defaults to ``os.environ``.
+
+    Returns:
+        The validated, frozen settings.
+
+    Raises:
+        ConfigError: The file cannot be read or parsed, a required section or key is
+            missing, a value has the wrong type, or a variable is not set. The message
+            names file, section, key and reason, never a secret's value.
+    """
+    parser = _read(path)
+    env = os.environ if environ is None else environ
+    warnings: list[str] = []
+    readers = {name: _Section(path, name, parser[name], env) for name in parser.sections()}
+    for name in ("rbit", "amqp"):
+        if name not in readers:
+            raise ConfigError("required section is missing", file=path, section=name)
+    worker = _worker(readers["rbit"])
+    amqp = _amqp(readers["amqp"])
+    status = _status(readers["status"]) if "status" in readers else StatusSettings()
+    runners = tuple(
+        _runner(reader, worker, warnings)
+        for name, reader in readers.items()
+        if name.startswith(_RUNNER_PREFIX)
+    )
+    warnings.extend(_unknown_sections(path, parser.sections()))
+    for name in ("rbit", "amqp", "status"):
+        if name in readers:
+            warnings.extend(readers[name].unknown_keys())
+    return Settings(
+        file=path,
+        worker=worker,
+        amqp=amqp,
+        status=status,
+        runners=runners,
+        warnings=tuple(warnings),
+        logging_sections=tuple(n for n in parser.sections() if _is_logging_section(n)),
+    )
+
+
+def parse_bool(text: str) -> bool:
+    """Read an ini boolean: yes/no, true/false, on/off, 1/0 (any case).
+
+    Raises:
+        ValueError: ``text`` is none of those.
+    """
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _read(path: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(
+        interpolation=None, strict=True, default_section=_NO_DEFAULT_SECTION
+    )
+    try:
+        with open(path, encoding="utf-8") as stream:
+            parser.read_file(stream, source=path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror or exc}", file=path) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("the file is not valid UTF-8", file=path) from exc
+    except configparser.Error as exc:
+        raise ConfigError(_parse_error_reason(exc), file=path) from exc
+    return parser
+
+
+def _parse_error_reason(exc: configparser.Error) -> str:
+    # Only line numbers and names are reported: the offending line may hold a secret.
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return f"line {exc.lineno}: duplicate key {exc.option!r} in section [{exc.section}]"
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return f"line {exc.lineno}: duplicate section [{exc.section}]"
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return f"line {exc.lineno}: a key comes before any [section] header"
+    if isinstance(exc, configparser.ParsingError):
+        lines = ", ".join(str(lineno) for lineno, _ in exc.errors)
+        return f"cannot parse line(s) {lines}"
+    return f"cannot parse the file ({type(exc).__name__})"
+
+
+def _is_logging_section(name: str) -> bool:
+    return name in _LOGGING_SECTIONS or name.startswith(_LOGGING_PREFIXES)
+
+
+def _unknown_sections(path: str, names: Sequence[str]) -> list[str]:
+    known = {"rbit", "amqp", "status"}
+    return [
+        f"file {path}, section [{name}]: unknown section, ignored"
+        + _suggestion(name, sorted(known) + ["runner:<queue>"])
+        for name in names
+        if name not in known and not name.startswith(_RUNNER_PREFIX)
+        and not _is_logging_section(name)
+    ]
+
+
+def _suggestion(word: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _is_secret(key: str) -> bool:
+    return any(word in key for word in _SECRET_WORDS)
+
+
+def _interpolate(value: str, environ: Mapping[str, str], where: dict[str, str]) -> str:
+    def substitute(match: re.Match[str]) -> str:
+        dollar, name, unclosed = match.groups()
+        if dollar:
+            return "$"
+        if unclosed or not _ENV_NAME.fullmatch(name):
+            raise ConfigError("malformed ${NAME} reference", **where)
+        if name not in environ:
+            raise ConfigError(f"environment variable {name} is not set", **where)
+        return environ[name]
+
+    return _ENV_REFERENCE.sub(substitute, value)
+
+
+class _Section:
+    """Typed reads of one ini section, remembering which keys were read."""
+
+    def __init__(
+        self, file: str, name: str, values: Mapping[str, str], environ: Mapping[str, str]
+    ) -> None:
+        self.file = file
+        self.name = name
+        self._values = dict(values)
+        self._environ = environ
+        self._read: set[str] = set()
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(reason, file=self.file, section=self.name, key=key)
+
+    def keys(self) -> list[str]:
+        return list(self._values)
+
+    def has(self, key: str) -> bool:
+        return key in self._values
+
+    def raw(self, key: str) -> str | None:
+        """The interpolated value, or None when the key is absent."""
+        self._read.add(key)
+        if key not in self._values:
+            return None
+        where = {"file": self.file, "section": self.name, "key": key}
+        return _interpolate(self._values[key], self._environ, where)
+
+    def text(
+        self, key: str, default: str | None = None, *, required: bool = False
+    ) -> str | None:
+        value = self.raw(key)
+        if value is None and required:
+            raise self.error(key, "required key is missing")
+        return default if value is None else value.strip()
+
+    def nonempty(self, key: str, default: str) -> str:
+        value = self.text(key, default)
+        if not value:
+            raise self.error(key, "must not be empty")
+        return value
+
+    def integer(self, key: str, default: int | None, minimum: int) -> int | None:
+        value = self.text(key)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            reason = f"expected an integer >= {minimum}, got {self.shown(key, value)}"
+            raise self.error(key, reason)
+        return number
+
+    def number(
+        self,
+        key: str,
+        default: float | None,
+        minimum: float = 0.0,
+        *,
+        strict: bool = True,
+        maximum: float | None = None,
+    ) -> float | None:
+        """A float; ``strict`` excludes ``minimum`` itself."""
+        value = self.text(key)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not _within(number, minimum, strict, maximum):
+            reason = f"expected {_bounds(minimum, strict, maximum)}, got {self.shown(key, value)}"
+            raise self.error(key, reason)
+        return number
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.text(key)
+        if value is None:
+            return default
+        try:
+            return parse_bool(value)
+        except ValueError:
+            raise self.error(
+                key, f"expected yes/no, true/false, on/off or 1/0, got {self.shown(key, value)}"
+            ) from None
+
+    def choice(self, key: str, default: str, choices: Sequence[str]) -> str:
+        value = (self.text(key) or default).lower()
+        if value not in choices:
+            raise self.error(key, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def listing(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self.text(key)
+        if value is None:
+            return default
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+
+    def class_names(self, key: str) -> tuple[str, ...]:
+        names = self.listing(key)
+        for name in names:
+            if not _CLASS_NAME.fullmatch(name):
+                reason = f"expected dotted class names like 'pkg.module.Class', got {name!r}"
+                raise self.error(key, reason)
+        return names
+
+    def shown(self, key: str, value: str) -> str:
+        return "a value that is not valid (hidden: secret)" if _is_secret(key) else repr(value)
+
+    def unknown_keys(self) -> list[str]:
+        return [
+            f"file {self.file}, section [{self.name}], key {key!r}: unknown key, ignored"
+            + _suggestion(key, sorted(self._read))
+            for key in self._values
+            if key not in self._read
+        ]
+
+
+def _within(number: float, minimum: float, strict: bool, maximum: float | None) -> bool:
+    if not math.isfinite(number) or number < minimum or (strict and number == minimum):
+        return False
+    return maximum is None or number <= maximum
+
+
+def _bounds(minimum: float, strict: bool, maximum: float | None) -> str:
+    low = f"a number {'>' if strict else '>='} {minimum:g}"
+    return f"{low} and <= {maximum:g}" if maximum is not None else low
+
+
+# ---------------------------------------------------------------------------------------
+# [rbit]
+
+
+def _worker(section: _Section) -> WorkerSettings:
+    name = section.text("name", required=True)
+    if not name:
+        raise section.error("name", "must not be empty")
+    return WorkerSettings(
+        name=name,
+        distribution=section.text("distribution", ""),
+        architecture=section.text("architecture", ""),
+        suites=section.listing("suites"),
+        format=section.text("format", ""),
+        polling_time=section.number("polling_time", 60.0),
+        mode=section.choice("mode", "consume", ("consume", "poll")),
+        concurrency=section.integer("concurrency", 1, 1),
+        prefetch=section.integer("prefetch", None, 1),
+        shutdown_grace=section.number("shutdown_grace", 30.0, strict=False),
+        exchange=section.nonempty("exchange", "pybit"),
+        queue_type=section.choice("queue_type", "classic", _QUEUE_TYPES),
+        consumer_timeout=section.number("consumer_timeout", None),
+        jsonpickle_classes=section.class_names("jsonpickle_classes"),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# [amqp]
+
+_AMQP_PORT, _AMQPS_PORT = 5672, 5671
+
+
+@dataclass
+class _UrlParts:
+    """What a list of amqp(s):// URLs says, merged."""
+
+    tls: bool
+    hosts: list[tuple[str, int | None]]
+    user: str | None = None
+    password: str | None = None
+    virtual_host: str | None = None
+
+
+def _amqp(section: _Section) -> AmqpSettings:
+    url = section.text("url")
+    if url is not None and section.has("host"):
+        raise section.error("url", "give either url or host, not both")
+    if url is not None and section.has("port"):
+        raise section.error("url", "give the port inside url, not as a separate key")
+    parts = _parse_urls(section, url) if url is not None else None
+    tls = _amqp_tls(section, parts)
+    default_port = section.integer("port", _AMQPS_PORT if tls else _AMQP_PORT, 1)
+    if default_port > 65535:
+        raise section.error("port", f"expected a port number 1-65535, got {default_port}")
+    hosts = parts.hosts if parts else _parse_hosts(section, section.nonempty("host", "localhost"))
+    return AmqpSettings(
+        hosts=tuple(HostAddress(host, port or default_port) for host, port in hosts),
+        user=_from_url_or_key(section, parts, "user", "guest"),
+        password=_from_url_or_key(section, parts, "password", "guest"),
+        virtual_host=_virtual_host(section, parts),
+        heartbeat=section.integer("heartbeat", 60, 0),
+        tls=tls,
+        tls_ca_file=section.text("tls_ca_file"),
+        tls_cert_file=section.text("tls_cert_file"),
+        tls_key_file=section.text("tls_key_file"),
+        tls_verify=section.boolean("tls_verify", True),
+        connect_timeout=section.number("connect_timeout", 10.0),
+        reconnect_delay=section.number("reconnect_delay", 1.0),
+        reconnect_max_delay=section.number("reconnect_max_delay", 30.0),
+    )
+
+
+def _amqp_tls(section: _Section, parts: _UrlParts | None) -> bool:
+    from_url = bool(parts and parts.tls)
+    tls = section.boolean("tls", from_url)
+    if from_url and not tls:
+        raise section.error("tls", "url uses amqps:// but tls is off")
+    return tls
+
+
+def _from_url_or_key(section: _Section, parts: _UrlParts | None, key: str, default: str) -> str:
+    from_url = getattr(parts, key) if parts else None
+    from_key = section.text(key)
+    if from_url is not None and from_key is not None:
+        raise section.error(key, f"{key} is given both in url and as a key")
+    value = from_url if from_url is not None else from_key
+    return default if value is None else value
+
+
+def _virtual_host(section: _Section, parts: _UrlParts | None) -> str:
+    alias = section.text("vhost")
+    key = section.text("virtual_host")
+    if alias is not None and key is not None:
+        raise section.error("vhost", "vhost is an alias of virtual_host; give only one")
+    from_key = key if key is not None else alias
+    from_url = parts.virtual_host if parts else None
+    if from_url is not None and from_key is not None:
+        raise section.error("virtual_host", "virtual_host is given both in url and as a key")
+    value = from_url if from_url is not None else from_key
+    return value or "/"
+
+
+def _parse_urls(section: _Section, text: str) -> _UrlParts:
+    urls = [item for item in re.split(r"[,\s]+", text) if item]
+    if not urls:
+        raise section.error("url", "must not be empty")
+    parsed = [_parse_url(section, url, index) for index, url in enumerate(urls, 1)]
+    merged = _UrlParts(tls=parsed[0].tls, hosts=[])
+    for part in parsed:
+        merged.hosts.extend(part.hosts)
+        if part.tls != merged.tls:
+            raise section.error("url", "all urls must use the same scheme (amqp or amqps)")
+        for attr in ("user", "password", "virtual_host"):
+            _merge_url_field(section, merged, part, attr)
+    return merged
+
+
+def _merge_url_field(section: _Section, merged: _UrlParts, part: _UrlParts, attr: str) -> None:
+    value = getattr(part, attr)
+    if value is None:
+        return
+    if getattr(merged, attr) not in (None, value):
+        raise section.error("url", f"the urls disagree on the {attr.replace('_', ' ')}")
+    setattr(merged, attr, value)
+
+
+def _parse_url(section: _Section, url: str, index: int) -> _UrlParts:
+    # The url may carry a password: reasons name the url by position, never by text.
+    def bad(reason: str) -> ConfigError:
+        return section.error("url", f"url #{index}: {reason}")
+
+    split = urllib.parse.urlsplit(url)
+    if split.scheme.lower() not in ("amqp", "amqps"):
+        raise bad("expected an amqp:// or amqps:// url")
+    if split.query or split.fragment:
+        raise bad("query parameters are not supported; use the [amqp] keys instead")
+    try:
+        port = split.port
+    except ValueError:
+        raise bad("the port is not a number between 0 and 65535") from None
+    if not split.hostname:
+        raise bad("the url names no host")
+    return _UrlParts(
+        tls=split.scheme.lower() == "amqps",
+        hosts=[(split.hostname, port)],
+        user=_unquote(split.username),
+        password=_unquote(split.password),
+        # An empty path or a lone "/" means "not given": the default vhost is "/".
+        virtual_host=_unquote(split.path[1:]) if split.path not in ("", "/") else None,
+    )
+
+
+def _unquote(text: str | None) -> str | None:
+    return None if text is None else urllib.parse.unquote(text)
+
+
+def _parse_hosts(section: _Section, text: str) -> list[tuple[str, int | None]]:
+    hosts = [_parse_host(section, item.strip()) for item in text.split(",") if item.strip()]
+    if not hosts:
+        raise section.error("host", "must not be empty")
+    return hosts
+
+
+def _parse_host(section: _Section, item: str) -> tuple[str, int | None]:
+    match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\s\[\]]+)(?::(\d+))?", item)
+    if not match:
+        raise section.error("host", f"expected host or host:port, got {item!r}")
+    host = match.group(1) or match.group(3)
+    port_text = match.group(2) or match.group(4)
+    port = int(port_text) if port_text else None
+    if port is not None and not 1 <= port <= 65535:
+        raise section.error("host", f"expected a port number 1-65535 in {item!r}")
+    return host, port
+
+
+# ---------------------------------------------------------------------------------------
+# [status]
+
+
+def _status(section: _Section) -> StatusSettings:
+    sinks = _sinks(section)
+    http_url = section.text("http_url")
+    if "http" in sinks and not http_url:
+        raise section.error("http_url", "required when the http sink is chosen")
+    if http_url:
+        _check_http_url(section, http_url)
+    return StatusSettings(
+        sinks=sinks,
+        exchange=section.nonempty("exchange", "rbit.status"),
+        routing_key=_routing_template(section),
+        http_url=http_url or None,
+        http_user=section.text("http_user"),
+        http_password=section.text("http_password"),
+        http_timeout=section.number("http_timeout", 10.0),
+        retry_max_delay=section.number("retry_max_delay", 60.0),
+        max_pending=section.integer("max_pending", 100_000, 1),
+    )
+
+
+def _sinks(section: _Section) -> tuple[str, ...]:
+    sinks = section.listing("sinks", ("log",))
+    for sink in sinks:
+        if sink.lower() not in _SINKS:
+            raise section.error("sinks", f"expected a list of {', '.join(_SINKS)}, got {sink!r}")
+    return tuple(dict.fromkeys(sink.lower() for sink in sinks))
+
+
+def _check_http_url(section: _Section, url: str) -> None:
+    split = urllib.parse.urlsplit(url)
+    if split.scheme.lower() not in ("http", "https") or not split.hostname:
+        raise section.error("http_url", "expected an http:// or https:// url with a host")
+
+
+def _routing_template(section: _Section) -> str:
+    template = section.nonempty("routing_key", "{queue}.{status}")
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise section.error("routing_key", f"malformed template: {exc}") from None
+    unknown = fields - _STATUS_FIELDS
+    if unknown:
+        raise section.error(
+            "routing_key",
+            f"unknown placeholder {{{sorted(unknown)[0]}}}; use {{queue}}, {{status}}, "
+            "{job_id} or {worker}",
+        )
+    return template
+
+
+# ---------------------------------------------------------------------------------------
+# [runner:<queue>]
+
+_RUNNER_KEYS = frozenset({
+    "runner", "routing_key", "concurrency", "prefetch", "timeout", "python", "queue_type",
+    "delivery_limit", "max_retries", "retry_delay", "retry_backoff", "retry_max_delay",
+    "retry_jitter", "jsonpickle_classes",
+})
+
+
+def _runner(section: _Section, worker: WorkerSettings, warnings: list[str]) -> RunnerSettings:
+    queue = _queue_name(section)
+    spec = section.text("runner", required=True)
+    kind, target = _runner_spec(section, spec)
+    concurrency = section.integer("concurrency", worker.concurrency, 1)
+    queue_type = section.choice("queue_type", worker.queue_type, _QUEUE_TYPES)
+    delivery_limit = section.integer("delivery_limit", None, 1)
+    if delivery_limit is not None and queue_type != "quorum":
+        warnings.append(
+            f"file {section.file}, section [{section.name}], key 'delivery_limit': "
+            "only quorum queues honour it; ignored for a classic queue"
+        )
+    return RunnerSettings(
+        queue=queue,
+        runner=spec,
+        kind=kind,
+        target=target,
+        routing_key=section.nonempty("routing_key", default_routing_key(queue)),
+        concurrency=concurrency,
+        prefetch=section.integer("prefetch", worker.prefetch or concurrency, 1),
+        timeout=section.number("timeout", None),
+        python=_python(section, kind),
+        queue_type=queue_type,
+        delivery_limit=delivery_limit,
+        retry=_retry(section),
+        allowed_classes=_allowed_classes(section, worker),
+        settings=_runner_options(section),
+    )
+
+
+def _allowed_classes(section: _Section, worker: WorkerSettings) -> frozenset[str]:
+    return frozenset(worker.jsonpickle_classes + section.class_names("jsonpickle_classes"))
+
+
+def _runner_options(section: _Section) -> RunnerOptions:
+    # Everything rbit does not read itself belongs to the runner, verbatim (interpolated).
+    return RunnerOptions(
+        (key, section.raw(key) or "") for key in section.keys() if key not in _RUNNER_KEYS
+    )
+
+
+def default_routing_key(queue: str) -> str:
+    """The routing key a queue is bound with when its section sets none.
+
+    A PyBit queue name ``dist_arch_suite_format`` (exactly four non-empty parts) maps to
+    PyBit's dotted route ``dist.arch.suite.format``; any other name routes as itself.
+    """
+    parts = queue.split("_")
+    if len(parts) == 4 and all(parts):
+        return ".".join(parts)
+    return queue
+
+
+def _queue_name(section: _Section) -> str:
+    queue = section.name[len(_RUNNER_PREFIX):].strip()
+    where = {"file": section.file, "section": section.name}
+    if not queue:
+        raise ConfigError("the queue name after 'runner:' is empty", **where)
+    if len(queue.encode("utf-8")) > 255:
+        # AMQP short strings (queue names) are at most 255 bytes.
+        raise ConfigError("the queue name is longer than 255 bytes", **where)
+    return queue
+
+
+def _runner_spec(section: _Section, spec: str) -> tuple[str, str]:
+    kind, bang, target = spec.partition("!")
+    kind, target = kind.strip().lower(), target.strip()
+    # The value is not echoed whole: a shell command may carry a secret.
+    if not bang:
+        raise section.error("runner", "expected python!pkg.module:func or shell!command")
+    if kind not in ("python", "shell"):
+        raise section.error("runner", f"unknown runner kind {kind!r}; expected python! or shell!")
+    if kind == "python" and not _PYTHON_TARGET.fullmatch(target):
+        reason = f"expected python!pkg.module:func or python!pkg.module:Class, got {spec!r}"
+        raise section.error("runner", reason)
+    if kind == "shell":
+        _check_shell_template(section, target)
+    return kind, target
+
+
+def _check_shell_template(section: _Section, template: str) -> None:
+    try:
+        words = shlex.split(template)
+    except ValueError as exc:
+        raise section.error("runner", f"cannot split the shell command: {exc}") from None
+    if not words:
+        raise section.error("runner", "the shell command is empty")
+
+
+def _python(section: _Section, kind: str) -> str | None:
+    python = section.text("python")
+    if python is None:
+        return None
+    if kind != "python":
+        raise section.error("python", "only python! runners take an interpreter")
+    if not python:
+        raise section.error("python", "must not be empty")
+    return python
+
+
+def _retry(section: _Section) -> RetryPolicy:
+    return RetryPolicy(
+        max_retries=section.integer("max_retries", 0, 0),
+        retry_delay=section.number("retry_delay", 10.0, strict=False),
+        backoff=section.number("retry_backoff", 2.0, 1.0, strict=False),
+        max_delay=section.number("retry_max_delay", 3600.0, strict=False),
+        jitter=section.number("retry_jitter", 0.1, strict=False, maximum=1.0),
+    )
