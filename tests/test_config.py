@@ -697,3 +697,21 @@ def test_the_shipped_example_documents_a_credit_runner_section() -> None:
         assert re.search(rf"(?m)^{key}\s*=", uncommented), key
     assert "[runner:credits]" in uncommented
     assert "python!rbitext.creditpiggy:CreditRunner" in uncommented
+
+
+def test_the_shipped_credit_runner_section_loads_when_uncommented(tmp_path: Path) -> None:
+    text = (ROOT / "rbit.ini.example").read_text(encoding="utf-8")
+    head, marker, credits = text.partition("#[runner:credits]")
+    credits = re.sub(r"(?m)^#(?!#)", "", marker + credits)
+    path = tmp_path / "credits.ini"
+    path.write_text(head + credits, encoding="utf-8")
+    environ = {"RBIT_AMQP_PASSWORD": SECRET, "RBIT_CREDIT_SECRET": SECRET}
+
+    settings = load_config(str(path), environ=environ)
+
+    assert settings.warnings == ()
+    credit = next(r for r in settings.runners if r.queue == "credits")
+    assert credit.target == "rbitext.creditpiggy:CreditRunner"
+    assert credit.prefetch >= int(credit.settings["batch_size"])
+    assert credit.settings["api_secret"] == SECRET
+    assert "seen_ids_file" in credit.settings
