@@ -201,6 +201,7 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
         for name, reader in readers.items()
         if name.startswith(_RUNNER_PREFIX)
     )
+    _check_unique_queues(path, runners)
     warnings.extend(_unknown_sections(path, parser.sections()))
     for name in ("rbit", "amqp", "status"):
         if name in readers:
@@ -720,6 +721,19 @@ def default_routing_key(queue: str) -> str:
     if len(parts) == 4 and all(parts):
         return ".".join(parts)
     return queue
+
+
+def _check_unique_queues(path: str, runners: Sequence[RunnerSettings]) -> None:
+    # "[runner:q]" and "[runner: q]" are different sections but the same queue.
+    seen: set[str] = set()
+    for runner in runners:
+        if runner.queue in seen:
+            raise ConfigError(
+                f"queue {runner.queue!r} has more than one runner section",
+                file=path,
+                section=f"{_RUNNER_PREFIX}{runner.queue}",
+            )
+        seen.add(runner.queue)
 
 
 def _queue_name(section: _Section) -> str:

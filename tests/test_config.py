@@ -339,9 +339,9 @@ def test_secrets_never_appear_in_the_settings_repr(tmp_path: Path) -> None:
     settings = load(
         tmp_path,
         MINIMAL.replace("host = localhost", f"url = amqps://rbit:{SECRET}@mq/")
-        + f"[status]\nsinks = http\nhttp_url = https://front.example/\n"
+        + "[status]\nsinks = http\nhttp_url = https://front.example/\n"
         + f"http_password = {SECRET}\n"
-        + f"[runner:credits]\nrunner = python!rbitext.creditpiggy:CreditRunner\n"
+        + "[runner:credits]\nrunner = python!rbitext.creditpiggy:CreditRunner\n"
         + f"api_secret = {SECRET}\napi_key = {SECRET}\nbatch_size = 10\n",
     )
 
@@ -352,7 +352,9 @@ def test_secrets_never_appear_in_the_settings_repr(tmp_path: Path) -> None:
 
 
 def test_a_bad_url_error_never_shows_the_url(tmp_path: Path) -> None:
-    error = load_error(tmp_path, MINIMAL.replace("host = localhost", f"url = http://u:{SECRET}@h/"))
+    text = MINIMAL.replace("host = localhost", f"url = http://u:{SECRET}@h/")
+
+    error = load_error(tmp_path, text)
 
     assert error.key == "url"
     assert "url #1: expected an amqp:// or amqps:// url" in error.reason
@@ -483,7 +485,8 @@ def test_worker_wide_queue_type_is_the_runners_default(tmp_path: Path) -> None:
     settings = load(
         tmp_path,
         MINIMAL.replace("name = box1", "name = box1\nqueue_type = quorum")
-        + "[runner:a]\nrunner = shell!true\n[runner:b]\nrunner = shell!true\nqueue_type = classic\n",
+        + "[runner:a]\nrunner = shell!true\n"
+        + "[runner:b]\nrunner = shell!true\nqueue_type = classic\n",
     )
 
     assert [r.queue_type for r in settings.runners] == ["quorum", "classic"]
@@ -715,3 +718,11 @@ def test_the_shipped_credit_runner_section_loads_when_uncommented(tmp_path: Path
     assert credit.prefetch >= int(credit.settings["batch_size"])
     assert credit.settings["api_secret"] == SECRET
     assert "seen_ids_file" in credit.settings
+
+
+def test_two_sections_for_the_same_queue_are_an_error(tmp_path: Path) -> None:
+    error = load_error(
+        tmp_path, MINIMAL + "[runner:q]\nrunner = shell!a\n[runner: q ]\nrunner = shell!b\n"
+    )
+
+    assert "queue 'q' has more than one runner section" in error.reason
