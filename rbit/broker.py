@@ -1,0 +1,602 @@
+"""The one module that talks to pika.
+
+A :class:`Broker` owns one AMQP connection and the thread that runs its I/O loop
+(pika's ``SelectConnection``). Everything that touches the connection runs on that
+thread; other threads hand work over with :meth:`Broker.ack`, :meth:`Broker.publish`
+and friends, which queue a call and wake the loop through
+``add_callback_threadsafe``. Heartbeats therefore keep flowing however long a job runs.
+
+Two channels per connection: one consumes (and acks), one publishes in confirm mode.
+Confirms are pipelined: a publish returns at once and its ``on_confirm`` callback runs
+when the broker acks or nacks it (or with ``False`` when the connection is lost first).
+
+Acks are batched without a timer: every wake-up of the loop handles all completions
+queued since the last one, then acks the longest finished run of delivery tags with
+one ``multiple=True`` ack, and finished tags stuck behind a still-running job one by
+one (so a long job never holds back the prefetch window of the others).
+
+Each connection has a *generation*. A delivery carries the generation it came from;
+settling a delivery of an older generation is a no-op, because its delivery tag means
+nothing on the new channel -- the broker has already put that message back in its
+queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import ssl
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import pika
+import pika.exceptions
+from pika import spec
+from pika.adapters.select_connection import IOLoop
+
+from rbit.config import AmqpSettings
+from rbit.message import Message
+from rbit.topology import QueueDecl, Topology
+
+log = logging.getLogger(__name__)
+
+ConfirmCallback = Callable[[bool], None]
+_PROPERTY_NAMES = ("content_type", "content_encoding", "headers", "message_id",
+                   "correlation_id", "reply_to", "priority", "timestamp", "type", "app_id")
+
+
+@dataclass(eq=False)
+class Delivery:
+    """A message taken from a queue and not yet settled."""
+
+    message: Message
+    tag: int
+    generation: int
+    properties: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Publish:
+    """A message to publish (persistent unless told otherwise)."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    headers: Mapping[str, Any] | None = None
+    message_id: str | None = None
+    content_type: str | None = None
+    expiration_ms: int | None = None
+    properties: Mapping[str, Any] = field(default_factory=dict)  # others kept from a delivery
+    declare: QueueDecl | None = None  # declare this queue first (once per connection)
+    persistent: bool = True
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A queue to take jobs from.
+
+    Attributes:
+        queue: The queue name.
+        prefetch: Unacked deliveries the broker may push (consume mode).
+        on_delivery: Called on the I/O thread for every delivery; must not block.
+        capacity: Poll mode only: how many more deliveries the caller takes now.
+        allowed_classes: Passed on to every :class:`Message` of this queue.
+    """
+
+    queue: str
+    prefetch: int
+    on_delivery: Callable[[Delivery], None]
+    capacity: Callable[[], int] = lambda: 1
+    allowed_classes: frozenset[str] = frozenset()
+
+
+def _parameters(amqp: AmqpSettings, index: int, name: str, heartbeat: int):
+    address = amqp.hosts[index]
+    ssl_options = None
+    if amqp.tls:
+        context = ssl.create_default_context(cafile=amqp.tls_ca_file)
+        if amqp.tls_cert_file:
+            context.load_cert_chain(amqp.tls_cert_file, amqp.tls_key_file)
+        if not amqp.tls_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        ssl_options = pika.SSLOptions(context, server_hostname=address.host)
+    return pika.ConnectionParameters(
+        host=address.host,
+        port=address.port,
+        virtual_host=amqp.virtual_host,
+        credentials=pika.PlainCredentials(amqp.user, amqp.password),
+        heartbeat=heartbeat,
+        ssl_options=ssl_options,
+        connection_attempts=1,
+        socket_timeout=amqp.connect_timeout,
+        stack_timeout=amqp.connect_timeout * 2,
+        client_properties={"connection_name": name},
+    )
+
+
+def _plain_properties(props: spec.BasicProperties) -> dict[str, Any]:
+    return {n: getattr(props, n) for n in _PROPERTY_NAMES if getattr(props, n) is not None}
+
+
+class Broker:
+    """One AMQP connection with its I/O thread, reconnecting until stopped.
+
+    Args:
+        amqp: Where and how to connect; hosts are tried in order.
+        topology: Declared on every (re)connection, before consuming.
+        consumers: Queues to take deliveries from.
+        name: Connection name shown in the RabbitMQ management UI.
+        mode: ``"consume"`` (pushed deliveries) or ``"poll"`` (basic_get passes).
+        poll_time: Poll mode: the pause between passes. Both modes: the heartbeat is
+            at most this long, so a dead connection is noticed within it.
+        rng: Random source for the reconnect jitter.
+    """
+
+    def __init__(
+        self,
+        amqp: AmqpSettings,
+        topology: Topology = Topology(),
+        *,
+        consumers: Sequence[ConsumerSpec] = (),
+        name: str = "rbit",
+        mode: str = "consume",
+        poll_time: float = 60.0,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._amqp = amqp
+        self._topology = topology
+        self._consumers = {c.queue: c for c in consumers}
+        self._name = name
+        self._mode = mode
+        self._poll_time = poll_time
+        self._heartbeat = max(1, min(amqp.heartbeat, int(poll_time))) if amqp.heartbeat else 0
+        self._rng = rng
+        self._ioloop = IOLoop()
+        self._thread = threading.Thread(target=self._run, name=f"{name}-io", daemon=True)
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
+        self._ready = threading.Event()
+        self._stopped = threading.Event()
+        self._stopping = False
+        self.start_error: str | None = None  # why the first connection round failed
+        self.generation = 0
+        self._connection: pika.SelectConnection | None = None
+        self._host_index = 0
+        self._failures = 0
+        self._ever_connected = False
+        self._reset_connection_state()
+
+    # ----------------------------------------------------------- public, any thread
+
+    def start(self) -> None:
+        """Start the I/O thread; it connects and keeps reconnecting."""
+        self._thread.start()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until connected with the topology declared (False on timeout or a
+        failed first round of connection attempts)."""
+        self._ready.wait(timeout)
+        return self._ready.is_set() and self.start_error is None
+
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set()
+
+    def is_current(self, delivery: Delivery) -> bool:
+        """False when the delivery's connection is gone (the broker requeued it)."""
+        return delivery.generation == self.generation
+
+    def ack(self, delivery: Delivery) -> None:
+        """Ack a delivery (batched; dropped if the delivery is stale)."""
+        self._call_soon(lambda: self._ack(delivery))
+
+    def requeue(self, delivery: Delivery) -> None:
+        """Give a delivery back to its queue at once (nack with requeue)."""
+        self._call_soon(lambda: self._nack(delivery))
+
+    def publish_then_ack(self, delivery: Delivery, publish: Publish,
+                         on_done: ConfirmCallback | None = None) -> None:
+        """Publish a message derived from a delivery and ack the delivery once the
+        broker confirmed it. A nacked publish requeues the delivery instead; a lost
+        connection leaves it to the broker's redelivery. ``on_done(ok)`` follows."""
+        self._call_soon(lambda: self._publish_then_ack(delivery, publish, on_done))
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, *,
+                message_id: str | None = None, headers: Mapping[str, Any] | None = None,
+                content_type: str | None = None,
+                on_confirm: ConfirmCallback | None = None) -> None:
+        """Publish a persistent message with a publisher confirm (thread-safe).
+
+        ``on_confirm(True)`` runs on the I/O thread once the broker confirmed it,
+        ``on_confirm(False)`` when it was nacked or the connection was lost first. A
+        message published while disconnected waits for the next connection.
+        """
+        message = Publish(exchange, routing_key, body, headers, message_id, content_type)
+        self.send(message, on_confirm)
+
+    def send(self, message: Publish, on_confirm: ConfirmCallback | None = None) -> None:
+        """Publish a :class:`Publish` (thread-safe); see :meth:`publish`."""
+        self._call_soon(lambda: self._publish(message, on_confirm))
+
+    def stop_consuming(self) -> None:
+        """Cancel the consumers: no new deliveries; unacked ones stay ours to settle."""
+        self._call_soon(self._cancel_consumers)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Flush acks, close the connection and end the I/O thread."""
+        self._call_soon(self._shutdown)
+        self._stopped.wait(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------ cross-thread wake
+
+    def _call_soon(self, call: Callable[[], None]) -> None:
+        self._calls.append(call)
+        with self._wake_lock:
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        try:
+            self._ioloop.add_callback_threadsafe(self._drain)
+        except Exception:  # the loop is already closed: nothing will run it
+            log.debug("I/O loop closed; call dropped")
+
+    def _drain(self) -> None:
+        with self._wake_lock:
+            self._wake_pending = False
+        while self._calls:
+            call = self._calls.popleft()
+            try:
+                call()
+            except Exception:
+                log.exception("internal error in the AMQP I/O thread")
+        self._flush_acks()
+        if self._mode == "poll":
+            self._poll_next()
+
+    # --------------------------------------------------------------- the I/O thread
+
+    def _run(self) -> None:
+        self._ioloop.add_callback_threadsafe(self._connect)
+        try:
+            self._ioloop.start()
+        finally:
+            self._stopped.set()
+
+    def _reset_connection_state(self) -> None:
+        self._consume_channel = None
+        self._publish_channel = None
+        self._consumer_tags: dict[str, str] = {}
+        self._outstanding: collections.deque[int] = collections.deque()
+        self._done: set[int] = set()
+        self._settled: set[int] = set()
+        self._unconfirmed: dict[int, ConfirmCallback | None] = {}
+        self._publish_seq = 0
+        self._declared: set[str] = set()
+        self._held_publishes: list[tuple[Publish, ConfirmCallback | None]] = []
+        self._get_pending = False
+        self._empty_queues: set[str] = set()
+        self._closing_for_poll = False
+
+    def _connect(self) -> None:
+        if self._stopping:
+            self._ioloop.stop()
+            return
+        params = _parameters(self._amqp, self._host_index, self._name, self._heartbeat)
+        log.debug("connecting to %s:%s", params.host, params.port)
+        self._connection = pika.SelectConnection(
+            parameters=params,
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_closed,
+            custom_ioloop=self._ioloop,
+        )
+
+    def _on_open_error(self, _connection, error) -> None:
+        address = self._amqp.hosts[self._host_index]
+        log.warning("cannot connect to %s:%s: %s", address.host, address.port, error)
+        self._connection = None
+        self._schedule_reconnect(f"{address.host}:{address.port}: {error}")
+
+    def _schedule_reconnect(self, reason: str) -> None:
+        self._failures += 1
+        self._host_index = (self._host_index + 1) % len(self._amqp.hosts)
+        if not self._ever_connected and self._failures >= len(self._amqp.hosts):
+            self.start_error = reason
+            self._ready.set()
+            self._ioloop.stop()
+            return
+        if self._stopping:
+            self._ioloop.stop()
+            return
+        # Try the next host at once; back off only after a whole round failed.
+        rounds = (self._failures - 1) // len(self._amqp.hosts)
+        delay = 0.0
+        if self._host_index == 0 or len(self._amqp.hosts) == 1:
+            base = min(self._amqp.reconnect_delay * 2 ** rounds, self._amqp.reconnect_max_delay)
+            delay = base * (0.5 + self._rng())  # jitter: 50% to 150% of the step
+        log.info("reconnecting in %.1f s", delay)
+        self._ioloop.call_later(delay, self._connect)
+
+    def _on_open(self, connection) -> None:
+        connection.add_on_connection_blocked_callback(
+            lambda *_: log.warning("broker blocked this connection (resource alarm); "
+                                   "publishing pauses until it clears"))
+        connection.add_on_connection_unblocked_callback(
+            lambda *_: log.warning("broker unblocked this connection; publishing resumes"))
+        connection.channel(on_open_callback=self._on_publish_channel)
+
+    def _on_publish_channel(self, channel) -> None:
+        self._publish_channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.confirm_delivery(self._on_confirm, callback=lambda _f: self._declare(0))
+
+    def _declare(self, step: int) -> None:
+        """Declare exchanges, then queues and their bindings, one after the other."""
+        exchanges, queues = self._topology.exchanges, self._topology.queues
+        channel = self._publish_channel
+        if step < len(exchanges):
+            ex = exchanges[step]
+            channel.exchange_declare(ex.name, ex.type, durable=ex.durable,
+                                     callback=lambda _f: self._declare(step + 1))
+            return
+        step -= len(exchanges)
+        if step < len(queues):
+            self._declare_queue(queues[step], lambda: self._declare(step + 1 + len(exchanges)))
+            return
+        self._connection.channel(on_open_callback=self._on_consume_channel)
+
+    def _declare_queue(self, queue: QueueDecl, then: Callable[[], None]) -> None:
+        def bind(index: int) -> None:
+            if index == len(queue.bindings):
+                self._declared.add(queue.name)
+                then()
+                return
+            exchange, key = queue.bindings[index]
+            self._publish_channel.queue_bind(queue.name, exchange, key,
+                                             callback=lambda _f: bind(index + 1))
+
+        self._publish_channel.queue_declare(queue.name, durable=queue.durable,
+                                            arguments=dict(queue.arguments),
+                                            callback=lambda _f: bind(0))
+
+    def _on_consume_channel(self, channel) -> None:
+        self._consume_channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_cancel_callback(self._on_cancelled)
+        channel.add_callback(self._on_get_empty, [spec.Basic.GetEmpty], one_shot=False)
+        self._ever_connected = True
+        self._failures = 0
+        self.generation += 1
+        log.info("connected to %s:%s (vhost %s)", self._amqp.hosts[self._host_index].host,
+                 self._amqp.hosts[self._host_index].port, self._amqp.virtual_host)
+        self._ready.set()
+        self._release_held_publishes()
+        if self._mode == "consume":
+            self._start_consumers(list(self._consumers.values()))
+        else:
+            self._empty_queues = set()
+            self._poll_next()
+
+    def _start_consumers(self, pending: list[ConsumerSpec]) -> None:
+        if not pending or self._stopping:
+            return
+        consumer = pending[0]
+        channel = self._consume_channel
+
+        def consume(_frame) -> None:
+            # basic_qos without global applies to consumers created after it on this
+            # channel, so each queue gets its own prefetch window.
+            self._consumer_tags[consumer.queue] = channel.basic_consume(
+                consumer.queue, self._make_on_message(consumer))
+            self._start_consumers(pending[1:])
+
+        channel.basic_qos(prefetch_count=consumer.prefetch, callback=consume)
+
+    def _make_on_message(self, consumer: ConsumerSpec):
+        generation = self.generation
+        allowed = consumer.allowed_classes
+        queue = consumer.queue
+        deliver = consumer.on_delivery
+        outstanding = self._outstanding
+
+        def on_message(_channel, method, props, body) -> None:
+            message = Message(body, queue, props.headers or {}, method.redelivered,
+                              props.message_id, props.content_type, allowed)
+            outstanding.append(method.delivery_tag)
+            deliver(Delivery(message, method.delivery_tag, generation, _plain_properties(props)))
+
+        return on_message
+
+    # ----------------------------------------------------------------- settlement
+
+    def _ack(self, delivery: Delivery) -> None:
+        if delivery.generation == self.generation and self._consume_channel is not None:
+            self._done.add(delivery.tag)
+        else:
+            log.debug("dropping ack of stale delivery %s", delivery.tag)
+
+    def _nack(self, delivery: Delivery) -> None:
+        channel = self._consume_channel
+        if delivery.generation != self.generation or channel is None or not channel.is_open:
+            return
+        channel.basic_nack(delivery.tag, multiple=False, requeue=True)
+        self._settled.add(delivery.tag)
+
+    def _flush_acks(self) -> None:
+        channel = self._consume_channel
+        if not self._done or channel is None or not channel.is_open:
+            return
+        outstanding, done, settled = self._outstanding, self._done, self._settled
+        last = 0
+        while outstanding and (outstanding[0] in done or outstanding[0] in settled):
+            last = outstanding.popleft()
+            done.discard(last)
+            settled.discard(last)
+        if last:
+            channel.basic_ack(last, multiple=True)
+        for tag in done:  # finished behind a job still running
+            channel.basic_ack(tag, multiple=False)
+            settled.add(tag)
+        done.clear()
+
+    def _publish_then_ack(self, delivery: Delivery, publish: Publish,
+                          on_done: ConfirmCallback | None) -> None:
+        if delivery.generation != self.generation:
+            return  # the broker redelivers the original; publishing a copy would duplicate
+
+        def confirmed(ok: bool) -> None:
+            if ok:
+                self._ack(delivery)
+            else:
+                self._nack(delivery)
+            if on_done is not None:
+                on_done(ok)
+
+        self._publish(publish, confirmed)
+
+    def _publish(self, message: Publish, on_confirm: ConfirmCallback | None) -> None:
+        channel = self._publish_channel
+        if channel is None or not channel.is_open or not self._ready.is_set():
+            if self._stopping:
+                _confirm(on_confirm, False)
+            else:
+                self._held_publishes.append((message, on_confirm))
+            return
+        if message.declare is not None and message.declare.name not in self._declared:
+            self._declare_queue(message.declare, lambda: self._publish(message, on_confirm))
+            return
+        props = dict(message.properties)
+        props.update(
+            headers=message.headers if message.headers is not None else props.get("headers"),
+            delivery_mode=2 if message.persistent else 1,
+        )
+        if message.message_id is not None:
+            props["message_id"] = message.message_id
+        if message.content_type is not None:
+            props["content_type"] = message.content_type
+        if message.expiration_ms is not None:
+            props["expiration"] = str(message.expiration_ms)
+        try:
+            channel.basic_publish(message.exchange, message.routing_key, message.body,
+                                  spec.BasicProperties(**props))
+        except (pika.exceptions.AMQPError, ValueError, TypeError) as exc:
+            log.error("cannot publish to exchange %r key %r: %s",
+                      message.exchange, message.routing_key, exc)
+            _confirm(on_confirm, False)
+            return
+        self._publish_seq += 1
+        self._unconfirmed[self._publish_seq] = on_confirm
+
+    def _release_held_publishes(self) -> None:
+        held, self._held_publishes = self._held_publishes, []
+        for message, on_confirm in held:
+            self._publish(message, on_confirm)
+
+    def _on_confirm(self, frame) -> None:
+        method = frame.method
+        ok = isinstance(method, spec.Basic.Ack)
+        if method.multiple:
+            unconfirmed = self._unconfirmed
+            tags = [tag for tag in unconfirmed if tag <= method.delivery_tag]
+            for tag in tags:
+                _confirm(unconfirmed.pop(tag), ok)
+        else:
+            _confirm(self._unconfirmed.pop(method.delivery_tag, None), ok)
+
+    # ---------------------------------------------------------------------- poll
+
+    def _poll_next(self) -> None:
+        channel = self._consume_channel
+        if self._get_pending or channel is None or not channel.is_open or self._stopping:
+            return
+        for consumer in self._consumers.values():
+            if consumer.queue not in self._empty_queues and consumer.capacity() > 0:
+                self._get_pending = True
+                self._get_queue = consumer
+                channel.basic_get(consumer.queue, self._on_get_ok)
+                return
+        if len(self._empty_queues) == len(self._consumers) and not self._outstanding:
+            self._finish_poll_pass()
+
+    def _on_get_ok(self, channel, method, props, body) -> None:
+        self._get_pending = False
+        self._make_on_message(self._get_queue)(channel, method, props, body)
+        self._poll_next()
+
+    def _on_get_empty(self, _frame) -> None:
+        self._get_pending = False
+        self._empty_queues.add(self._get_queue.queue)
+        self._poll_next()
+
+    def _finish_poll_pass(self) -> None:
+        log.debug("queues drained; next pass in %.1f s", self._poll_time)
+        self._closing_for_poll = True
+        self._connection.close()
+
+    # ------------------------------------------------------------- closing, errors
+
+    def _cancel_consumers(self) -> None:
+        channel = self._consume_channel
+        if self._mode == "poll":
+            self._empty_queues = set(self._consumers)
+        if channel is None or not channel.is_open:
+            return
+        for tag in self._consumer_tags.values():
+            channel.basic_cancel(tag)
+        self._consumer_tags.clear()
+
+    def _on_cancelled(self, _frame) -> None:
+        log.warning("the broker cancelled a consumer (queue deleted?); reconnecting")
+        self._close_connection()
+
+    def _on_channel_closed(self, channel, reason) -> None:
+        if not self._stopping and not self._closing_for_poll:
+            log.warning("channel %s closed: %s", channel.channel_number, reason)
+        self._close_connection()
+
+    def _close_connection(self) -> None:
+        conn = self._connection
+        if conn is not None and not (conn.is_closing or conn.is_closed):
+            conn.close()
+
+    def _on_closed(self, _connection, reason) -> None:
+        self._connection = None
+        self._ready.clear()
+        self.generation += 1
+        for on_confirm in self._unconfirmed.values():
+            _confirm(on_confirm, False)
+        held = self._held_publishes
+        poll_pause = self._closing_for_poll
+        self._reset_connection_state()
+        self._held_publishes = held
+        if self._stopping:
+            for _message, on_confirm in held:
+                _confirm(on_confirm, False)
+            self._ioloop.stop()
+        elif poll_pause:
+            self._ioloop.call_later(self._poll_time, self._connect)
+        else:
+            log.warning("connection lost: %s", reason)
+            self._schedule_reconnect(str(reason))
+
+    def _shutdown(self) -> None:
+        self._stopping = True
+        self._flush_acks()
+        if self._connection is None:
+            self._ioloop.stop()
+            return
+        self._close_connection()
+
+
+def _confirm(on_confirm: ConfirmCallback | None, ok: bool) -> None:
+    if on_confirm is not None:
+        try:
+            on_confirm(ok)
+        except Exception:
+            log.exception("error in a publish confirm callback")

@@ -1,0 +1,1 @@
+"""Credit accounting: the ``rbit-credit`` front door and the credit event format."""

@@ -1,0 +1,76 @@
+"""rbit's one exception tree.
+
+Everything rbit raises on purpose derives from :class:`RbitError`. Library errors
+(pika, OSError, json) are translated at the module boundary with ``raise ... from exc``.
+
+Two exceptions are meant for runners to raise:
+
+* :class:`Blocked` -- "not now, try later": the job is republished after a delay held by
+  the broker and counts as an attempt.
+* :class:`Reject` -- "failed, do not retry": the job goes straight to the dead letters.
+"""
+
+from __future__ import annotations
+
+
+class RbitError(Exception):
+    """Base of every error rbit raises on purpose."""
+
+
+class ConfigError(RbitError):
+    """The configuration is invalid; the message names file, section, key and reason."""
+
+    def __init__(self, reason: str, *, file: str = "", section: str = "", key: str = "") -> None:
+        self.reason = reason
+        self.file = file
+        self.section = section
+        self.key = key
+        where = ", ".join(
+            part
+            for part in (
+                file and f"file {file}",
+                section and f"section [{section}]",
+                key and f"key {key!r}",
+            )
+            if part
+        )
+        super().__init__(f"{where}: {reason}" if where else reason)
+
+
+class BrokerError(RbitError):
+    """Talking to RabbitMQ failed (unreachable, refused, channel closed)."""
+
+
+class BrokerUnreachable(BrokerError):
+    """No configured host accepted a connection."""
+
+
+class DecodeError(RbitError):
+    """A message body could not be decoded safely (bad JSON, class not allowed, ...)."""
+
+
+class RunnerLoadError(RbitError):
+    """A ``runner =`` spec could not be resolved to something runnable."""
+
+
+class Blocked(RbitError):
+    """Raised by a runner: the job cannot run now; republish it after a delay.
+
+    Args:
+        reason: Why the job is blocked; reported with the ``Blocked`` status.
+        delay: Seconds to wait before the next try; ``None`` uses the runner's
+            retry policy.
+    """
+
+    def __init__(self, reason: str = "", delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
+
+
+class Reject(RbitError):
+    """Raised by a runner: the job failed for good; send it to the dead letters now."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason

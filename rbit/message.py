@@ -1,0 +1,91 @@
+"""The job message as runners see it.
+
+A :class:`Message` is built by the consumer for every delivery and handed to the
+runner. It never exposes AMQP delivery tags: settling a delivery is rbit's business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Mapping
+
+from rbit import decoding
+
+#: Header carrying how many tries of this job already ended (absent on the first try).
+ATTEMPTS_HEADER = "x-rbit-attempts"
+#: Header carrying the error of the last try that ended badly.
+LAST_ERROR_HEADER = "x-rbit-last-error"
+
+
+@dataclass(frozen=True, eq=False)
+class Message:
+    """One job delivery.
+
+    Attributes:
+        body: The message body, untouched.
+        queue: The queue the job was consumed from (the runner section's name).
+        headers: AMQP headers (empty mapping when the publisher set none).
+        redelivered: The broker's redelivered flag: an earlier delivery of this very
+            message may have been (partly) processed.
+        message_id: The AMQP ``message_id`` property, if set.
+        content_type: The AMQP ``content_type`` property, if set.
+        allowed_classes: Dotted class names a jsonpickle body may name.
+    """
+
+    body: bytes
+    queue: str
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    redelivered: bool = False
+    message_id: str | None = None
+    content_type: str | None = None
+    allowed_classes: frozenset[str] = decoding.DEFAULT_ALLOWED_CLASSES
+
+    @cached_property
+    def job_id(self) -> str:
+        """The job's id.
+
+        In order: the AMQP ``message_id`` property; the ``job.id`` of a PyBit
+        BuildRequest body; else ``sha256:`` and the first 16 hex digits of the body's
+        SHA-256, which stays the same when the broker redelivers the message.
+        """
+        if self.message_id:
+            return str(self.message_id)
+        pybit_id = decoding.pybit_job_id(self.body)
+        if pybit_id is not None:
+            return pybit_id
+        return "sha256:" + hashlib.sha256(self.body).hexdigest()[:16]
+
+    @property
+    def attempt(self) -> int:
+        """Which try this is, counting from 1."""
+        try:
+            return int(self.headers.get(ATTEMPTS_HEADER, 0)) + 1
+        except (TypeError, ValueError):
+            return 1
+
+    @property
+    def last_error(self) -> str | None:
+        """The error of the previous try, if an earlier try failed."""
+        value = self.headers.get(LAST_ERROR_HEADER)
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+    def text(self) -> str:
+        """The body as UTF-8 text (raises :class:`rbit.errors.DecodeError`)."""
+        return decoding.text(self.body)
+
+    def json(self) -> Any:
+        """The body parsed as plain JSON (raises :class:`rbit.errors.DecodeError`)."""
+        return decoding.json_document(self.body)
+
+    def decode(self) -> Any:
+        """The body as JSON, with jsonpickle objects rebuilt from the allow-list only.
+
+        A PyBit ``BuildRequest`` comes back with attribute access
+        (``request.job.packageinstance.package.name``) and PyBit's getters
+        (``request.get_package()``). A document naming any class outside
+        :attr:`allowed_classes` raises :class:`rbit.errors.DecodeError`; nothing is
+        imported or instantiated.
+        """
+        return decoding.decode(self.body, self.allowed_classes)

@@ -1,0 +1,78 @@
+"""Job statuses and outcomes.
+
+A runner's work ends in an :class:`Outcome`. What then happens to the delivery (ack,
+delayed retry, dead letter) is decided in one place, :mod:`rbit.fate`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Status(str, enum.Enum):
+    """The PyBit job statuses."""
+
+    WAITING = "Waiting"
+    BLOCKED = "Blocked"
+    BUILDING = "Building"
+    DONE = "Done"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+    UPLOADED = "Uploaded"
+
+    @classmethod
+    def parse(cls, value: "str | Status") -> "Status":
+        """The status named by ``value`` (case-insensitive); ``ValueError`` otherwise."""
+        if isinstance(value, Status):
+            return value
+        for status in cls:
+            if status.value.lower() == str(value).strip().lower():
+                return status
+        names = ", ".join(s.value for s in cls)
+        raise ValueError(f"unknown status {value!r}; expected one of {names}")
+
+    @property
+    def terminal(self) -> bool:
+        """A status after which the runner's work on the job is over."""
+        return self in (Status.DONE, Status.FAILED, Status.CANCELLED, Status.UPLOADED)
+
+
+class Kind(str, enum.Enum):
+    """How a job's try ended."""
+
+    DONE = "done"  # finished (Done, Uploaded or Cancelled): ack
+    FAILED = "failed"  # failed, may be retried per policy
+    BLOCKED = "blocked"  # not now: republish after a delay
+    REJECTED = "rejected"  # failed for good: dead letters at once
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The end of one try of a job.
+
+    Attributes:
+        kind: How it ended.
+        reason: Human-readable detail (error text, stderr tail, traceback).
+        delay: For ``BLOCKED``: seconds before the next try, or ``None`` for the policy.
+    """
+
+    kind: Kind
+    reason: str = ""
+    delay: float | None = None
+
+    @classmethod
+    def done(cls, reason: str = "") -> "Outcome":
+        return cls(Kind.DONE, reason)
+
+    @classmethod
+    def failed(cls, reason: str) -> "Outcome":
+        return cls(Kind.FAILED, reason)
+
+    @classmethod
+    def blocked(cls, reason: str = "", delay: float | None = None) -> "Outcome":
+        return cls(Kind.BLOCKED, reason, delay)
+
+    @classmethod
+    def rejected(cls, reason: str) -> "Outcome":
+        return cls(Kind.REJECTED, reason)

@@ -1,0 +1,109 @@
+"""What rbit declares on the broker, and how its queues are named.
+
+For a runner section ``[runner:Q]`` rbit uses:
+
+* ``Q`` -- the work queue, durable, bound to the ``pybit`` direct exchange with the
+  runner's dotted route (``dist.arch.suite.format``).
+* ``Q.dead`` -- the dead letters: jobs that failed for good, with the reason in headers.
+* ``Q.retry.<ms>`` -- delay queues. A job to be retried after about ``ms`` milliseconds
+  waits there with a per-message expiration; on expiry the broker dead-letters it back
+  to ``Q`` through the default exchange. Each queue holds delays of one size (the
+  jitter only spreads them a little), so an expired job never waits behind a much
+  longer one at the head of the queue.
+
+Classic work queues are declared without arguments, so a queue created earlier by a
+PyBit front-end is accepted as it is. Quorum work queues carry ``x-queue-type``,
+``x-delivery-limit`` and a dead-letter route to ``Q.dead`` so that a job that keeps
+killing its worker ends in the dead letters instead of looping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from rbit.config import RetryPolicy, RunnerSettings, Settings
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class ExchangeDecl:
+    name: str
+    type: str = "direct"
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class QueueDecl:
+    name: str
+    durable: bool = True
+    arguments: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    bindings: tuple[tuple[str, str], ...] = ()  # (exchange, routing key)
+
+
+@dataclass(frozen=True)
+class Topology:
+    exchanges: tuple[ExchangeDecl, ...] = ()
+    queues: tuple[QueueDecl, ...] = ()
+
+
+def dead_letter_queue(queue: str) -> str:
+    return f"{queue}.dead"
+
+
+def delay_queue(queue: str, delay_ms: int) -> QueueDecl:
+    """The delay queue holding ``queue``'s jobs that wait about ``delay_ms``."""
+    arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue}
+    return QueueDecl(f"{queue}.retry.{delay_ms}", arguments=MappingProxyType(arguments))
+
+
+def policy_delays_ms(policy: RetryPolicy) -> list[int]:
+    """The base delay (before jitter) of each retry the policy allows, in ms."""
+    delays = []
+    for attempt in range(1, policy.max_retries + 1):
+        delay = policy.retry_delay * policy.backoff ** (attempt - 1)
+        delays.append(int(min(delay, policy.max_delay) * 1000))
+    return delays
+
+
+def work_queue(runner: RunnerSettings, exchange: str) -> QueueDecl:
+    arguments: dict[str, Any] = {}
+    if runner.queue_type == "quorum":
+        arguments = {
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": dead_letter_queue(runner.queue),
+        }
+        if runner.delivery_limit is not None:
+            arguments["x-delivery-limit"] = runner.delivery_limit
+    return QueueDecl(
+        runner.queue,
+        arguments=MappingProxyType(arguments),
+        bindings=((exchange, runner.routing_key),),
+    )
+
+
+def runner_queues(runner: RunnerSettings, exchange: str) -> list[QueueDecl]:
+    """Work queue, dead letters and the policy's delay queues of one runner."""
+    dead_args = {"x-queue-type": "quorum"} if runner.queue_type == "quorum" else {}
+    queues = [
+        work_queue(runner, exchange),
+        QueueDecl(dead_letter_queue(runner.queue), arguments=MappingProxyType(dead_args)),
+    ]
+    for delay_ms in sorted(set(policy_delays_ms(runner.retry))):
+        queues.append(delay_queue(runner.queue, delay_ms))
+    return queues
+
+
+def worker_topology(settings: Settings) -> Topology:
+    """Everything the worker declares on every (re)connection."""
+    exchange = settings.worker.exchange
+    exchanges = [ExchangeDecl(exchange, "direct")]
+    if "amqp" in settings.status.sinks:
+        exchanges.append(ExchangeDecl(settings.status.exchange, "topic"))
+    queues: list[QueueDecl] = []
+    for runner in settings.runners:
+        queues.extend(runner_queues(runner, exchange))
+    return Topology(tuple(exchanges), tuple(queues))
