@@ -63,7 +63,7 @@ class RetryPolicy:
     """Delayed retries: try ``n`` waits ``min(retry_delay * backoff**(n-1), max_delay)``
     seconds, spread by +-``jitter`` (a fraction)."""
 
-    max_retries: int = 0
+    max_retries: int = 3
     retry_delay: float = 10.0
     backoff: float = 2.0
     max_delay: float = 3600.0
@@ -215,6 +215,32 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
         warnings=tuple(warnings),
         logging_sections=tuple(n for n in parser.sections() if _is_logging_section(n)),
     )
+
+
+def parse_amqp_section(
+    values: Mapping[str, str],
+    *,
+    file: str,
+    environ: Mapping[str, str] | None = None,
+    extra_keys: Sequence[str] = (),
+) -> tuple[AmqpSettings, tuple[str, ...]]:
+    """Validate an ``[amqp]`` section read from another kind of file (``rbit-credit``).
+
+    Args:
+        values: The section's raw key/value pairs.
+        file: The file they came from, for error messages.
+        environ: Variables for ``${NAME}`` references; defaults to ``os.environ``.
+        extra_keys: Keys the caller reads itself; they are not warned about.
+
+    Returns:
+        The settings, and warnings about unknown keys.
+    """
+    env = os.environ if environ is None else environ
+    reader = _Section(file, "amqp", values, env)
+    amqp = _amqp(reader)
+    for key in extra_keys:
+        reader.raw(key)
+    return amqp, tuple(reader.unknown_keys())
 
 
 def parse_bool(text: str) -> bool:
@@ -785,7 +811,7 @@ def _python(section: _Section, kind: str) -> str | None:
 
 def _retry(section: _Section) -> RetryPolicy:
     return RetryPolicy(
-        max_retries=section.integer("max_retries", 0, 0),
+        max_retries=section.integer("max_retries", 3, 0),
         retry_delay=section.number("retry_delay", 10.0, strict=False),
         backoff=section.number("retry_backoff", 2.0, 1.0, strict=False),
         max_delay=section.number("retry_max_delay", 3600.0, strict=False),

@@ -547,7 +547,7 @@ def test_runner_retry_policy_and_other_rbit_keys_are_read_not_passed_on(tmp_path
 def test_runner_retry_defaults(tmp_path: Path) -> None:
     retry = load(tmp_path, runner_section("runner = shell!true\n")).runners[0].retry
 
-    assert (retry.max_retries, retry.retry_delay, retry.backoff) == (0, 10.0, 2.0)
+    assert (retry.max_retries, retry.retry_delay, retry.backoff) == (3, 10.0, 2.0)
     assert (retry.max_delay, retry.jitter) == (3600.0, 0.1)
 
 
