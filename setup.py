@@ -1,0 +1,44 @@
+"""Packaging for rbit, a job runner for RabbitMQ."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+README = HERE / "README.rst"
+
+setup(
+    name="rbit",
+    version="0.1.0.dev0",
+    description="A job runner for RabbitMQ: PyBit-compatible queues, python and shell "
+    "runners, job statuses, and batched CreditPiggy credits",
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
+    long_description_content_type="text/x-rst",
+    license="AGPL-3.0-or-later",
+    license_files=["license.txt"],
+    # rbit, rbit.runners, rbit.credit and rbitext, plus any subpackage they grow.
+    packages=find_packages(include=["rbit", "rbit.*", "rbitext", "rbitext.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "pika>=1.3",
+        "jsonpickle>=3",
+        "setuptools",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "hypothesis"],
+    },
+    entry_points={
+        "console_scripts": [
+            "rbit = rbit.cli:main",
+            "rbit-credit = rbit.credit.cli:main",
+        ],
+    },
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Environment :: No Input/Output (Daemon)",
+        "Intended Audience :: System Administrators",
+        "Operating System :: POSIX",
+        "Programming Language :: Python :: 3",
+        "Topic :: System :: Distributed Computing",
+    ],
+)
