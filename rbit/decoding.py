@@ -301,7 +301,7 @@ class _Walker:
             raise DecodeError(f"py/ref {path!r} does not refer to an earlier object")
         return self._paths[path]
 
-    _SINGLE_TAGS: dict[str, Callable[["_Walker", Any], Any]] = {
+    _SINGLE_TAGS: dict[str, Callable[[_Walker, Any], Any]] = {
         "py/tuple": _restore_tuple,
         "py/set": _restore_set,
         "py/id": _restore_id,

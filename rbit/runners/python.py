@@ -1,0 +1,497 @@
+"""``python!pkg.module:func`` runners.
+
+A plain runner is a callable ``func(message, set_status, settings)``:
+
+* ``message`` -- a :class:`rbit.message.Message`;
+* ``set_status(status, message="")`` -- report a PyBit status (``Waiting``,
+  ``Blocked``, ``Building``, ``Done``, ``Failed``, ``Cancelled``, ``Uploaded``,
+  case-insensitive); an unknown status raises ``ValueError`` in the runner;
+* ``settings`` -- a dict of the runner section's other keys.
+
+How the call ends decides the job's :class:`rbit.outcome.Outcome`:
+
+* returning normally: done, unless the last status the runner set is terminal --
+  ``Failed`` makes the outcome failed (with that status' message), ``Done``,
+  ``Uploaded`` and ``Cancelled`` leave it done;
+* raising :class:`rbit.errors.Blocked` (``reason``, ``delay``): blocked, the job is
+  republished after a delay;
+* raising :class:`rbit.errors.Reject`: rejected, the job goes to the dead letters;
+* raising anything else: failed, with ``"ExcType: message"`` and the traceback.
+
+By default the callable runs in the calling (worker) thread. With ``python = PATH`` or
+``timeout = SECONDS`` in the section it runs in a child process instead
+(:mod:`rbit.runners.child`), one per job, in its own session: a timeout sends SIGTERM
+to the whole process group, then SIGKILL after :data:`KILL_GRACE` seconds. The child
+talks to rbit over a dedicated pipe in JSON lines, so the runner's own prints on
+stdout/stderr cannot disturb it.
+
+Batch runners
+-------------
+If the target is a class, or a callable with the attribute ``rbit_batch = True``, it
+is a batch-runner factory, called once when the worker starts::
+
+    runner = Target(settings: dict, status_factory)
+
+``status_factory(job_id)`` returns a ``set_status`` callable reporting statuses under
+``job_id`` (e.g. for a batch's own id). The object must provide:
+
+* ``submit(message, set_status, settle)`` -- take one job; return quickly.
+  ``settle(outcome)`` must be called exactly once per message, from any thread, when
+  the job's fate is known (an :class:`rbit.outcome.Outcome`); the delivery is settled
+  only then.
+* ``close(timeout: float)`` -- finish or hand back pending work within ``timeout``
+  seconds; messages never settled are redelivered by the broker.
+
+Batch runners always run in the worker's process (``python =`` does not apply).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import importlib
+import inspect
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any, Callable
+
+from rbit.config import RunnerSettings
+from rbit.errors import Blocked, Reject, RunnerLoadError
+from rbit.message import Message
+from rbit.outcome import Outcome, Status
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between SIGTERM and SIGKILL when a child process must stop.
+KILL_GRACE = 5.0
+#: Bytes of the child's stderr quoted when it dies without an outcome.
+STDERR_TAIL = 2000
+#: Environment variables naming the child's protocol file descriptors.
+IN_FD_ENV = "RBIT_PROTOCOL_IN_FD"
+OUT_FD_ENV = "RBIT_PROTOCOL_OUT_FD"
+
+SetStatus = Callable[..., None]
+RunnerFunc = Callable[[Message, SetStatus, dict], Any]
+
+
+def load_python_runner(
+    runner: RunnerSettings, status_factory: Callable[[str], SetStatus] | None = None
+) -> PythonRunner | Any:
+    """Resolve a ``python!`` runner section to something the worker can run.
+
+    Args:
+        runner: The runner section; ``runner.target`` is ``"pkg.module:attr"``.
+        status_factory: Handed to batch-runner factories (see the module docstring).
+
+    Returns:
+        A :class:`PythonRunner`, or the object a batch-runner factory built.
+
+    Raises:
+        RunnerLoadError: The module cannot be imported, the attribute is missing or not
+            callable, or a batch runner lacks ``submit``/``close``.
+    """
+    if runner.python:
+        _check_in_interpreter(runner.python, runner.target)
+        return PythonRunner(runner, None)
+    target = resolve_target(runner.target)
+    if is_batch_factory(target):
+        return _build_batch_runner(target, runner, status_factory)
+    return PythonRunner(runner, target)
+
+
+def resolve_target(spec: str) -> Callable[..., Any]:
+    """Import ``"pkg.module:attr"`` (``attr`` may be dotted) and return the callable.
+
+    Raises:
+        RunnerLoadError: With the reason.
+    """
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name.strip() or not attr_path.strip():
+        raise RunnerLoadError(
+            f"runner target {spec!r} is not of the form 'package.module:callable'"
+        )
+    try:
+        target: Any = importlib.import_module(module_name.strip())
+    except Exception as exc:  # a broken runner module may raise anything on import
+        raise RunnerLoadError(
+            f"cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    for attr in attr_path.strip().split("."):
+        try:
+            target = getattr(target, attr)
+        except AttributeError as exc:
+            raise RunnerLoadError(f"{spec!r}: no attribute {attr!r}") from exc
+    if not callable(target):
+        raise RunnerLoadError(f"{spec!r} is not callable")
+    return target
+
+
+def is_batch_factory(target: Any) -> bool:
+    """Whether ``target`` builds a batch runner (a class, or ``rbit_batch = True``)."""
+    return inspect.isclass(target) or getattr(target, "rbit_batch", False) is True
+
+
+def _build_batch_runner(target: Any, runner: RunnerSettings, status_factory: Any) -> Any:
+    try:
+        obj = target(dict(runner.settings), status_factory)
+    except Exception as exc:
+        raise RunnerLoadError(
+            f"batch runner {runner.target!r} failed to start: {type(exc).__name__}: {exc}"
+        ) from exc
+    missing = [name for name in ("submit", "close") if not callable(getattr(obj, name, None))]
+    if missing:
+        raise RunnerLoadError(f"batch runner {runner.target!r} lacks {' and '.join(missing)}()")
+    return obj
+
+
+def call_runner(
+    func: RunnerFunc, message: Message, set_status: SetStatus, settings: Mapping[str, str]
+) -> Outcome:
+    """Call a plain runner and turn how it ended into an :class:`Outcome`.
+
+    Args:
+        func: The runner callable.
+        message: The job.
+        set_status: Where validated statuses go, as ``set_status(Status, str)``.
+        settings: The runner section's settings (the runner gets a copy).
+    """
+    tracker = StatusTracker(set_status)
+    try:
+        func(message, tracker, dict(settings))
+    except Blocked as exc:
+        return Outcome.blocked(exc.reason, exc.delay)
+    except Reject as exc:
+        return Outcome.rejected(exc.reason)
+    except (Exception, SystemExit) as exc:
+        return Outcome.failed(describe_exception(exc))
+    return tracker.outcome()
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``"ExcType: message"`` followed by the formatted traceback."""
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return f"{type(exc).__name__}: {exc}\n{trace}"
+
+
+class StatusTracker:
+    """The ``set_status`` a runner receives: validates, forwards, remembers the last."""
+
+    def __init__(self, forward: SetStatus) -> None:
+        self._forward = forward
+        self._lock = threading.Lock()
+        self.last: tuple[Status, str] | None = None
+
+    def __call__(self, status: str | Status, message: Any = "") -> None:
+        parsed = Status.parse(status)
+        text = "" if message is None else str(message)
+        with self._lock:
+            self.last = (parsed, text)
+        self._forward(parsed, text)
+
+    def outcome(self) -> Outcome:
+        """The outcome of a runner that returned normally."""
+        if self.last is None or not self.last[0].terminal:
+            return Outcome.done()
+        status, text = self.last
+        if status is Status.FAILED:
+            return Outcome.failed(text or "runner set status Failed")
+        return Outcome.done(text)
+
+
+class PythonRunner:
+    """A plain ``python!`` runner, run in the worker thread or in a child process."""
+
+    def __init__(self, settings: RunnerSettings, func: RunnerFunc | None) -> None:
+        self.settings = settings
+        self._func = func
+        self._children: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self._cancelled = threading.Event()
+
+    @property
+    def in_child(self) -> bool:
+        """Whether jobs run in a child process."""
+        return bool(self.settings.python) or self.settings.timeout is not None
+
+    def run(self, message: Message, set_status: SetStatus) -> Outcome:
+        """Run one job to its outcome.
+
+        Args:
+            message: The job.
+            set_status: Receives ``(Status, message)`` for every status reported.
+        """
+        if self.in_child or self._func is None:
+            return _ChildJob(self, message, set_status).run()
+        return call_runner(self._func, message, set_status, self.settings.settings)
+
+    def cancel(self) -> None:
+        """Stop running child processes (SIGTERM now, SIGKILL after the grace period).
+
+        Meant for shutdown: jobs started afterwards are stopped at once too. In-thread
+        runners cannot be interrupted; for them this is a no-op.
+        """
+        self._cancelled.set()
+        with self._lock:
+            children = list(self._children)
+        for proc in children:
+            _signal_group(proc.pid, signal.SIGTERM)
+
+    def _track(self, proc: subprocess.Popen, add: bool) -> None:
+        with self._lock:
+            (self._children.add if add else self._children.discard)(proc)
+
+
+class _ChildJob:
+    """One job in one child process: start, feed, read statuses, enforce the timeout."""
+
+    def __init__(self, runner: PythonRunner, message: Message, set_status: SetStatus) -> None:
+        self.runner = runner
+        self.message = message
+        self.set_status = set_status
+        self.outcome: Outcome | None = None
+        self.timed_out = False
+        self._grace_end: float | None = None
+        self._buffer = b""
+
+    def run(self) -> Outcome:
+        settings = self.runner.settings
+        timeout = settings.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+            try:
+                proc, proto = self._start(stdout, stderr)
+            except OSError as exc:
+                return Outcome.failed(f"cannot start runner process: {exc}")
+            self.runner._track(proc, True)
+            try:
+                ended = self._pump(proc, proto, deadline)
+            finally:
+                os.close(proto)
+                self.runner._track(proc, False)
+            if not ended:
+                # cancel() already sent SIGTERM and waited out the grace period.
+                _stop_group(proc, 0 if self.runner._cancelled.is_set() else KILL_GRACE)
+            _signal_group(proc.pid, signal.SIGTERM)  # leftovers must not outlive the job
+            _log_output(self.message, stdout)
+            return self._result(proc, ended, timeout, stderr)
+
+    def _start(self, stdout: IO[bytes], stderr: IO[bytes]) -> tuple[subprocess.Popen, int]:
+        req_r, req_w = os.pipe()
+        out_r, out_w = os.pipe()
+        settings = self.runner.settings
+        command = [settings.python or sys.executable, "-m", "rbit.runners.child", settings.target]
+        try:
+            # An argv list from the config, no shell: message content never reaches it.
+            proc = subprocess.Popen(  # noqa: S603
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                pass_fds=(req_r, out_w),
+                env=_child_env(req_r, out_w),
+                start_new_session=True,
+            )
+        except OSError:
+            os.close(req_w)
+            os.close(out_r)
+            raise
+        finally:
+            # The child's ends: kept open here, EOF would never reach either side.
+            os.close(req_r)
+            os.close(out_w)
+        logger.debug("job %s: runner child %d started", self.message.job_id, proc.pid)
+        self._send_request(req_w)
+        return proc, out_r
+
+    def _send_request(self, fd: int) -> None:
+        line = json.dumps(_request(self.message, self.runner.settings.settings)) + "\n"
+
+        # A writer thread: a huge body must not deadlock against a child that is
+        # already printing statuses we have not read yet.
+        def write() -> None:
+            try:
+                with os.fdopen(fd, "wb") as pipe:
+                    pipe.write(line.encode())
+            except OSError:  # the child died early; its exit is reported by run()
+                pass
+
+        threading.Thread(target=write, name="rbit-child-feed", daemon=True).start()
+
+    def _pump(self, proc: subprocess.Popen, proto: int, deadline: float | None) -> bool:
+        """Read protocol lines until the child exits; False when it must be stopped."""
+        eof = False
+        while not (
+            proc.poll() is not None and (eof or self.outcome is not None or not _readable(proto, 0))
+        ):
+            if self._must_stop(time.monotonic(), deadline):
+                return False
+            if not eof and _readable(proto, 0.1):
+                eof = self._read(proto)
+            else:
+                _wait_briefly(proc, 0.1)
+        return True
+
+    def _must_stop(self, now: float, deadline: float | None) -> bool:
+        if deadline is not None and now >= deadline:
+            self.timed_out = True
+            return True
+        # After cancel(), or once the outcome is in, the child gets a grace period to exit
+        # (a runner may leave non-daemon threads behind).
+        if self.runner._cancelled.is_set() or self.outcome is not None:
+            self._grace_end = self._grace_end or now + KILL_GRACE
+            return now >= self._grace_end
+        return False
+
+    def _read(self, proto: int) -> bool:
+        chunk = os.read(proto, 65536)
+        if not chunk:
+            return True
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            self._handle(line)
+        return False
+
+    def _handle(self, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+            if "status" in event:
+                self.set_status(Status.parse(event["status"]), str(event.get("message", "")))
+            elif "outcome" in event:
+                self.outcome = _outcome_from(event)
+        except (ValueError, TypeError, KeyError) as exc:
+            logger.warning(
+                "job %s: bad line from runner child: %r (%s)", self.message.job_id, line[:200], exc
+            )
+
+    def _result(
+        self, proc: subprocess.Popen, ended: bool, timeout: float | None, stderr: IO[bytes]
+    ) -> Outcome:
+        if self.outcome is not None:
+            return self.outcome
+        if self.timed_out:
+            return Outcome.failed(f"timed out after {timeout:g} s")
+        if self.runner._cancelled.is_set():
+            return Outcome.failed("cancelled: runner process stopped")
+        code = proc.returncode
+        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        return Outcome.failed(f"runner process {how} without an outcome; stderr: {_tail(stderr)}")
+
+
+def _request(message: Message, settings: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "body": base64.b64encode(message.body).decode("ascii"),
+        "queue": message.queue,
+        "headers": json_safe(dict(message.headers or {})),
+        "redelivered": bool(message.redelivered),
+        "message_id": message.message_id,
+        "content_type": message.content_type,
+        "allowed_classes": sorted(message.allowed_classes),
+        "settings": dict(settings),
+    }
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with bytes as text and anything else not JSON as its ``str``."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, Mapping):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _outcome_from(event: Mapping[str, Any]) -> Outcome:
+    kind = event["outcome"]
+    reason = str(event.get("reason") or "")
+    delay = event.get("delay")
+    makers = {"done": Outcome.done, "failed": Outcome.failed, "rejected": Outcome.rejected}
+    if kind == "blocked":
+        return Outcome.blocked(reason, None if delay is None else float(delay))
+    return makers[kind](reason)
+
+
+def _child_env(in_fd: int, out_fd: int) -> dict[str, str]:
+    env = dict(os.environ)
+    # The child interpreter may be another Python: it must still find rbit itself.
+    root = str(Path(__file__).resolve().parents[2])
+    paths = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env[IN_FD_ENV] = str(in_fd)
+    env[OUT_FD_ENV] = str(out_fd)
+    return env
+
+
+def _check_in_interpreter(python: str, target: str) -> None:
+    """Resolve ``target`` inside the interpreter that will run it."""
+    command = [python, "-m", "rbit.runners.child", "--check", target]
+    env = _child_env(-1, -1)
+    try:
+        done = subprocess.run(  # noqa: S603 (argv from the config, no shell)
+            command, capture_output=True, env=env, timeout=120, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RunnerLoadError(f"cannot run {python!r}: {exc}") from exc
+    lines = done.stdout.decode("utf-8", "replace").strip().splitlines()
+    try:
+        answer = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        tail = done.stderr.decode("utf-8", "replace")[-STDERR_TAIL:]
+        raise RunnerLoadError(f"{python!r} could not check {target!r}: {tail.strip()}") from None
+    if answer.get("error"):
+        raise RunnerLoadError(f"in {python}: {answer['error']}")
+    if answer.get("batch"):
+        raise RunnerLoadError(
+            f"{target!r} is a batch runner; those cannot run in another interpreter"
+        )
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    ready, _, _ = select.select([fd], [], [], timeout)
+    return bool(ready)
+
+
+def _wait_briefly(proc: subprocess.Popen, seconds: float) -> None:
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(seconds)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _stop_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the child's process group, SIGKILL it after ``grace`` seconds."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace)
+    # Grandchildren may ignore SIGTERM even when the child itself obeyed.
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _tail(stream: IO[bytes]) -> str:
+    stream.seek(0, os.SEEK_END)
+    size = stream.tell()
+    stream.seek(max(0, size - STDERR_TAIL))
+    return stream.read().decode("utf-8", "replace").strip()
+
+
+def _log_output(message: Message, stdout: IO[bytes]) -> None:
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("job %s: runner stdout ends: %s", message.job_id, _tail(stdout))

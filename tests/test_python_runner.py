@@ -1,0 +1,271 @@
+"""python! runners: outcomes in-thread and in a child process, timeouts, loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rbit.config import RunnerSettings
+from rbit.errors import RunnerLoadError
+from rbit.message import Message
+from rbit.outcome import Kind, Status
+from rbit.runners import python as python_runner
+from rbit.runners.python import PythonRunner, load_python_runner
+
+TESTS_DIR = Path(__file__).resolve().parent
+MODULE = "runners_for_tests"
+
+
+def _settings(func: str, **overrides) -> RunnerSettings:
+    values = {
+        "queue": "cnx_any_latex_pdf",
+        "runner": f"python!{MODULE}:{func}",
+        "kind": "python",
+        "target": f"{MODULE}:{func}",
+        "routing_key": "cnx.any.latex.pdf",
+    }
+    values.update(overrides)
+    return RunnerSettings(**values)
+
+
+class Statuses:
+    """A set_status that records what it was given."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Status, str]] = []
+
+    def __call__(self, status, message=""):
+        self.seen.append((status, message))
+
+
+def _run(func: str, body: bytes = b"{}", **overrides):
+    runner = load_python_runner(_settings(func, **overrides))
+    statuses = Statuses()
+    outcome = runner.run(
+        Message(body=body, queue="cnx_any_latex_pdf", message_id="job-1"), statuses
+    )
+    return outcome, statuses.seen
+
+
+@pytest.fixture
+def child_path(monkeypatch):
+    """Lets child interpreters import the test runners, as a site's PYTHONPATH would."""
+    monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR))
+
+
+# --- in-thread ---------------------------------------------------------------------
+
+
+def test_returning_normally_is_done_and_statuses_are_forwarded():
+    outcome, seen = _run("succeed")
+    assert outcome.kind is Kind.DONE
+    assert seen == [(Status.BUILDING, "working")]
+
+
+def test_exception_is_failed_with_type_message_and_traceback():
+    outcome, _ = _run("explode")
+    assert outcome.kind is Kind.FAILED
+    assert outcome.reason.startswith("KeyError: 'no such thing'")
+    assert "Traceback (most recent call last)" in outcome.reason
+    assert "runners_for_tests.py" in outcome.reason
+
+
+def test_blocked_exception_is_blocked_with_delay():
+    outcome, _ = _run("blocked")
+    assert (outcome.kind, outcome.reason, outcome.delay) == (Kind.BLOCKED, "disk full", 12.5)
+
+
+def test_reject_exception_is_rejected():
+    outcome, _ = _run("reject")
+    assert (outcome.kind, outcome.reason) == (Kind.REJECTED, "bad job")
+
+
+def test_failed_status_then_return_is_failed():
+    outcome, seen = _run("fail_by_status")
+    assert (outcome.kind, outcome.reason) == (Kind.FAILED, "could not build")
+    assert seen == [(Status.FAILED, "could not build")]
+
+
+def test_last_status_decides_when_runner_returns():
+    outcome, _ = _run("done_then_building")
+    assert outcome.kind is Kind.DONE
+
+
+def test_unknown_status_raises_value_error_in_runner_which_fails():
+    outcome, seen = _run("bad_status")
+    assert outcome.kind is Kind.FAILED
+    assert outcome.reason.startswith("ValueError: unknown status 'Exploded'")
+    assert seen == []
+
+
+def test_settings_are_a_copy_of_the_section():
+    received = {}
+    runner = PythonRunner(
+        _settings("succeed", settings={"name": "World"}), lambda m, s, cfg: received.update(cfg)
+    )
+    runner.run(Message(body=b"", queue="q"), Statuses())
+    assert received == {"name": "World"}
+
+
+def test_cancel_is_a_no_op_in_thread():
+    runner = load_python_runner(_settings("succeed"))
+    runner.cancel()
+    assert runner.run(Message(body=b"", queue="q"), Statuses()).kind is Kind.DONE
+
+
+# --- loading -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        ("no_such_module_for_rbit:func", "cannot import 'no_such_module_for_rbit'"),
+        (f"{MODULE}:missing", "no attribute 'missing'"),
+        (f"{MODULE}:not_callable", "is not callable"),
+        ("just_a_module", "package.module:callable"),
+    ],
+)
+def test_unloadable_target_raises_runner_load_error(target, reason):
+    with pytest.raises(RunnerLoadError, match=reason):
+        load_python_runner(_settings("x", target=target))
+
+
+def test_missing_module_in_other_interpreter_raises_runner_load_error(child_path):
+    with pytest.raises(RunnerLoadError, match="no_such_module_for_rbit"):
+        load_python_runner(
+            _settings("x", target="no_such_module_for_rbit:f", python=sys.executable)
+        )
+
+
+def test_class_target_is_a_batch_runner_built_with_settings_and_status_factory():
+    factory = object()
+    batch = load_python_runner(
+        _settings("BatchCollector", settings={"a": "1"}), status_factory=factory
+    )
+    assert type(batch).__name__ == "BatchCollector"
+    assert batch.settings == {"a": "1"}
+    assert batch.status_factory is factory
+
+
+def test_function_marked_rbit_batch_is_a_batch_factory():
+    batch = load_python_runner(_settings("batch_function"))
+    assert type(batch).__name__ == "BatchCollector"
+
+
+def test_batch_class_without_submit_and_close_is_refused():
+    with pytest.raises(RunnerLoadError, match="submit and close"):
+        load_python_runner(_settings("NotABatch"))
+
+
+# --- child process -----------------------------------------------------------------
+
+
+def test_child_mode_reports_statuses_and_outcome_despite_prints(child_path):
+    outcome, seen = _run(
+        "chatty",
+        body=b'{"greeting": "hi"}',
+        python=sys.executable,
+        settings={"name": "World"},
+    )
+
+    assert outcome.kind is Kind.DONE
+    assert [status for status, _ in seen] == [Status.BUILDING, Status.UPLOADED]
+    reply = json.loads(seen[1][1])
+    assert reply["settings"] == {"name": "World"}
+    assert reply["decoded"] == {"greeting": "hi"}
+    assert reply["job_id"] == "job-1"
+    assert reply["queue"] == "cnx_any_latex_pdf"
+
+
+def test_child_mode_receives_headers_with_bytes_as_text(child_path):
+    runner = load_python_runner(_settings("chatty", python=sys.executable))
+    statuses = Statuses()
+    message = Message(body=b"[]", queue="q", headers={"x-trace": b"abc", "n": 3})
+    assert runner.run(message, statuses).kind is Kind.DONE
+    assert json.loads(statuses.seen[-1][1])["headers"] == {"x-trace": "abc", "n": 3}
+
+
+@pytest.mark.parametrize("func", ["explode", "blocked", "reject", "fail_by_status"])
+def test_child_mode_outcomes_match_in_thread_outcomes(child_path, func):
+    in_thread, _ = _run(func)
+    in_child, _ = _run(func, python=sys.executable)
+    assert (in_child.kind, in_child.delay) == (in_thread.kind, in_thread.delay)
+    assert in_child.reason.splitlines()[0] == in_thread.reason.splitlines()[0]
+
+
+def test_child_crash_without_outcome_is_failed_with_exit_code_and_stderr(child_path):
+    outcome, _ = _run("die", timeout=60)
+    assert outcome.kind is Kind.FAILED
+    assert "exited with code 3" in outcome.reason
+    assert "about to die" in outcome.reason
+
+
+def _dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie grandchild (reparented, not yet reaped) counts as dead.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_timeout_kills_child_and_grandchild(child_path, tmp_path):
+    pid_file = tmp_path / "pids"
+    started = time.monotonic()
+    outcome, seen = _run("sleep_forever", timeout=1.5, settings={"pid_file": str(pid_file)})
+
+    assert outcome.kind is Kind.FAILED
+    assert outcome.reason == "timed out after 1.5 s"
+    assert time.monotonic() - started < 1.5 + python_runner.KILL_GRACE + 5
+    assert seen == [(Status.BUILDING, "sleeping")]
+    child, grandchild = map(int, pid_file.read_text().split())
+    assert _wait_for(lambda: _dead(child) and _dead(grandchild), timeout=10)
+
+
+def test_cancel_stops_a_running_child(child_path, tmp_path):
+    pid_file = tmp_path / "pids"
+    runner = load_python_runner(
+        _settings("sleep_forever", timeout=3600, settings={"pid_file": str(pid_file)})
+    )
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.update(outcome=runner.run(Message(body=b"", queue="q"), Statuses()))
+    )
+    thread.start()
+    assert _wait_for(pid_file.exists, timeout=30)
+    runner.cancel()
+    thread.join(timeout=30)
+
+    assert result["outcome"].kind is Kind.FAILED
+    assert "cancelled" in result["outcome"].reason
+    child, grandchild = map(int, pid_file.read_text().split())
+    assert _wait_for(lambda: _dead(child) and _dead(grandchild), timeout=10)
+
+
+def test_examples_hello_and_noop_run():
+    from rbitext import examples
+
+    statuses = Statuses()
+    greeting = examples.hello(
+        Message(body=b'{"a": 1}', queue="q", message_id="7"), statuses, {"name": "World"}
+    )
+    assert greeting.startswith("Hello World! Job 7: a JSON dict")
+    assert examples.noop(Message(body=b"", queue="q"), statuses, {}) is None
