@@ -1,0 +1,582 @@
+"""Job status reporting: to the log, an AMQP topic exchange, a PyBit web front-end.
+
+:class:`StatusReporter` is the one object the worker talks to. ``report()`` sits on the
+hot path of every job, so it never waits for a network: the ``log`` sink writes its line
+at once, while the ``amqp`` and ``http`` sinks each get an in-memory FIFO drained by a
+background thread of their own. A sink that is down therefore neither fails nor slows a
+job; its events wait (at most ``max_pending`` of them, the oldest are dropped beyond
+that, with a warning) and are retried with exponential backoff and jitter, capped at
+``retry_max_delay``.
+
+Sinks (``[status] sinks``):
+
+``log``
+    An INFO line ``job <id> <queue>: <Status> <message>`` on the ``rbit.status`` logger,
+    the message folded to one line and cut at about 500 characters.
+
+``amqp``
+    One JSON document per status, ``{"job_id", "status", "message", "worker",
+    "queue", "time"}`` (``time`` in ISO 8601 UTC with microseconds), published with
+    publisher confirms to the topic exchange ``exchange`` under the routing key
+    ``routing_key`` formatted with ``{queue}``, ``{status}``, ``{job_id}`` and
+    ``{worker}`` as they are (no escaping of dots; keys longer than AMQP's 255 bytes are
+    cut). The default ``{queue}.{status}`` gives e.g. ``cnx_any_latex_pdf.Done``, so a
+    watcher can bind ``cnx_any_latex_pdf.*`` or ``*.Failed``. Up to 256 events are in
+    flight at once; after a nack, a lost connection or a publish error, everything from
+    the first unconfirmed event onwards is sent again, so statuses arrive in order but
+    a watcher may see duplicates.
+
+``http``
+    PyBit's web front-end: ``PUT {http_url}/job/{job_id}`` with the form body
+    ``status=<Status>``; PyBit reads nothing else, so the message is not sent. HTTP basic
+    authentication from ``http_user`` / ``http_password`` (or the URL's user info) when
+    set. One persistent connection, events sent one by one in order. A 2xx reply
+    delivers the event; network errors, 408, 429 and 5xx are retried; any other reply
+    can never succeed, so the event is dropped with an error naming the job. ``PUT`` is
+    idempotent, which makes the re-sends after a failure harmless.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.client
+import json
+import logging
+import random
+import ssl
+import threading
+import time
+import urllib.parse
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+from rbit.config import StatusSettings
+from rbit.errors import ConfigError
+from rbit.outcome import Status
+
+log = logging.getLogger(__name__)
+
+Confirm = Callable[[bool], None]
+Publish = Callable[[str, str, bytes, Confirm], None]
+Sleep = Callable[[float], None]
+
+WINDOW = 256  # events published before waiting for their confirms
+FIRST_DELAY = 0.5  # first backoff step, seconds
+CONFIRM_TIMEOUT = 30.0  # a confirm that never comes counts as a failure after this
+LOG_MESSAGE_CHARS = 500
+_MAX_ROUTING_KEY_BYTES = 255  # AMQP short string
+_IDLE_WAIT = 5.0  # an idle sink thread re-checks for shutdown this often
+_STOP_JOIN = 2.0  # how long close() waits for a thread after telling it to stop
+
+
+@dataclass(frozen=True)
+class _Event:
+    job_id: str
+    queue: str
+    status: Status
+    message: str
+    time: float  # seconds since the epoch, from the reporter's clock
+
+
+class StatusReporter:
+    """Carries job statuses to the sinks chosen in ``[status]``.
+
+    Args:
+        settings: The ``[status]`` section.
+        worker: This worker's name, put in AMQP events and their routing keys.
+        publish: For the ``amqp`` sink: a thread-safe
+            ``publish(exchange, routing_key, body, on_confirm)`` that calls
+            ``on_confirm(True)`` once the broker confirmed the message and
+            ``on_confirm(False)`` when it was nacked or the connection was lost first;
+            it may raise :class:`rbit.errors.BrokerError` when not connected.
+        clock: Time of each event, in seconds since the epoch.
+        sleep: Backoff pauses of the sink threads (tests pass a fake); by default a wait
+            that :meth:`close` cuts short.
+
+    Raises:
+        ConfigError: the settings cannot work (no ``http_url`` for the ``http`` sink, a
+            routing key template with unknown placeholders).
+        ValueError: the ``amqp`` sink is chosen but no ``publish`` was given.
+    """
+
+    def __init__(
+        self,
+        settings: StatusSettings,
+        worker: str,
+        *,
+        publish: Publish | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Sleep | None = None,
+    ) -> None:
+        self._clock = clock
+        self._log = "log" in settings.sinks
+        self._control = _Control(sleep)
+        self._sinks: list[_QueuedSink] = []
+        if "amqp" in settings.sinks:
+            if publish is None:
+                raise ValueError("the amqp status sink needs a publish callable")
+            self._sinks.append(_AmqpSink(settings, self._control, worker, publish))
+        if "http" in settings.sinks:
+            self._sinks.append(_HttpSink(settings, self._control))
+        for sink in self._sinks:
+            sink.start()
+
+    def report(self, job_id: str, queue: str, status: Status, message: str = "") -> None:
+        """Record that job ``job_id`` of ``queue`` reached ``status``; returns at once.
+
+        Thread-safe. Delivery to the network sinks happens in the background; after
+        :meth:`close` only the log sink still receives events.
+
+        Raises:
+            ValueError: ``status`` is a string that names no status.
+        """
+        if not isinstance(status, Status):
+            status = Status.parse(status)
+        event = _Event(job_id, queue, status, message or "", self._clock())
+        if self._log:
+            _log_event(event)
+        if self._control.stop.is_set():
+            return
+        for sink in self._sinks:
+            sink.put(event)
+
+    def pending(self) -> int:
+        """Events not yet delivered, summed over the network sinks."""
+        return sum(sink.pending() for sink in self._sinks)
+
+    def close(self, timeout: float) -> None:
+        """Deliver what can be delivered within ``timeout`` seconds, then stop.
+
+        A sink in a backoff pause gets one more try at once. Events still undelivered
+        when the time is up are dropped, and their number is logged.
+        """
+        deadline = time.monotonic() + max(0.0, timeout)
+        self._control.closing.set()
+        for sink in self._sinks:
+            sink.wake()
+        for sink in self._sinks:
+            sink.join(deadline - time.monotonic())
+        self._control.stop.set()
+        for sink in self._sinks:
+            sink.wake()
+            sink.join(_STOP_JOIN)
+            sink.log_losses()
+
+
+def _log_event(event: _Event) -> None:
+    # Folding a long traceback costs something: only when the line will be written.
+    if log.isEnabledFor(logging.INFO):
+        text = one_line(event.message)
+        log.info("job %s %s: %s%s", event.job_id, event.queue, event.status.value,
+                 " " + text if text else "")
+
+
+def one_line(text: str, limit: int = LOG_MESSAGE_CHARS) -> str:
+    """``text`` on one line, cut to ``limit`` characters.
+
+    Whitespace runs, newlines included, become single spaces; a cut ends with an ellipsis.
+    """
+    folded = " ".join(text.split())
+    return folded if len(folded) <= limit else folded[: limit - 1] + "\u2026"
+
+
+# ---------------------------------------------------------------------------------------
+# The machinery shared by the queued sinks
+
+
+class _Control:
+    """Shutdown flags and the backoff pause, shared by the sink threads."""
+
+    def __init__(self, sleep: Sleep | None) -> None:
+        self.sleep = sleep
+        self.closing = threading.Event()  # close() started: drain, then exit
+        self.stop = threading.Event()  # close() timed out: exit now
+
+    def pause(self, delay: float) -> None:
+        if self.sleep is not None:
+            self.sleep(delay)
+        elif not self.closing.is_set():
+            self.closing.wait(delay)  # close() ends the pause for a last try
+        else:
+            self.stop.wait(delay)
+
+
+class _Backoff:
+    """Exponential delays with jitter: about 0.5, 1, 2, 4 ... seconds up to ``cap``."""
+
+    def __init__(self, cap: float, first: float = FIRST_DELAY) -> None:
+        self._cap = max(0.0, cap)
+        self._first = first
+        self._failures = 0
+
+    def next(self) -> float:
+        delay = min(self._cap, self._first * 2 ** min(self._failures, 32))
+        self._failures += 1
+        # Jitter in [delay/2, delay]: workers cut off together do not retry together.
+        return delay * (0.5 + random.random() / 2)  # noqa: S311 - not cryptographic
+
+    def reset(self) -> None:
+        self._failures = 0
+
+
+class _Backlog:
+    """A bounded FIFO of events plus a count of those taken but not yet finished."""
+
+    def __init__(self, limit: int) -> None:
+        self._items: deque[_Event] = deque()
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._limit = max(1, limit)
+        self._in_flight = 0
+        self.dropped = 0  # events pushed out because the backlog was full
+
+    def put(self, event: _Event) -> None:
+        with self._lock:
+            self._items.append(event)
+            if len(self._items) > self._limit:
+                self._items.popleft()  # never block a job: the oldest status goes
+                self.dropped += 1
+        if not self._ready.is_set():
+            self._ready.set()
+
+    def take(self, count: int) -> list[_Event]:
+        """Up to ``count`` events, oldest first, now counted as in flight."""
+        with self._lock:
+            taken = [self._items.popleft() for _ in range(min(count, len(self._items)))]
+            self._in_flight += len(taken)
+        return taken
+
+    def finish(self, count: int) -> None:
+        """``count`` in-flight events are done with (delivered, refused or given up)."""
+        with self._lock:
+            self._in_flight -= count
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._items) + self._in_flight
+
+    def wait(self, timeout: float) -> None:
+        # Cleared after waking: the caller takes again, so no put() can be missed.
+        self._ready.wait(timeout)
+        self._ready.clear()
+
+    def wake(self) -> None:
+        self._ready.set()
+
+
+class _QueuedSink:
+    """A sink whose events are delivered, in order, by a background thread.
+
+    Subclasses implement :meth:`_send`.
+    """
+
+    name = "?"
+    window = WINDOW
+
+    def __init__(self, settings: StatusSettings, control: _Control) -> None:
+        self._control = control
+        self._backlog = _Backlog(settings.max_pending)
+        self._backoff = _Backoff(settings.retry_max_delay)
+        self._thread = threading.Thread(
+            target=self._run, name=f"rbit-status-{self.name}", daemon=True
+        )
+        self._warned_drops = 0
+        self._failing = False
+        self.refused = 0  # events the far end turned down for good
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, event: _Event) -> None:
+        self._backlog.put(event)
+
+    def pending(self) -> int:
+        return self._backlog.pending()
+
+    def wake(self) -> None:
+        self._backlog.wake()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(max(0.0, timeout))
+
+    def log_losses(self) -> None:
+        """Log, at shutdown, how many events never reached this sink."""
+        left, dropped = self._backlog.pending(), self._backlog.dropped
+        if left or dropped or self.refused:
+            log.warning(
+                "%s status sink: %d event(s) dropped: %d undelivered at shutdown, "
+                "%d over max_pending, %d refused", self.name, left + dropped + self.refused,
+                left, dropped, self.refused,
+            )
+
+    def _run(self) -> None:
+        pending: list[_Event] = []
+        try:
+            while not self._control.stop.is_set():
+                pending += self._backlog.take(self.window - len(pending))
+                self._warn_drops()
+                if not pending:
+                    if self._control.closing.is_set():
+                        return
+                    self._backlog.wait(_IDLE_WAIT)
+                    continue
+                pending = self._attempt(pending)
+        finally:
+            self._close()
+
+    def _attempt(self, events: list[_Event]) -> list[_Event]:
+        """Send ``events``; return those still to be sent, pausing after a failure."""
+        done, error = self._send_safely(events)
+        self._backlog.finish(done)
+        if done == len(events):
+            self._recovered()
+            return []
+        if self._control.stop.is_set():
+            return events[done:]  # cut short by close(): not a failure of the far end
+        self._failed(error or "unknown error")
+        self._control.pause(self._backoff.next())
+        return events[done:]
+
+    def _send_safely(self, events: list[_Event]) -> tuple[int, str | None]:
+        try:
+            return self._send(events)
+        except Exception as exc:  # noqa: BLE001 - a sink must outlive its own bugs
+            log.exception("%s status sink: unexpected error; will retry", self.name)
+            return 0, repr(exc)
+
+    def _send(self, events: list[_Event]) -> tuple[int, str | None]:
+        """Deliver ``events`` in order.
+
+        Returns:
+            How many events from the front are finished with, and why the next one
+            failed (``None`` when all are finished).
+        """
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """Release resources when the thread ends."""
+
+    def _failed(self, error: str) -> None:
+        if not self._failing:
+            log.warning("%s status sink: delivery failed (%s); retrying with backoff",
+                        self.name, error)
+            self._failing = True
+        else:
+            log.debug("%s status sink: delivery failed again (%s)", self.name, error)
+
+    def _recovered(self) -> None:
+        self._backoff.reset()
+        if self._failing:
+            log.info("%s status sink: delivering again", self.name)
+            self._failing = False
+
+    def _warn_drops(self) -> None:
+        dropped = self._backlog.dropped
+        if dropped > self._warned_drops:
+            log.warning(
+                "%s status sink: %d event(s) dropped, the oldest first, because more than "
+                "max_pending were waiting (%d in all)", self.name,
+                dropped - self._warned_drops, dropped,
+            )
+            self._warned_drops = dropped
+
+
+# ---------------------------------------------------------------------------------------
+# amqp
+
+
+class _AmqpSink(_QueuedSink):
+    """Publishes JSON events to a topic exchange, pipelined under publisher confirms."""
+
+    name = "amqp"
+
+    def __init__(
+        self, settings: StatusSettings, control: _Control, worker: str, publish: Publish
+    ) -> None:
+        super().__init__(settings, control)
+        self._exchange = settings.exchange
+        self._template = settings.routing_key
+        self._worker = worker
+        self._publish = publish
+        try:  # fail at start, not in the sink thread for every event
+            routing_key(self._template, _Event("id", "queue", Status.DONE, "", 0.0), worker)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"bad routing key template: {exc}", section="status",
+                              key="routing_key") from exc
+
+    def _send(self, events: list[_Event]) -> tuple[int, str | None]:
+        confirms = _Confirms(len(events))
+        sent, error = 0, None
+        for index, event in enumerate(events):
+            try:
+                self._publish(
+                    self._exchange,
+                    routing_key(self._template, event, self._worker),
+                    event_body(event, self._worker),
+                    functools.partial(confirms.confirm, index),
+                )
+            except Exception as exc:  # noqa: BLE001 - BrokerError or worse: retry
+                error = f"publish failed: {exc}"
+                break
+            sent += 1
+        confirms.wait(sent, CONFIRM_TIMEOUT, self._control.stop)
+        done = confirms.confirmed_prefix(sent)
+        if done < sent:
+            error = "nacked, or no confirm (connection lost?)"
+        return done, error
+
+
+class _Confirms:
+    """The confirms of one window of published events.
+
+    ``confirm`` runs on the broker's I/O thread: it only records and notifies. A confirm
+    for an older window lands in that window's own object, so it cannot be mistaken for
+    one of this window.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._results: list[bool | None] = [None] * size
+        self._settled = 0
+        self._cond = threading.Condition()
+
+    def confirm(self, index: int, ok: bool) -> None:
+        with self._cond:
+            if self._results[index] is None:
+                self._results[index] = bool(ok)
+                self._settled += 1
+                self._cond.notify_all()
+
+    def wait(self, count: int, timeout: float, stop: threading.Event) -> None:
+        """Wait until the first ``count`` events are settled, ``timeout`` or ``stop``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._settled < count and not stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(min(left, 0.25))  # short slices: notice stop
+
+    def confirmed_prefix(self, count: int) -> int:
+        with self._cond:
+            return next((i for i in range(count) if self._results[i] is not True), count)
+
+
+def routing_key(template: str, event: _Event, worker: str) -> str:
+    """The AMQP routing key of ``event``: ``template`` formatted, cut to 255 bytes."""
+    key = template.format(
+        queue=event.queue, status=event.status.value, job_id=event.job_id, worker=worker
+    )
+    encoded = key.encode("utf-8")
+    if len(encoded) <= _MAX_ROUTING_KEY_BYTES:
+        return key
+    return encoded[:_MAX_ROUTING_KEY_BYTES].decode("utf-8", "ignore")
+
+
+def event_body(event: _Event, worker: str) -> bytes:
+    """The JSON document published for ``event``."""
+    stamp = datetime.fromtimestamp(event.time, tz=timezone.utc)
+    return json.dumps({
+        "job_id": event.job_id,
+        "status": event.status.value,
+        "message": event.message,
+        "worker": worker,
+        "queue": event.queue,
+        "time": stamp.isoformat(timespec="microseconds"),
+    }).encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------
+# http
+
+
+class _HttpSink(_QueuedSink):
+    """PUTs each status to PyBit's web front-end over one persistent connection."""
+
+    name = "http"
+
+    def __init__(self, settings: StatusSettings, control: _Control) -> None:
+        super().__init__(settings, control)
+        if not settings.http_url:
+            raise ConfigError("required when the http sink is chosen", section="status",
+                              key="http_url")
+        split = urllib.parse.urlsplit(settings.http_url)
+        self._https = split.scheme.lower() == "https"
+        self._host = split.hostname or ""
+        self._port = split.port
+        self._base = split.path.rstrip("/")
+        self._timeout = settings.http_timeout
+        self._headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        user = settings.http_user or _unquote(split.username)
+        if user:
+            password = settings.http_password or _unquote(split.password) or ""
+            token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+            self._headers["Authorization"] = "Basic " + token
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _send(self, events: list[_Event]) -> tuple[int, str | None]:
+        for index, event in enumerate(events):
+            if self._control.stop.is_set():
+                return index, None
+            error = self._deliver(event)
+            if error is not None:
+                return index, error
+        return len(events), None
+
+    def _deliver(self, event: _Event) -> str | None:
+        """Send one event; ``None`` when finished with it, else why to retry."""
+        try:
+            code = self._put(event)
+        except (OSError, http.client.HTTPException) as exc:
+            return f"cannot reach the status server: {exc!r}"
+        if 200 <= code < 300:
+            return None
+        if code in (408, 429) or code >= 500:
+            return f"HTTP {code}"
+        # Any other answer (404 unknown job, 401 bad credentials...) will not change.
+        log.error("job %s: the status server refused status %s with HTTP %d; dropped",
+                  event.job_id, event.status.value, code)
+        self.refused += 1
+        return None
+
+    def _put(self, event: _Event) -> int:
+        path = f"{self._base}/job/{urllib.parse.quote(event.job_id, safe='')}"
+        body = urllib.parse.urlencode({"status": event.status.value}).encode("ascii")
+        while True:
+            conn = self._connection()
+            # A kept-alive socket may have been closed by the server meanwhile: one
+            # immediate retry on a fresh connection before calling it a failure.
+            reused = conn.sock is not None
+            try:
+                conn.request("PUT", path, body, self._headers)
+                response = conn.getresponse()
+                response.read()  # the connection can only be reused once drained
+                return response.status
+            except (OSError, http.client.HTTPException):
+                self._close()
+                if not reused:
+                    raise
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self._https:
+                self._conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self._timeout,
+                    context=ssl.create_default_context(),
+                )
+            else:
+                self._conn = http.client.HTTPConnection(
+                    self._host, self._port, timeout=self._timeout
+                )
+        return self._conn
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _unquote(text: str | None) -> str | None:
+    return None if text is None else urllib.parse.unquote(text)
