@@ -1,0 +1,427 @@
+"""The shell! runner, with real processes (no broker involved)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rbit.config import RunnerSettings
+from rbit.errors import RunnerLoadError
+from rbit.message import ATTEMPTS_HEADER, Message
+from rbit.outcome import Kind, Outcome
+from rbit.runners.shell import ShellRunner
+
+PROBE = Path(__file__).parent / "data" / "shell_probe.py"
+PROBE_TEMPLATE = "{python} {probe} {report}"
+NASTY_ID = "a; touch {d}/x $(touch {d}/y) `touch z` 'q\" and spaces"
+
+
+def make_runner(
+    target: str, *, timeout: float | None = None, workdir: str | None = None, **settings: str
+) -> ShellRunner:
+    runner = RunnerSettings(
+        queue="q",
+        runner="shell!" + target,
+        kind="shell",
+        target=target,
+        routing_key="q",
+        timeout=timeout,
+        settings={"python": sys.executable, "probe": str(PROBE), **settings},
+    )
+    return ShellRunner(runner, workdir=workdir)
+
+
+def job(body: bytes | dict = b"", message_id: str = "job-1", **kwargs) -> Message:
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    return Message(body=body, queue="q", message_id=message_id, **kwargs)
+
+
+class Statuses:
+    """A thread-safe set_status that remembers its calls and signals each one."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.changed = threading.Condition()
+
+    def __call__(self, status: str, message: str = "") -> None:
+        with self.changed:
+            self.calls.append((status, message))
+            self.changed.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 10) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: len(self.calls) >= count, timeout)
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or only a zombie waiting for a parent that is not ours."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return any(line.startswith("State:") and "Z" in line for line in status.splitlines())
+
+
+def read_pids(path: Path) -> list[int]:
+    assert wait_until(lambda: path.exists() and path.read_text().endswith("\n"), 5)
+    return [int(word) for word in path.read_text().split()]
+
+
+def run_in_thread(runner: ShellRunner, message: Message, statuses=None):
+    result: dict[str, Outcome] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(outcome=runner.run(message, statuses or Statuses()))
+    )
+    thread.start()
+    return thread, result
+
+
+# -- arguments -------------------------------------------------------------------------
+
+
+def test_job_id_with_shell_syntax_is_one_argument_and_runs_nothing(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    job_id = NASTY_ID.format(d=tmp_path)
+    runner = make_runner(
+        PROBE_TEMPLATE + " %ID --id=%ID", workdir=str(tmp_path), report=str(report)
+    )
+
+    outcome = runner.run(job(message_id=job_id), Statuses())
+
+    assert outcome == Outcome.done()
+    argv = json.loads(report.read_text())["argv"]
+    assert argv[2:] == [job_id, "--id=" + job_id]
+    assert not {"x", "y", "z"} & {p.name for p in tmp_path.iterdir()}
+
+
+def test_placeholders_inside_arguments_are_replaced_in_one_pass(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    target = PROBE_TEMPLATE + " {outdir}/%ID.pdf %QUEUE:%ATTEMPT 100%% ${HOME} {tag} %ID"
+    runner = make_runner(target, report=str(report), outdir="/srv/out", tag="%ID{outdir}")
+
+    runner.run(job(message_id="%QUEUE{tag}", headers={ATTEMPTS_HEADER: 2}), Statuses())
+
+    argv = json.loads(report.read_text())["argv"]
+    assert argv[2:] == [
+        "/srv/out/%QUEUE{tag}.pdf",
+        "q:3",
+        "100%",
+        "${HOME}",
+        "%ID{outdir}",  # setting values are literal text
+        "%QUEUE{tag}",  # so is the job id
+    ]
+
+
+def test_seed_style_template_puts_the_id_in_the_program_name(tmp_path: Path) -> None:
+    runner = make_runner("%ID.sh", workdir=str(tmp_path))
+
+    outcome = runner.run(job(message_id="job-7"), Statuses())
+
+    assert outcome.kind is Kind.FAILED
+    assert outcome.reason.startswith("cannot run job-7.sh:")
+
+
+def test_body_arrives_on_stdin_and_in_a_private_file_removed_afterwards(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    body = "line 1\nline 2 $(not run) `nor this`\n"
+    runner = make_runner(PROBE_TEMPLATE + " %BODY", report=str(report))
+
+    runner.run(job(body.encode()), Statuses())
+
+    seen = json.loads(report.read_text())
+    assert seen["stdin"] == body
+    assert seen["body_file"] == body
+    assert seen["body_mode"] == 0o600
+    assert seen["argv"][2] == seen["env"]["RBIT_BODY_FILE"]
+    assert not os.path.exists(seen["argv"][2])
+
+
+def test_environment_names_job_queue_body_attempt_and_status_fd(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    runner = make_runner(PROBE_TEMPLATE, workdir=str(tmp_path), report=str(report))
+
+    runner.run(job(message_id="job-42", headers={ATTEMPTS_HEADER: 1}), Statuses())
+
+    seen = json.loads(report.read_text())
+    env = seen["env"]
+    assert env["RBIT_JOB_ID"] == "job-42"
+    assert env["RBIT_QUEUE"] == "q"
+    assert env["RBIT_ATTEMPT"] == "2"
+    assert os.path.dirname(env["RBIT_BODY_FILE"]) == tempfile.gettempdir()
+    assert env["RBIT_STATUS_FD"].isdigit()
+    assert seen["cwd"] == str(tmp_path)
+
+
+def test_nul_byte_in_job_id_rejects_the_job_without_running_it(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    runner = make_runner(PROBE_TEMPLATE + " %ID", report=str(report))
+
+    outcome = runner.run(job(message_id="bad\x00id"), Statuses())
+
+    assert outcome.kind is Kind.REJECTED
+    assert not report.exists()
+
+
+# -- templates -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "complaint"),
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("echo 'unbalanced", "No closing quotation"),
+        ("echo {nosuchkey}", "{nosuchkey}"),
+    ],
+)
+def test_bad_template_fails_at_load(target: str, complaint: str) -> None:
+    with pytest.raises(RunnerLoadError, match="runner:q") as error:
+        make_runner(target)
+    assert complaint in str(error.value)
+
+
+@pytest.mark.parametrize("grace", ["soon", "-1", "nan"])
+def test_bad_kill_grace_fails_at_load(grace: str) -> None:
+    with pytest.raises(RunnerLoadError, match="kill_grace"):
+        make_runner("true", kill_grace=grace)
+
+
+# -- outcomes --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ({"exit": 0, "stderr": "chatter"}, Outcome.done()),
+        ({"exit": 75, "stderr": "database locked\n"}, Outcome.blocked("database locked")),
+        ({"exit": 75}, Outcome.blocked("exit status 75 (try later)")),
+        ({"exit": 3, "stderr": "warning\nboom\n"}, Outcome.failed("exit status 3: warning\nboom")),
+        ({"exit": 4}, Outcome.failed("exit status 4")),
+    ],
+)
+def test_exit_status_decides_the_outcome(tmp_path: Path, script: dict, expected: Outcome) -> None:
+    runner = make_runner(PROBE_TEMPLATE, report=str(tmp_path / "report.json"))
+
+    assert runner.run(job(script), Statuses()) == expected
+
+
+def test_only_the_tail_of_a_long_stderr_is_kept(tmp_path: Path) -> None:
+    runner = make_runner(PROBE_TEMPLATE, report=str(tmp_path / "report.json"))
+    script = {"exit": 1, "stderr": "x" * 300_000 + "THE END"}
+
+    outcome = runner.run(job(script), Statuses())
+
+    assert outcome.reason.startswith("exit status 1: ...x")
+    assert outcome.reason.endswith("xTHE END")
+    assert len(outcome.reason) <= 4096 + len("exit status 1: ...")
+
+
+def test_death_by_signal_is_a_failure_naming_the_signal() -> None:
+    runner = make_runner("sh -c 'kill -KILL $$'")
+
+    assert runner.run(job(), Statuses()) == Outcome.failed("killed by signal SIGKILL")
+
+
+def test_missing_or_unexecutable_program_is_a_failure(tmp_path: Path) -> None:
+    not_executable = tmp_path / "script.sh"
+    not_executable.write_text("#!/bin/sh\nexit 0\n")
+
+    missing = make_runner("/nonexistent/program %ID").run(job(), Statuses())
+    unexecutable = make_runner(str(not_executable)).run(job(), Statuses())
+
+    assert missing.kind is Kind.FAILED
+    assert missing.reason.startswith("cannot run /nonexistent/program:")
+    assert unexecutable.kind is Kind.FAILED
+    assert unexecutable.reason.startswith(f"cannot run {not_executable}:")
+
+
+# -- statuses --------------------------------------------------------------------------
+
+
+def test_status_lines_reach_set_status_in_order(tmp_path: Path, caplog) -> None:
+    runner = make_runner(PROBE_TEMPLATE, report=str(tmp_path / "report.json"))
+    lines = [
+        "Building compiling chapter 3",
+        "Bogus line",
+        "waiting",
+        "Building  step 4  ",
+        "Uploaded",
+    ]
+    statuses = Statuses()
+
+    with caplog.at_level(logging.WARNING, logger="rbit.runners.shell"):
+        outcome = runner.run(job({"status": lines}, message_id="job-s"), statuses)
+
+    assert outcome == Outcome.done()
+    assert statuses.calls == [
+        ("Building", "compiling chapter 3"),
+        ("Waiting", ""),
+        ("Building", "step 4"),
+        ("Uploaded", ""),
+    ]
+    assert any("job-s" in r.getMessage() and "Bogus" in r.getMessage() for r in caplog.records)
+
+
+def test_status_is_passed_on_while_the_command_still_runs(tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    script = (
+        'echo "Building halfway there" >/dev/fd/$RBIT_STATUS_FD; '
+        'while [ ! -e "$0" ]; do sleep 0.02; done'
+    )
+    runner = make_runner(f"sh -c '{script}' {{go}}", timeout=30, go=str(go))
+    statuses = Statuses()
+
+    thread, result = run_in_thread(runner, job(), statuses)
+    try:
+        assert statuses.wait_for(1)
+        assert statuses.calls == [("Building", "halfway there")]
+        assert thread.is_alive()
+    finally:
+        go.touch()
+        thread.join(30)
+    assert result["outcome"] == Outcome.done()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_documented_bash_status_example_works() -> None:
+    runner = make_runner("""bash -c 'echo "Building step 2" >&$RBIT_STATUS_FD'""")
+    statuses = Statuses()
+
+    assert runner.run(job(), statuses) == Outcome.done()
+    assert statuses.calls == [("Building", "step 2")]
+
+
+def test_failing_set_status_does_not_stall_the_command(tmp_path: Path) -> None:
+    def broken(status: str, message: str = "") -> None:
+        raise RuntimeError("status sink down")
+
+    runner = make_runner(PROBE_TEMPLATE, report=str(tmp_path / "report.json"))
+    lines = ["Building step %d %s" % (i, "x" * 1000) for i in range(200)]
+
+    assert runner.run(job({"status": lines}), broken) == Outcome.done()
+
+
+# -- timeouts, leftovers, cancel -------------------------------------------------------
+
+
+def test_timeout_kills_the_command_and_its_grandchildren(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    runner = make_runner(
+        """sh -c 'sleep 1000 & echo $$ $! > "$0"; wait' {pids}""", timeout=1, pids=str(pids)
+    )
+    started = time.monotonic()
+
+    outcome = runner.run(job(), Statuses())
+
+    assert outcome == Outcome.failed("timed out after 1 s")
+    assert time.monotonic() - started < 5
+    shell, sleeper = read_pids(pids)
+    assert wait_until(lambda: process_gone(shell) and process_gone(sleeper), 5)
+
+
+def test_timeout_sends_sigkill_to_what_ignores_sigterm(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    runner = make_runner(
+        """sh -c 'trap "" TERM; sleep 1000 & echo $$ $! > "$0"; wait' {pids}""",
+        timeout=0.5,
+        kill_grace="0.5",
+        pids=str(pids),
+    )
+    started = time.monotonic()
+
+    outcome = runner.run(job(), Statuses())
+
+    elapsed = time.monotonic() - started
+    assert outcome == Outcome.failed("timed out after 0.5 s")
+    assert 1.0 <= elapsed < 5
+    shell, sleeper = read_pids(pids)
+    assert wait_until(lambda: process_gone(shell) and process_gone(sleeper), 5)
+
+
+def test_processes_left_behind_by_a_finished_command_are_killed(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    runner = make_runner("""sh -c 'sleep 1000 & echo $! > "$0"' {pids}""", pids=str(pids))
+    started = time.monotonic()
+
+    outcome = runner.run(job(), Statuses())
+
+    assert outcome == Outcome.done()
+    assert time.monotonic() - started < 5  # the sleeper held the pipes open: no waiting on it
+    (sleeper,) = read_pids(pids)
+    assert wait_until(lambda: process_gone(sleeper), 5)
+
+
+def test_cancel_stops_a_running_job_from_another_thread(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    runner = make_runner(
+        """sh -c 'sleep 1000 & echo $$ $! > "$0"; wait' {pids}""", kill_grace="1", pids=str(pids)
+    )
+    thread, result = run_in_thread(runner, job())
+    try:
+        shell, sleeper = read_pids(pids)
+        runner.cancel()
+        thread.join(10)
+    finally:
+        if thread.is_alive():
+            os.killpg(shell, 9)
+            thread.join()
+
+    assert result["outcome"].kind is Kind.BLOCKED
+    assert result["outcome"].reason.startswith("cancelled")
+    assert wait_until(lambda: process_gone(shell) and process_gone(sleeper), 5)
+
+
+def test_no_command_starts_after_cancel(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    runner = make_runner(PROBE_TEMPLATE, report=str(report))
+
+    runner.cancel()
+    outcome = runner.run(job(), Statuses())
+
+    assert outcome.kind is Kind.BLOCKED
+    assert not report.exists()
+
+
+def test_concurrent_runs_keep_their_outputs_apart(tmp_path: Path) -> None:
+    runner = make_runner("{python} {probe} {dir}/%ID.json", dir=str(tmp_path))
+    jobs = {}
+    for i in range(8):
+        script = {
+            "status": [f"Building job{i} step {n}" for n in range(20)],
+            "stderr": f"error of job{i}\n" * 50,
+            "exit": 3,
+        }
+        statuses = Statuses()
+        jobs[i] = (statuses, *run_in_thread(runner, job(script, message_id=f"job{i}"), statuses))
+
+    for i, (statuses, thread, result) in jobs.items():
+        thread.join(30)
+        assert result["outcome"].kind is Kind.FAILED
+        assert set(result["outcome"].reason.split("\n")[1:]) == {f"error of job{i}"}
+        assert statuses.calls == [("Building", f"job{i} step {n}") for n in range(20)]
+        assert (
+            json.loads((tmp_path / f"job{i}.json").read_text())["env"]["RBIT_JOB_ID"] == f"job{i}"
+        )
