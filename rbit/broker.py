@@ -172,6 +172,10 @@ class Broker:
 
     # ----------------------------------------------------------- public, any thread
 
+    def set_consumers(self, consumers: Sequence[ConsumerSpec]) -> None:
+        """Set the queues to consume (before :meth:`start`)."""
+        self._consumers = {c.queue: c for c in consumers}
+
     def start(self) -> None:
         """Start the I/O thread; it connects and keeps reconnecting."""
         self._thread.start()

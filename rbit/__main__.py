@@ -1,0 +1,5 @@
+import sys
+
+from rbit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,118 @@
+"""``rbit CONFIG [--poll-time SECONDS] [--debug]`` and ``rbit dead-letters ...``.
+
+Thin: parse arguments, configure logging, build the worker, run it, map errors to
+exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import logging
+import logging.config
+import signal
+import sys
+import threading
+from typing import Sequence
+
+from rbit import __version__
+from rbit.config import Settings, load_config
+from rbit.errors import BrokerUnreachable, ConfigError, RbitError
+
+log = logging.getLogger("rbit")
+
+
+class ExitCode(enum.IntEnum):
+    """The worker's exit codes."""
+
+    OK = 0  # stopped cleanly on SIGTERM/SIGINT
+    ERROR = 1  # an unexpected error
+    USAGE = 2  # bad command line
+    FORCED = 3  # a second signal cut running jobs short (they are redelivered)
+    BROKER_UNREACHABLE = 69  # no AMQP host accepted a connection at start (EX_UNAVAILABLE)
+    CONFIG = 78  # the configuration is invalid (EX_CONFIG)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rbit", description="Run jobs from RabbitMQ queues through configured runners.")
+    parser.add_argument("config", help="the ini file (see rbit.ini.example)")
+    parser.add_argument("--poll-time", type=float, default=None, metavar="SECONDS",
+                        help="how often an idle worker re-checks its world "
+                             "(default: [rbit] polling_time, 60)")
+    parser.add_argument("--debug", action="store_true", help="log at DEBUG to stdout")
+    parser.add_argument("--version", action="version", version=f"rbit {__version__}")
+    return parser
+
+
+def _configure_logging(settings: Settings | None, debug: bool) -> None:
+    if debug:
+        logging.basicConfig(stream=sys.stdout, level=logging.DEBUG, force=True,
+                            format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    elif settings is not None and settings.logging_sections:
+        logging.config.fileConfig(settings.file, disable_existing_loggers=False)
+    else:
+        logging.basicConfig(level=logging.INFO, force=True,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("dead-letters", "dlq"):
+        from rbit.deadletters import main as dead_letters_main
+        return dead_letters_main(args[1:])
+    try:
+        options = _parser().parse_args(args)
+    except SystemExit as exc:
+        return int(exc.code or 0) and ExitCode.USAGE
+    if options.poll_time is not None and options.poll_time <= 0:
+        print("rbit: --poll-time must be > 0", file=sys.stderr)
+        return ExitCode.USAGE
+    try:
+        settings = load_config(options.config)
+    except ConfigError as exc:
+        _configure_logging(None, options.debug)
+        log.error("configuration error: %s", exc)
+        return ExitCode.CONFIG
+    _configure_logging(settings, options.debug)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    return run(settings, options.poll_time)
+
+
+def run(settings: Settings, poll_time: float | None = None) -> int:
+    """Run a worker in the foreground until SIGTERM/SIGINT."""
+    from rbit.worker import Worker
+
+    stop, force = threading.Event(), threading.Event()
+
+    def on_signal(signum: int, _frame) -> None:
+        if stop.is_set():
+            force.set()
+        stop.set()
+        log.info("received %s", signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        worker = Worker(settings, poll_time=poll_time)
+        worker.start()
+    except BrokerUnreachable as exc:
+        log.error("cannot reach the broker: %s", exc)
+        return ExitCode.BROKER_UNREACHABLE
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return ExitCode.CONFIG
+    except RbitError as exc:
+        log.error("%s", exc)
+        return ExitCode.ERROR
+    while not stop.wait(1.0):
+        pass
+    clean = worker.shutdown(force)
+    log.info("stopped%s", "" if clean else " (running jobs were cut short)")
+    return ExitCode.OK if clean and not force.is_set() else ExitCode.FORCED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Worker threads: deliveries in, outcomes out.
+
+A :class:`JobPool` serves one runner section. The broker's I/O thread hands it
+deliveries (:meth:`JobPool.on_delivery`, which never blocks); ``concurrency`` threads,
+created once at start, take them, run the runner and carry out the fate that
+:func:`rbit.fate.decide` chose. No thread does network I/O itself: acks and publishes
+go back to the I/O thread through the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+from rbit import fate
+from rbit.broker import Broker, Delivery
+from rbit.config import RunnerSettings
+from rbit.outcome import Outcome, Status
+
+log = logging.getLogger(__name__)
+
+ReportFn = Callable[[str, str, Status, str], None]  # (job_id, queue, status, message)
+_STOP = object()
+
+
+class JobPool:
+    """The worker threads of one runner.
+
+    Args:
+        runner: The section's settings.
+        job_runner: Has ``run(message, set_status) -> Outcome`` and ``cancel()``, or is
+            a batch runner with ``submit(message, set_status, settle)`` and
+            ``close(timeout)``.
+        broker: Where settlements go.
+        report: Status sink (thread-safe, non-blocking).
+        worker: This worker's name, recorded on dead letters.
+    """
+
+    def __init__(self, runner: RunnerSettings, job_runner: Any, broker: Broker,
+                 report: ReportFn, *, worker: str) -> None:
+        self.settings = runner
+        self.runner = job_runner
+        self._batching = hasattr(job_runner, "submit")
+        self._broker = broker
+        self._report = report
+        self._worker = worker
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closing = False
+        self._lock = threading.Lock()
+        self._busy = 0  # deliveries taken and not yet settled (poll mode capacity)
+        threads = 1 if self._batching else runner.concurrency
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{runner.queue}-{n}", daemon=True)
+            for n in range(threads)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    # -------------------------------------------------------------- I/O thread side
+
+    def on_delivery(self, delivery: Delivery) -> None:
+        with self._lock:
+            self._busy += 1
+        self._queue.put(delivery)
+
+    def capacity(self) -> int:
+        """How many more deliveries to take (poll mode keeps one per thread)."""
+        limit = max(self.settings.prefetch, self.settings.concurrency)
+        return 0 if self._closing else limit - self._busy
+
+    # -------------------------------------------------------------------- shutdown
+
+    def stop_taking(self) -> None:
+        """Requeue what was delivered but not started; let running jobs go on."""
+        self._closing = True
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                self._broker.requeue(item)
+                self._settled()
+        for _ in self._threads:
+            self._queue.put(_STOP)
+
+    def wait(self, deadline: float) -> bool:
+        """Wait for running jobs until ``deadline`` (monotonic); True if all ended."""
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def close(self, timeout: float) -> None:
+        """Let a batch runner send what it holds; what it cannot is redelivered."""
+        if self._batching:
+            self.runner.close(timeout)
+
+    def cancel(self) -> None:
+        """Stop running jobs now (children killed); their deliveries are redelivered."""
+        cancel = getattr(self.runner, "cancel", None)
+        if cancel is not None:
+            cancel()
+
+    # ------------------------------------------------------------- worker threads
+
+    def _work(self) -> None:
+        get = self._queue.get
+        while True:
+            delivery = get()
+            if delivery is _STOP:
+                return
+            if self._closing:
+                self._broker.requeue(delivery)
+                self._settled()
+            elif not self._broker.is_current(delivery):
+                self._settled()  # its connection is gone: the broker redelivers it
+            else:
+                self._start(delivery)
+
+    def _start(self, delivery: Delivery) -> None:
+        job_id = delivery.message.job_id
+        set_status = self._status_callback(job_id)
+        if self._batching:
+            self.runner.submit(delivery.message, set_status,
+                               lambda outcome: self._settle(delivery, outcome, set_status))
+            return
+        set_status(Status.BUILDING, "")
+        try:
+            outcome = self.runner.run(delivery.message, set_status)
+        except Exception as exc:  # a runner must not take a worker thread down
+            outcome = Outcome.failed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        self._settle(delivery, outcome, set_status)
+
+    def _status_callback(self, job_id: str) -> Callable[..., None]:
+        last: list[Status | None] = [None]
+        report, queue_name = self._report, self.settings.queue
+
+        def set_status(status: str | Status, message: str = "") -> None:
+            parsed = Status.parse(status)
+            last[0] = parsed
+            report(job_id, queue_name, parsed, str(message))
+
+        set_status.last = last  # type: ignore[attr-defined]
+        return set_status
+
+    def _settle(self, delivery: Delivery, outcome: Outcome, set_status) -> None:
+        settlement = fate.decide(outcome, delivery, self.settings, worker=self._worker)
+        if settlement.status is not None and (
+            settlement.status is not set_status.last[0] or settlement.note
+        ):
+            set_status(settlement.status, settlement.note)
+        if settlement.publish is None:
+            self._broker.ack(delivery)
+        else:
+            log.info("job %s: %s", delivery.message.job_id, settlement.note)
+            self._broker.publish_then_ack(delivery, settlement.publish)
+        self._settled()
+
+    def _settled(self) -> None:
+        with self._lock:
+            self._busy -= 1

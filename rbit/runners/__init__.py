@@ -1,0 +1,1 @@
+"""Runners: what turns a job message into work (``python!`` and ``shell!``)."""

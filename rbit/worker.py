@@ -1,0 +1,137 @@
+"""The worker: builds the parts from the settings and runs them until told to stop.
+
+It only orchestrates. The broker owns the network, the job pools own the work, the
+status reporter owns the statuses. Shutdown runs in the order that keeps heartbeats
+alive while jobs finish: stop consuming, requeue what never started, wait for running
+jobs (up to ``shutdown_grace``), flush statuses, and only then close the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from rbit import decoding
+from rbit.broker import Broker, ConsumerSpec
+from rbit.config import RunnerSettings, Settings
+from rbit.dispatch import JobPool
+from rbit.errors import BrokerUnreachable
+from rbit.outcome import Status
+from rbit.runners.python import load_python_runner
+from rbit.runners.shell import ShellRunner
+from rbit.status import StatusReporter
+from rbit.topology import worker_topology
+
+log = logging.getLogger(__name__)
+
+#: How long to wait for cancelled jobs to go once their children were told to stop.
+CANCEL_WAIT = 10.0
+
+
+class Worker:
+    """One ``rbit CONFIG`` process.
+
+    Args:
+        settings: The validated configuration.
+        poll_time: Overrides ``[rbit] polling_time`` (the ``--poll-time`` option).
+    """
+
+    def __init__(self, settings: Settings, *, poll_time: float | None = None) -> None:
+        self.settings = settings
+        worker = settings.worker
+        self.poll_time = poll_time if poll_time is not None else worker.polling_time
+        self.broker = Broker(
+            settings.amqp,
+            worker_topology(settings),
+            name=f"rbit {worker.name}",
+            mode=worker.mode,
+            poll_time=self.poll_time,
+        )
+        self.reporter = StatusReporter(settings.status, worker.name, publish=self._publish_status)
+        self.pools = [self._pool(runner) for runner in settings.runners]
+        self.broker.set_consumers([self._consumer(pool) for pool in self.pools])
+
+    def _publish_status(self, exchange: str, routing_key: str, body: bytes,
+                        on_confirm: Callable[[bool], None]) -> None:
+        self.broker.publish(exchange, routing_key, body, content_type="application/json",
+                            on_confirm=on_confirm)
+
+    def _pool(self, runner: RunnerSettings) -> JobPool:
+        job_runner: Any
+        if runner.kind == "shell":
+            job_runner = ShellRunner(runner)
+        else:
+            job_runner = load_python_runner(runner, self._status_factory(runner.queue))
+            if runner.timeout and hasattr(job_runner, "submit"):
+                log.warning("[runner:%s]: timeout is not enforced for a batch runner, which "
+                            "runs in this process and cannot be killed", runner.queue)
+        return JobPool(runner, job_runner, self.broker, self.reporter.report,
+                       worker=self.settings.worker.name)
+
+    def _status_factory(self, queue: str) -> Callable[[str], Callable[..., None]]:
+        def factory(job_id: str) -> Callable[..., None]:
+            def set_status(status: str | Status, message: str = "") -> None:
+                self.reporter.report(job_id, queue, Status.parse(status), str(message))
+            return set_status
+        return factory
+
+    @staticmethod
+    def _consumer(pool: JobPool) -> ConsumerSpec:
+        runner = pool.settings
+        return ConsumerSpec(
+            queue=runner.queue,
+            prefetch=runner.prefetch,
+            on_delivery=pool.on_delivery,
+            capacity=pool.capacity,
+            allowed_classes=decoding.DEFAULT_ALLOWED_CLASSES | runner.allowed_classes,
+        )
+
+    def start(self, timeout: float | None = None) -> None:
+        """Start the job threads and connect.
+
+        Raises:
+            BrokerUnreachable: No host accepted a connection in a first round.
+        """
+        for pool in self.pools:
+            pool.start()
+        self.broker.start()
+        amqp = self.settings.amqp
+        limit = timeout or (amqp.connect_timeout * 2 + 5) * len(amqp.hosts)
+        if not self.broker.wait_ready(limit):
+            self.broker.stop(1.0)
+            raise BrokerUnreachable(self.broker.start_error or "timed out connecting")
+        log.info("worker %s consuming %s", self.settings.worker.name,
+                 ", ".join(r.queue for r in self.settings.runners))
+
+    def shutdown(self, force: threading.Event, grace: float | None = None) -> bool:
+        """Stop gracefully; ``force`` set meanwhile (a second signal) cuts jobs short.
+
+        Returns:
+            True if every running job ended on its own.
+        """
+        grace = self.settings.worker.shutdown_grace if grace is None else grace
+        log.info("stopping: no new jobs; waiting up to %.0f s for running jobs", grace)
+        self.broker.stop_consuming()
+        for pool in self.pools:
+            pool.stop_taking()
+        deadline = time.monotonic() + grace
+        clean = self._wait_pools(deadline, force)
+        if not clean:
+            log.warning("stopping running jobs; they will be redelivered")
+            for pool in self.pools:
+                pool.cancel()
+            self._wait_pools(time.monotonic() + CANCEL_WAIT, threading.Event())
+        for pool in self.pools:
+            pool.close(max(1.0, deadline - time.monotonic()))
+        self.reporter.close(timeout=5.0)
+        self.broker.stop()
+        return clean
+
+    def _wait_pools(self, deadline: float, force: threading.Event) -> bool:
+        while time.monotonic() < deadline and not force.is_set():
+            step = min(deadline, time.monotonic() + 0.2)
+            if all(pool.wait(step) for pool in self.pools):
+                return True
+        return all(pool.wait(time.monotonic()) for pool in self.pools)
