@@ -437,11 +437,15 @@ class Broker:
         if not self._done or channel is None or not channel.is_open:
             return
         outstanding, done, settled = self._outstanding, self._done, self._settled
-        last = 0
+        last = 0  # the highest *unsettled* tag of the finished run: RabbitMQ refuses a
+        # multiple ack whose own tag was already settled
         while outstanding and (outstanding[0] in done or outstanding[0] in settled):
-            last = outstanding.popleft()
-            done.discard(last)
-            settled.discard(last)
+            tag = outstanding.popleft()
+            if tag in done:
+                done.remove(tag)
+                last = tag
+            else:
+                settled.remove(tag)
         if last:
             channel.basic_ack(last, multiple=True)
         for tag in done:  # finished behind a job still running

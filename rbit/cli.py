@@ -54,6 +54,7 @@ def _configure_logging(settings: Settings | None, debug: bool) -> None:
     else:
         logging.basicConfig(level=logging.INFO, force=True,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("pika").setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
