@@ -425,3 +425,19 @@ def test_concurrent_runs_keep_their_outputs_apart(tmp_path: Path) -> None:
         assert (
             json.loads((tmp_path / f"job{i}.json").read_text())["env"]["RBIT_JOB_ID"] == f"job{i}"
         )
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_zombies_left_in_the_group_count_as_gone(tmp_path: Path, caplog) -> None:
+    pids = tmp_path / "pids"
+    helper = Path(__file__).parent / "data" / "shell_zombie.py"
+    runner = make_runner("{python} {helper} {pids}", helper=str(helper), pids=str(pids))
+    try:
+        with caplog.at_level(logging.WARNING, logger="rbit.runners.shell"):
+            outcome = runner.run(job(message_id="job-z"), Statuses())
+    finally:
+        holder, _zombie = read_pids(pids)
+        os.kill(holder, 9)
+
+    assert outcome == Outcome.done()
+    assert not [r for r in caplog.records if "job-z" in r.getMessage()]
