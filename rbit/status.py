@@ -135,7 +135,9 @@ class StatusReporter:
         """
         if not isinstance(status, Status):
             status = Status.parse(status)
-        event = _Event(job_id, queue, status, message or "", self._clock())
+        if not isinstance(message, str):  # PyBit-era runners pass exceptions too
+            message = "" if message is None else str(message)
+        event = _Event(job_id, queue, status, message, self._clock())
         if self._log:
             _log_event(event)
         if self._control.stop.is_set():
@@ -153,6 +155,8 @@ class StatusReporter:
         A sink in a backoff pause gets one more try at once. Events still undelivered
         when the time is up are dropped, and their number is logged.
         """
+        if self._control.stop.is_set():
+            return
         deadline = time.monotonic() + max(0.0, timeout)
         self._control.closing.set()
         for sink in self._sinks:

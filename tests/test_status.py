@@ -9,14 +9,17 @@ worker.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from httpserver import HttpServer, Response
@@ -156,10 +159,12 @@ def test_log_sink_writes_one_line_per_status(reporters, caplog):
     caplog.set_level(logging.INFO, logger="rbit.status")
     reporter.report("42", "cnx_any_latex_pdf", Status.FAILED, "Traceback:\n  boom\nValueError")
     reporter.report("42", "cnx_any_latex_pdf", "building")
+    reporter.report("42", "cnx_any_latex_pdf", Status.FAILED, KeyError("name"))
     lines = [r.getMessage() for r in caplog.records if r.name == "rbit.status"]
     assert lines == [
         "job 42 cnx_any_latex_pdf: Failed Traceback: boom ValueError",
         "job 42 cnx_any_latex_pdf: Building",
+        "job 42 cnx_any_latex_pdf: Failed 'name'",
     ]
 
 
@@ -253,6 +258,84 @@ def test_http_sink_drops_an_event_refused_with_404_and_logs_it(reporters, http_s
     assert [r.path for r in requests] == ["/job/gone", "/job/here"]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert errors == ["job gone: the status server refused status Done with HTTP 404; dropped"]
+
+
+class KeepAliveServer:
+    """An HTTP/1.1 server on 127.0.0.1 that keeps connections open and counts them.
+
+    ``drop_connections()`` closes them from the server side, as a server does with idle
+    kept-alive connections.
+    """
+
+    def __init__(self) -> None:
+        self.connections: list[socket.socket] = []
+        self.paths: list[str] = []
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with outer._lock:
+                    outer.connections.append(self.connection)
+
+            def do_PUT(self) -> None:  # noqa: N802 - http.server's naming
+                self.rfile.read(int(self.headers["Content-Length"]))
+                with outer._lock:
+                    outer.paths.append(self.path)
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def drop_connections(self) -> None:
+        with self._lock:
+            for conn in self.connections:
+                with contextlib.suppress(OSError):  # already closed by its handler
+                    conn.shutdown(socket.SHUT_RDWR)
+
+    def received(self) -> int:
+        with self._lock:
+            return len(self.paths)
+
+    def stop(self) -> None:
+        self.drop_connections()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def keepalive_server() -> Iterator[KeepAliveServer]:
+    server = KeepAliveServer()
+    yield server
+    server.stop()
+
+
+def test_http_sink_keeps_one_connection_and_replaces_a_dropped_one_at_once(
+    reporters, keepalive_server
+):
+    sleep = FakeSleep()
+    reporter = make(reporters, ("http",), sleep=sleep, http_url=keepalive_server.url)
+    for status in (Status.WAITING, Status.BUILDING, Status.DONE):
+        reporter.report("1", "q", status)
+    wait_until(lambda: keepalive_server.received() == 3, what="three PUTs")
+    assert len(keepalive_server.connections) == 1
+
+    keepalive_server.drop_connections()
+    reporter.report("1", "q", Status.UPLOADED)
+    wait_until(lambda: keepalive_server.received() == 4, what="the fourth PUT")
+    wait_until(lambda: reporter.pending() == 0, what="nothing pending")
+    assert len(keepalive_server.connections) == 2
+    assert sleep.delays == []  # a stale kept-alive socket is not an outage
 
 
 def test_http_sink_needs_a_url():
