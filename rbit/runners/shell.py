@@ -438,7 +438,7 @@ class _Output:
 
 
 def _compile_template(template: str, settings: Mapping[str, str], queue: str) -> tuple[_Arg, ...]:
-    where = f"runner:{queue}: shell!{template}"
+    where = f"runner:{queue}"  # not the template itself: it may carry a secret
     try:
         words = shlex.split(template)
     except ValueError as exc:
