@@ -1,0 +1,229 @@
+"""The ``rbit-credit`` daemon's configuration: a CreditPiggy daemon config, unchanged.
+
+::
+
+    [server]   socket = unix | tcp, bind = socket path | host:port, pidfile,
+               loglevel (a number such as 20, or a name such as INFO), logfile,
+               idle_timeout (rbit's own: seconds before an idle connection is closed)
+    [api]      api_url, api_key (alias project_id), api_secret (alias project_auth),
+               flush_interval -- read for the credit runner's sake; the daemon itself
+               only publishes to RabbitMQ
+    [amqp]     rbit's broker settings (see :func:`rbit.config.parse_amqp_section`), plus
+               credit_queue (default ``rbit.credits``)
+
+A site that ran the old daemon moves by adding ``[amqp]``.
+"""
+
+from __future__ import annotations
+
+import configparser
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from rbit.config import AmqpSettings, parse_amqp_section
+from rbit.errors import ConfigError
+
+DEFAULT_SOCKET = "/run/rbit/credit.socket"
+DEFAULT_PIDFILE = "/run/rbit/credit.pid"
+DEFAULT_QUEUE = "rbit.credits"
+DEFAULT_API_URL = "https://creditpiggy.cern.ch/api"
+
+_SERVER_KEYS = ("socket", "bind", "pidfile", "loglevel", "logfile", "idle_timeout")
+_API_KEYS = ("api_url", "api_key", "api_secret", "project_id", "project_auth", "flush_interval")
+_ALIASES = {"api_key": "project_id", "api_secret": "project_auth"}
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """``[api]``: the CreditPiggy server (used by the credit runner, kept for reference)."""
+
+    api_url: str = DEFAULT_API_URL
+    api_key: str | None = None
+    api_secret: str | None = field(default=None, repr=False)
+    flush_interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class CreditSettings:
+    """The daemon's settings.
+
+    ``unix_path`` is set for ``socket = unix``; ``host`` and ``port`` for ``tcp``.
+    Paths are absolute (the daemon changes directory to ``/``).
+    """
+
+    file: str
+    socket: str = "unix"
+    unix_path: str | None = DEFAULT_SOCKET
+    host: str | None = None
+    port: int | None = None
+    pidfile: str = DEFAULT_PIDFILE
+    loglevel: int = logging.INFO
+    logfile: str | None = None
+    idle_timeout: float | None = 1.0
+    api: ApiSettings = ApiSettings()
+    amqp: AmqpSettings = AmqpSettings()
+    credit_queue: str = DEFAULT_QUEUE
+    warnings: tuple[str, ...] = ()
+
+
+def load_credit_config(path: str, environ: Mapping[str, str] | None = None) -> CreditSettings:
+    """Load a CreditPiggy daemon config with rbit's ``[amqp]`` section.
+
+    Args:
+        path: The config file.
+        environ: Variables for ``${NAME}`` references in ``[amqp]``; defaults to
+            ``os.environ``.
+
+    Returns:
+        The validated settings; unknown keys and sections are listed in ``warnings``.
+
+    Raises:
+        ConfigError: The file cannot be read, ``[amqp]`` is missing, or a value is
+            invalid; the message names file, section, key and reason.
+    """
+    path = os.path.abspath(path)
+    parser = _read(path)
+    if not parser.has_section("amqp"):
+        raise ConfigError("required section is missing (where RabbitMQ is)", file=path,
+                          section="amqp")
+    server = dict(parser["server"]) if parser.has_section("server") else {}
+    api = dict(parser["api"]) if parser.has_section("api") else {}
+    amqp_values = dict(parser["amqp"])
+    amqp, amqp_warnings = parse_amqp_section(
+        amqp_values, file=path, environ=environ, extra_keys=("credit_queue",)
+    )
+    warnings = [*_unknown(path, "server", server, _SERVER_KEYS),
+                *_unknown(path, "api", api, _API_KEYS), *amqp_warnings,
+                *_unknown_sections(path, parser.sections())]
+    return CreditSettings(
+        file=path,
+        **_listen(path, server),
+        pidfile=_path(server.get("pidfile", DEFAULT_PIDFILE), path, "server", "pidfile"),
+        loglevel=_loglevel(path, server.get("loglevel", "INFO")),
+        logfile=_logfile(path, server.get("logfile")),
+        idle_timeout=_idle_timeout(path, server.get("idle_timeout")),
+        api=_api(path, api),
+        amqp=amqp,
+        credit_queue=_queue(path, amqp_values.get("credit_queue", DEFAULT_QUEUE)),
+        warnings=tuple(warnings),
+    )
+
+
+def _read(path: str) -> configparser.RawConfigParser:
+    parser = configparser.RawConfigParser(strict=True)
+    try:
+        with open(path, encoding="utf-8") as stream:
+            parser.read_file(stream, source=path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror or exc}", file=path) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("the file is not valid UTF-8", file=path) from exc
+    except configparser.Error as exc:
+        # Only the kind of error: the offending line may hold a secret.
+        lineno = getattr(exc, "lineno", None)
+        where = f" (line {lineno})" if lineno else ""
+        raise ConfigError(f"cannot parse the file: {type(exc).__name__}{where}",
+                          file=path) from exc
+    return parser
+
+
+def _error(path: str, section: str, key: str, reason: str) -> ConfigError:
+    return ConfigError(reason, file=path, section=section, key=key)
+
+
+def _listen(path: str, server: Mapping[str, str]) -> dict[str, object]:
+    kind = server.get("socket", "unix").strip().lower()
+    if kind == "unix":
+        bind = _path(server.get("bind", DEFAULT_SOCKET), path, "server", "bind")
+        # sun_path holds 108 bytes including the terminating NUL.
+        if len(os.fsencode(bind)) > 107:
+            raise _error(path, "server", "bind", "a unix socket path is at most 107 bytes")
+        return {"socket": "unix", "unix_path": bind, "host": None, "port": None}
+    if kind == "tcp":
+        host, port = _host_port(path, server.get("bind", "").strip())
+        return {"socket": "tcp", "unix_path": None, "host": host, "port": port}
+    raise _error(path, "server", "socket", f"expected unix or tcp, got {kind!r}")
+
+
+def _host_port(path: str, bind: str) -> tuple[str, int]:
+    host, colon, port_text = bind.rpartition(":")
+    host = host.strip("[]")  # [::1]:9999
+    if not colon or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise _error(path, "server", "bind", f"expected host:port for a tcp socket, got {bind!r}")
+    return host, int(port_text)
+
+
+def _path(value: str, path: str, section: str, key: str) -> str:
+    value = value.strip()
+    if not value:
+        raise _error(path, section, key, "must not be empty")
+    return os.path.abspath(value)
+
+
+def _loglevel(path: str, value: str) -> int:
+    text = value.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    level = logging.getLevelName(text.upper())
+    if not isinstance(level, int):
+        raise _error(path, "server", "loglevel",
+                     f"expected a number (10-50) or a level name such as INFO, got {text!r}")
+    return level
+
+
+def _logfile(path: str, value: str | None) -> str | None:
+    if value is None or not value.strip() or value.strip() == os.devnull:
+        return None
+    return _path(value, path, "server", "logfile")
+
+
+def _number(path: str, section: str, key: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise _error(path, section, key, f"expected a number, got {value.strip()!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise _error(path, section, key, "expected a finite number >= 0")
+    return number
+
+
+def _idle_timeout(path: str, value: str | None) -> float | None:
+    if value is None:
+        return 1.0
+    number = _number(path, "server", "idle_timeout", value)
+    return number or None  # 0 keeps idle connections open
+
+
+def _api(path: str, api: Mapping[str, str]) -> ApiSettings:
+    values = {}
+    for key, alias in _ALIASES.items():
+        if key in api and alias in api:
+            raise _error(path, "api", alias, f"{alias} is an alias of {key}; give only one")
+        values[key] = api.get(key, api.get(alias))
+    interval = api.get("flush_interval")
+    return ApiSettings(
+        api_url=api.get("api_url", DEFAULT_API_URL).strip(),
+        flush_interval=5.0 if interval is None else _number(path, "api", "flush_interval",
+                                                            interval),
+        **values,
+    )
+
+
+def _queue(path: str, value: str) -> str:
+    queue = value.strip()
+    if not queue or len(queue.encode("utf-8")) > 255:
+        raise _error(path, "amqp", "credit_queue", "expected a queue name of 1-255 bytes")
+    return queue
+
+
+def _unknown(path: str, section: str, values: Mapping[str, str], known: tuple[str, ...]) -> list[str]:
+    return [f"file {path}, section [{section}], key {key!r}: unknown key, ignored"
+            for key in values if key not in known]
+
+
+def _unknown_sections(path: str, sections: list[str]) -> list[str]:
+    return [f"file {path}, section [{name}]: unknown section, ignored"
+            for name in sections if name not in ("server", "api", "amqp")]
