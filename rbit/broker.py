@@ -37,6 +37,7 @@ from pika import spec
 from pika.adapters.select_connection import IOLoop
 
 from rbit.config import AmqpSettings
+from rbit.errors import BrokerError, BrokerUnreachable
 from rbit.message import Message
 from rbit.topology import QueueDecl, Topology
 
@@ -159,6 +160,7 @@ class Broker:
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_lock = threading.Lock()
         self._wake_pending = False
+        self._in_drain = False
         self._ready = threading.Event()
         self._stopped = threading.Event()
         self._stopping = False
@@ -253,12 +255,14 @@ class Broker:
     def _drain(self) -> None:
         with self._wake_lock:
             self._wake_pending = False
+        self._in_drain = True
         while self._calls:
             call = self._calls.popleft()
             try:
                 call()
             except Exception:
                 log.exception("internal error in the AMQP I/O thread")
+        self._in_drain = False
         self._flush_acks()
         if self._mode == "poll":
             self._poll_next()
@@ -422,6 +426,8 @@ class Broker:
     def _ack(self, delivery: Delivery) -> None:
         if delivery.generation == self.generation and self._consume_channel is not None:
             self._done.add(delivery.tag)
+            if not self._in_drain:  # e.g. from a publish confirm: nothing else will flush
+                self._flush_acks()
         else:
             log.debug("dropping ack of stale delivery %s", delivery.tag)
 
@@ -608,3 +614,75 @@ def _confirm(on_confirm: ConfirmCallback | None, ok: bool) -> None:
             on_confirm(ok)
         except Exception:
             log.exception("error in a publish confirm callback")
+
+
+class AdminSession:
+    """A short synchronous session for command-line verbs (dead letters, sending).
+
+    Not for the worker: it blocks the calling thread on every call.
+
+    Raises:
+        BrokerUnreachable: From the constructor, when no host accepts a connection.
+    """
+
+    def __init__(self, amqp: AmqpSettings, name: str = "rbit admin") -> None:
+        errors = []
+        for index in range(len(amqp.hosts)):
+            try:
+                params = _parameters(amqp, index, name, amqp.heartbeat)
+                self._connection = pika.BlockingConnection(params)
+                break
+            except pika.exceptions.AMQPError as exc:
+                errors.append(f"{amqp.hosts[index].host}:{amqp.hosts[index].port}: {exc!r}")
+        else:
+            raise BrokerUnreachable("; ".join(errors))
+        self._channel = self._connection.channel()
+        self._channel.confirm_delivery()
+
+    def __enter__(self) -> "AdminSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close; deliveries not acked go back to their queues."""
+        if self._connection.is_open:
+            self._connection.close()
+
+    def count(self, queue: str) -> int:
+        """Ready messages in an existing queue (BrokerError if there is none)."""
+        try:
+            return self._channel.queue_declare(queue, passive=True).method.message_count
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            raise BrokerError(f"queue {queue!r}: {exc.reply_text}") from exc
+
+    def get(self, queue: str) -> Delivery | None:
+        """Take one message without acking it (None when the queue is empty)."""
+        method, props, body = self._channel.basic_get(queue, auto_ack=False)
+        if method is None:
+            return None
+        message = Message(body, queue, props.headers or {}, method.redelivered,
+                          props.message_id, props.content_type)
+        return Delivery(message, method.delivery_tag, 0, _plain_properties(props))
+
+    def ack(self, delivery: Delivery) -> None:
+        self._channel.basic_ack(delivery.tag)
+
+    def publish(self, message: Publish) -> None:
+        """Publish and wait for the broker's confirm (BrokerError if refused)."""
+        props = dict(message.properties)
+        props.update(headers=message.headers, delivery_mode=2 if message.persistent else 1)
+        if message.message_id is not None:
+            props["message_id"] = message.message_id
+        if message.content_type is not None:
+            props["content_type"] = message.content_type
+        try:
+            self._channel.basic_publish(message.exchange, message.routing_key, message.body,
+                                        spec.BasicProperties(**props), mandatory=True)
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+            raise BrokerError(f"publish to {message.routing_key!r} refused: {exc}") from exc
+
+    def purge(self, queue: str) -> int:
+        """Delete every ready message of a queue; returns how many."""
+        return self._channel.queue_purge(queue).method.message_count

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from rbit import __version__
 from rbit.config import Settings, load_config
-from rbit.errors import BrokerUnreachable, ConfigError, RbitError
+from rbit.errors import BrokerUnreachable, ConfigError, RbitError, RunnerLoadError
 
 log = logging.getLogger("rbit")
 
@@ -102,7 +102,7 @@ def run(settings: Settings, poll_time: float | None = None) -> int:
     except BrokerUnreachable as exc:
         log.error("cannot reach the broker: %s", exc)
         return ExitCode.BROKER_UNREACHABLE
-    except ConfigError as exc:
+    except (ConfigError, RunnerLoadError) as exc:
         log.error("configuration error: %s", exc)
         return ExitCode.CONFIG
     except RbitError as exc:

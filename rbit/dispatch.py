@@ -50,6 +50,7 @@ class JobPool:
         self._worker = worker
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = False
+        self._cancelled = False
         self._lock = threading.Lock()
         self._busy = 0  # deliveries taken and not yet settled (poll mode capacity)
         threads = 1 if self._batching else runner.concurrency
@@ -103,6 +104,7 @@ class JobPool:
 
     def cancel(self) -> None:
         """Stop running jobs now (children killed); their deliveries are redelivered."""
+        self._cancelled = True
         cancel = getattr(self.runner, "cancel", None)
         if cancel is not None:
             cancel()
@@ -150,6 +152,11 @@ class JobPool:
         return set_status
 
     def _settle(self, delivery: Delivery, outcome: Outcome, set_status) -> None:
+        if self._cancelled:  # cut short by a second signal: left unacked, so redelivered
+            log.warning("job %s: stopped before it ended; the broker will redeliver it",
+                        delivery.message.job_id)
+            self._settled()
+            return
         settlement = fate.decide(outcome, delivery, self.settings, worker=self._worker)
         if settlement.status is not None and (
             settlement.status is not set_status.last[0] or settlement.note

@@ -1,0 +1,134 @@
+"""``rbit dead-letters CONFIG list|replay|purge QUEUE``: look after a queue's dead letters.
+
+* ``list`` shows each dead job (id, reason, tries, worker, time, start of the body)
+  without removing it: the messages are taken unacked and handed back on close.
+* ``replay`` moves dead jobs back to the work queue with their try count reset; each
+  one is acked on ``QUEUE.dead`` only after the broker confirmed the copy, so a crash
+  in between leaves a duplicate, never a loss.
+* ``purge`` deletes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence, TextIO
+
+from rbit.broker import AdminSession, Delivery, Publish
+from rbit.config import Settings, load_config
+from rbit.errors import BrokerError, BrokerUnreachable, ConfigError
+from rbit.fate import DEAD_REASON_HEADER, DEAD_TIME_HEADER, DEAD_WORKER_HEADER
+from rbit.message import ATTEMPTS_HEADER, LAST_ERROR_HEADER
+from rbit.topology import dead_letter_queue
+
+log = logging.getLogger(__name__)
+
+#: Header counting how often a job was replayed from the dead letters.
+REPLAYED_HEADER = "x-rbit-replayed"
+_DROPPED_ON_REPLAY = (ATTEMPTS_HEADER, LAST_ERROR_HEADER, DEAD_REASON_HEADER,
+                      DEAD_TIME_HEADER, DEAD_WORKER_HEADER, "x-rbit-dead-queue", "x-death",
+                      "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
+                      "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason",
+                      "x-delivery-count")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rbit dead-letters",
+                                     description="List, replay or purge a queue's dead letters.")
+    parser.add_argument("config", help="the worker's ini file")
+    parser.add_argument("action", choices=("list", "replay", "purge"))
+    parser.add_argument("queue", help="the work queue (a [runner:QUEUE] section)")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many jobs")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run the verb; returns the exit code (see :class:`rbit.cli.ExitCode`)."""
+    from rbit.cli import ExitCode
+
+    try:
+        options = _parser().parse_args(list(argv))
+    except SystemExit as exc:
+        return int(exc.code or 0) and ExitCode.USAGE
+    try:
+        settings = load_config(options.config)
+        _check_queue(settings, options.queue)
+    except ConfigError as exc:
+        print(f"rbit: configuration error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    try:
+        with AdminSession(settings.amqp) as session:
+            verb = {"list": list_dead, "replay": replay, "purge": purge}[options.action]
+            verb(session, options.queue, options.limit, sys.stdout)
+    except BrokerUnreachable as exc:
+        print(f"rbit: cannot reach the broker: {exc}", file=sys.stderr)
+        return ExitCode.BROKER_UNREACHABLE
+    except BrokerError as exc:
+        print(f"rbit: {exc}", file=sys.stderr)
+        return ExitCode.ERROR
+    return ExitCode.OK
+
+
+def _check_queue(settings: Settings, queue: str) -> None:
+    if queue not in {runner.queue for runner in settings.runners}:
+        raise ConfigError(f"no [runner:{queue}] section", file=settings.file)
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _describe(delivery: Delivery) -> str:
+    message = delivery.message
+    headers = message.headers
+    reason = _text(headers.get(DEAD_REASON_HEADER, headers.get("x-first-death-reason", "?")))
+    body = message.body[:80].decode("utf-8", "replace").replace("\n", " ")
+    return (f"{message.job_id}\ttries={headers.get(ATTEMPTS_HEADER, '?')}\t"
+            f"worker={_text(headers.get(DEAD_WORKER_HEADER, '?'))}\t"
+            f"time={_text(headers.get(DEAD_TIME_HEADER, '?'))}\n"
+            f"    reason: {reason.splitlines()[0] if reason else ''}\n    body: {body}")
+
+
+def _take(session: AdminSession, queue: str, limit: int | None):
+    taken = 0
+    while limit is None or taken < limit:
+        delivery = session.get(dead_letter_queue(queue))
+        if delivery is None:
+            return
+        taken += 1
+        yield delivery
+
+
+def list_dead(session: AdminSession, queue: str, limit: int | None, out: TextIO) -> int:
+    """Print the dead letters of ``queue``; they stay where they are."""
+    count = 0
+    for delivery in _take(session, queue, limit):
+        print(_describe(delivery), file=out)
+        count += 1
+    print(f"{count} dead job(s) in {dead_letter_queue(queue)}", file=out)
+    return count
+
+
+def replay(session: AdminSession, queue: str, limit: int | None, out: TextIO) -> int:
+    """Move dead letters back to the work queue, try count reset."""
+    count = 0
+    for delivery in _take(session, queue, limit):
+        headers = {k: v for k, v in delivery.message.headers.items()
+                   if k not in _DROPPED_ON_REPLAY}
+        headers[REPLAYED_HEADER] = int(delivery.message.headers.get(REPLAYED_HEADER, 0)) + 1
+        session.publish(Publish("", queue, delivery.message.body, headers=headers,
+                                properties=delivery.properties))
+        session.ack(delivery)
+        count += 1
+    print(f"replayed {count} job(s) to {queue}", file=out)
+    return count
+
+
+def purge(session: AdminSession, queue: str, limit: int | None, out: TextIO) -> int:
+    """Delete the dead letters of ``queue`` (``limit`` is not supported here)."""
+    if limit is not None:
+        raise BrokerError("purge deletes every dead letter; --limit does not apply")
+    count = session.purge(dead_letter_queue(queue))
+    print(f"purged {count} job(s) from {dead_letter_queue(queue)}", file=out)
+    return count
