@@ -58,8 +58,9 @@ import re
 import threading
 import time
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from rbit.credit.events import COMMANDS, CreditEvent
 from rbit.errors import ConfigError, DecodeError
@@ -115,7 +116,7 @@ class CreditSettings:
         return self.api_url.rstrip("/") + "/batch/bulk"
 
     @classmethod
-    def from_mapping(cls, settings: Mapping[str, str]) -> "CreditSettings":
+    def from_mapping(cls, settings: Mapping[str, str]) -> CreditSettings:
         """Build from a runner section's keys.
 
         Raises:
@@ -150,7 +151,9 @@ def _canonical_keys(settings: Mapping[str, str]) -> dict[str, Any]:
     for key, value in settings.items():
         name = _ALIASES.get(key, key)
         if name in values and value != values[name]:
-            raise ConfigError(f"given twice (as {key!r} and its alias) with different values", key=name)
+            raise ConfigError(
+                f"given twice (as {key!r} and its alias) with different values", key=name
+            )
         values[name] = value
     known = set(_NUMBERS) | {"api_url", "api_key", "api_secret", "seen_ids_file"}
     for key in sorted(set(values) - known):
@@ -189,7 +192,9 @@ def sign(body: bytes, api_key: str, api_secret: str) -> str:
     return f"sha-256,{api_key},{digest}"
 
 
-def http_post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> tuple[int, bytes]:
+def http_post(
+    url: str, body: bytes, headers: Mapping[str, str], timeout: float
+) -> tuple[int, bytes]:
     """POST ``body`` to ``url`` on a fresh connection; ``(status, reply body)``.
 
     Raises:
@@ -197,7 +202,9 @@ def http_post(url: str, body: bytes, headers: Mapping[str, str], timeout: float)
         http.client.HTTPException: The reply was not valid HTTP.
     """
     parts = urllib.parse.urlsplit(url)
-    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection_class = (
+        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    )
     connection = connection_class(parts.hostname, parts.port, timeout=timeout)
     try:
         path = parts.path + (f"?{parts.query}" if parts.query else "")
@@ -227,7 +234,9 @@ def _judge(status: int, payload: bytes) -> _Verdict:
     if status == 200:
         if isinstance(doc, dict) and doc.get("result") == "ok":
             errors = doc.get("errors") or []
-            return _Verdict("accepted", errors=tuple(errors if isinstance(errors, list) else [errors]))
+            return _Verdict(
+                "accepted", errors=tuple(errors if isinstance(errors, list) else [errors])
+            )
         return _Verdict("transient", f"HTTP 200 without result ok: {text!r}")
     detail = f"HTTP {status}: {message or text or 'no message'}"
     if 400 <= status < 500 and status not in (408, 429):
@@ -307,12 +316,16 @@ def map_errors(entries: list[_Entry], errors: tuple[Any, ...]) -> tuple[dict[int
             and (command is None or entry.event.command == command)
             and (slot is None or entry.event.args.get("slot") == slot)
         ]
-        targets = {(entries[i].event.command, entries[i].event.args.get("slot")) for i in candidates}
+        targets = {
+            (entries[i].event.command, entries[i].event.args.get("slot")) for i in candidates
+        }
         if len(targets) != 1:
             unmatched.append(_error_text(error))
             continue
         target = candidates[-1]
-        rejected[target] = f"credit server rejected {entries[target].event.command}: {_error_text(error)}"
+        rejected[target] = (
+            f"credit server rejected {entries[target].event.command}: {_error_text(error)}"
+        )
     return rejected, unmatched
 
 
@@ -368,14 +381,16 @@ class CreditRunner:
     ) -> None:
         self.settings = CreditSettings.from_mapping(settings)
         try:
-            self._seen = seen_store.SeenIds(self.settings.seen_ids_file, keep_days=self.settings.seen_ids_keep_days)
+            self._seen = seen_store.SeenIds(
+                self.settings.seen_ids_file, keep_days=self.settings.seen_ids_keep_days
+            )
         except seen_store.SeenStoreError as exc:
             raise ConfigError(str(exc), key="seen_ids_file") from exc
         self._status_factory = status_factory
         self._clock = clock
         self._sleep = sleep
         self._http = http or http_post
-        self._random = random.Random()
+        self._random = random.Random()  # noqa: S311 (jitter, not cryptography)
         self._cond = threading.Condition()
         self._pending: list[_Entry] = []
         self._by_id: dict[str, _Entry] = {}  # pending and in flight
@@ -419,11 +434,16 @@ class CreditRunner:
             self._cond.notify_all()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            logger.warning("credit runner: flush thread still busy after %.1f s; leaving it", timeout)
+            logger.warning(
+                "credit runner: flush thread still busy after %.1f s; leaving it", timeout
+            )
             return
         unsent = len(self._by_id)
         if unsent:
-            logger.info("credit runner: %d credit events left unsent at shutdown; they will be redelivered", unsent)
+            logger.info(
+                "credit runner: %d credit events left unsent at shutdown; they will be redelivered",
+                unsent,
+            )
         self._seen.close()
 
     # -- queueing ----------------------------------------------------------------------
@@ -531,7 +551,9 @@ class CreditRunner:
         try:
             status, payload = self._http(self.settings.bulk_url, body, headers, timeout)
         except (OSError, http.client.HTTPException) as exc:
-            return _Verdict("transient", f"cannot reach {self.settings.bulk_url}: {exc or type(exc).__name__}")
+            return _Verdict(
+                "transient", f"cannot reach {self.settings.bulk_url}: {exc or type(exc).__name__}"
+            )
         except Exception as exc:  # keep the batch whatever the transport does
             logger.exception("credit runner: unexpected error sending %s", batch.batch_id)
             return _Verdict("transient", f"unexpected error: {exc!r}")
@@ -539,7 +561,9 @@ class CreditRunner:
 
     def _transient(self, batch: _Batch, reason: str, failures: int) -> float:
         delay = self._backoff(_FIRST_RETRY, self.settings.retry_max_delay, failures)
-        logger.warning("credit runner: %s failed, retrying in %.0f s: %s", batch.batch_id, delay, reason)
+        logger.warning(
+            "credit runner: %s failed, retrying in %.0f s: %s", batch.batch_id, delay, reason
+        )
         _report(batch, "Building", f"retrying in {delay:.0f} s ({reason})")
         return delay
 
@@ -580,7 +604,10 @@ class CreditRunner:
         rejected, unmatched = map_errors(batch.entries, errors)
         accepted = [e for i, e in enumerate(batch.entries) if i not in rejected]
         self._remember(batch, accepted)
-        outcomes = [Outcome.rejected(rejected[i]) if i in rejected else None for i in range(len(batch.entries))]
+        outcomes = [
+            Outcome.rejected(rejected[i]) if i in rejected else None
+            for i in range(len(batch.entries))
+        ]
         done = Outcome.done(f"accepted by the credit server in {batch.batch_id}")
         with self._cond:
             for entry in batch.entries:
@@ -600,14 +627,22 @@ class CreditRunner:
             # them back would get them redelivered and counted again.
             logger.error("credit runner: %s; %s accepted but not remembered", exc, batch.batch_id)
 
-    def _report_accepted(self, batch: _Batch, rejected: dict[int, str], unmatched: list[str]) -> None:
+    def _report_accepted(
+        self, batch: _Batch, rejected: dict[int, str], unmatched: list[str]
+    ) -> None:
         for i, reason in sorted(rejected.items()):
-            logger.warning("credit runner: %s event %s: %s", batch.batch_id, batch.entries[i].event.id, reason)
+            logger.warning(
+                "credit runner: %s event %s: %s", batch.batch_id, batch.entries[i].event.id, reason
+            )
         for text in unmatched:
-            logger.warning("credit runner: %s: server error not tied to one event: %s", batch.batch_id, text)
+            logger.warning(
+                "credit runner: %s: server error not tied to one event: %s", batch.batch_id, text
+            )
         message = f"accepted {len(batch.entries) - len(rejected)} events"
         if rejected:
-            message += f"; {len(rejected)} rejected: " + "; ".join(rejected[i] for i in sorted(rejected))
+            message += f"; {len(rejected)} rejected: " + "; ".join(
+                rejected[i] for i in sorted(rejected)
+            )
         if unmatched:
             message += "; server errors: " + "; ".join(unmatched)
         _report(batch, "Done", message)

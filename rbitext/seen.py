@@ -16,7 +16,8 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Callable, Iterable
+from collections.abc import Iterable
+from typing import Callable
 
 from rbit.errors import RbitError
 
@@ -31,7 +32,9 @@ class SeenStoreError(RbitError):
 
 def default_path() -> str:
     """``$XDG_STATE_HOME/rbit/credit-seen.sqlite3`` (``~/.local/state`` by default)."""
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
     return os.path.join(state, "rbit", "credit-seen.sqlite3")
 
 
@@ -49,7 +52,9 @@ class SeenIds:
         SeenStoreError: The file cannot be created or opened.
     """
 
-    def __init__(self, path: str, *, keep_days: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: str, *, keep_days: float = 30.0, clock: Callable[[], float] = time.time
+    ) -> None:
         self.path = path
         self._clock = clock
         self._lock = threading.Lock()
@@ -66,7 +71,9 @@ class SeenIds:
     def __contains__(self, event_id: object) -> bool:
         with self._lock:
             try:
-                row = self._db.execute("SELECT 1 FROM accepted WHERE id = ?", (event_id,)).fetchone()
+                row = self._db.execute(
+                    "SELECT 1 FROM accepted WHERE id = ?", (event_id,)
+                ).fetchone()
             except sqlite3.Error as exc:
                 raise SeenStoreError(f"cannot read seen-ids store {self.path}: {exc}") from exc
         return row is not None
@@ -86,7 +93,9 @@ class SeenIds:
         with self._lock:
             try:
                 with _transaction(self._db):
-                    self._db.executemany("INSERT OR IGNORE INTO accepted (id, at) VALUES (?, ?)", rows)
+                    self._db.executemany(
+                        "INSERT OR IGNORE INTO accepted (id, at) VALUES (?, ?)", rows
+                    )
             except sqlite3.Error as exc:
                 raise SeenStoreError(f"cannot write seen-ids store {self.path}: {exc}") from exc
 
@@ -100,7 +109,12 @@ class SeenIds:
             except sqlite3.Error as exc:
                 raise SeenStoreError(f"cannot prune seen-ids store {self.path}: {exc}") from exc
         if gone:
-            logger.info("pruned %d accepted credit event ids older than %s days from %s", gone, keep_days, self.path)
+            logger.info(
+                "pruned %d accepted credit event ids older than %s days from %s",
+                gone,
+                keep_days,
+                self.path,
+            )
         return gone
 
     def close(self) -> None:

@@ -81,7 +81,9 @@ class Ledger:
             raise ApiError("Missing 'slot' argument")
         slot = self.slots.get(args["slot"])
         if slot is None:
-            raise ApiError(f"{doing} non-existing slot: '{args['slot']}' for project: '{self.project}'")
+            raise ApiError(
+                f"{doing} non-existing slot: '{args['slot']}' for project: '{self.project}'"
+            )
         return slot
 
     def alloc(self, args: dict[str, Any]) -> None:
@@ -153,12 +155,14 @@ class FakeCreditPiggy:
         """The ``api_url`` to configure (the bulk endpoint is ``{url}/batch/bulk``)."""
         return f"http://127.0.0.1:{self.port}/api/json"
 
-    def start(self) -> "FakeCreditPiggy":
+    def start(self) -> FakeCreditPiggy:
         handler = type("Handler", (_Handler,), {"app": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-creditpiggy", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="fake-creditpiggy", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -168,7 +172,7 @@ class FakeCreditPiggy:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "FakeCreditPiggy":
+    def __enter__(self) -> FakeCreditPiggy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -90,7 +90,9 @@ def recorder() -> Recorder:
 
 
 @pytest.fixture
-def make_runner(server: FakeCreditPiggy, recorder: Recorder, tmp_path) -> Iterator[Callable[..., CreditRunner]]:
+def make_runner(
+    server: FakeCreditPiggy, recorder: Recorder, tmp_path
+) -> Iterator[Callable[..., CreditRunner]]:
     runners: list[CreditRunner] = []
 
     def make(clock: Any = time.monotonic, sleep: Any = None, **overrides: Any) -> CreditRunner:
@@ -174,7 +176,9 @@ def test_requests_never_exceed_max_requests_per_second(server, recorder, make_ru
     assert min(gaps) >= 0.09  # 0.1 s spacing, minus timer slack
 
 
-def test_body_groups_events_by_command_and_is_signed_as_creditpiggy_expects(server, recorder, make_runner):
+def test_body_groups_events_by_command_and_is_signed_as_creditpiggy_expects(
+    server, recorder, make_runner
+):
     runner = make_runner(batch_size=5)
     evs = [
         event("claim", slot="j1", machine="m1"),
@@ -198,7 +202,10 @@ def test_body_groups_events_by_command_and_is_signed_as_creditpiggy_expects(serv
     assert server.ledger.claims == [("j1", "m1", 10)]
     assert server.ledger.slots["j2"].discarded == "lost"
     assert {recorder.outcomes[ev.id][0].kind for ev in evs} == {Kind.DONE}
-    assert any("sending 5 events (alloc 2, counters 1, discard 1, claim 1)" in m for m in recorder.with_status("Building"))
+    assert any(
+        "sending 5 events (alloc 2, counters 1, discard 1, claim 1)" in m
+        for m in recorder.with_status("Building")
+    )
     assert recorder.with_status("Done") == ["accepted 5 events"]
 
 
@@ -215,9 +222,16 @@ def blocking_sleep(clock: FakeClock, calls: int, release: threading.Event, sleep
     return sleep
 
 
-def test_wrong_secret_fails_the_batch_keeps_events_and_backs_off(server, recorder, make_runner, caplog):
+def test_wrong_secret_fails_the_batch_keeps_events_and_backs_off(
+    server, recorder, make_runner, caplog
+):
     clock, release, sleeps = FakeClock(), threading.Event(), []
-    runner = make_runner(clock=clock, sleep=blocking_sleep(clock, 3, release, sleeps), api_secret="wrong", batch_size=2)
+    runner = make_runner(
+        clock=clock,
+        sleep=blocking_sleep(clock, 3, release, sleeps),
+        api_secret="wrong",  # noqa: S106 (a deliberately wrong test secret)
+        batch_size=2,
+    )
     caplog.set_level(logging.ERROR, logger="rbitext.creditpiggy")
     for i in range(2):
         submit(runner, recorder, event("meta", slot=f"s{i}"))
@@ -229,16 +243,21 @@ def test_wrong_secret_fails_the_batch_keeps_events_and_backs_off(server, recorde
     assert recorder.outcomes == {}  # kept for redelivery, not settled
     assert all(s >= 22.5 for s in sleeps)  # long waits (first step 30 s, jittered)
     failed = recorder.with_status("Failed")
-    assert len(failed) == 3 and "HTTP 401" in failed[0]
+    assert len(failed) == 3
+    assert "HTTP 401" in failed[0]
     assert "You are not authorized" in failed[0]
     logged = caplog.text
-    assert server.url in logged and KEY in logged and "wrong" not in logged
+    assert server.url in logged
+    assert KEY in logged
+    assert "wrong" not in logged
     release.set()
 
 
 def test_malformed_authorization_header_is_a_configuration_fault(server, recorder, make_runner):
     clock, release, sleeps = FakeClock(), threading.Event(), []
-    runner = make_runner(clock=clock, sleep=blocking_sleep(clock, 1, release, sleeps), api_key="a,b", batch_size=1)
+    runner = make_runner(
+        clock=clock, sleep=blocking_sleep(clock, 1, release, sleeps), api_key="a,b", batch_size=1
+    )
     submit(runner, recorder, event("meta", slot="s"))
 
     assert recorder.wait(lambda: len(sleeps) == 1)
@@ -253,7 +272,11 @@ def test_malformed_authorization_header_is_a_configuration_fault(server, recorde
 
 def test_per_item_errors_reject_exactly_those_events(server, recorder, make_runner, caplog):
     runner = make_runner(batch_size=5)
-    good = [event("alloc", slot="ok", credits=3), event("claim", slot="ok", machine="m"), event("meta", slot="ok", x="1")]
+    good = [
+        event("alloc", slot="ok", credits=3),
+        event("claim", slot="ok", machine="m"),
+        event("meta", slot="ok", x="1"),
+    ]
     bad_claim = event("claim", slot="never-allocated", machine="m")
     bad_counters = event("counters", slot="ghost", hits=1)
     for ev in [*good, bad_claim, bad_counters]:
@@ -261,16 +284,23 @@ def test_per_item_errors_reject_exactly_those_events(server, recorder, make_runn
 
     assert recorder.wait(lambda: recorder.settled() == 5)
     assert all(recorder.outcomes[ev.id][0].kind is Kind.DONE for ev in good)
-    claim_outcome, counters_outcome = recorder.outcomes[bad_claim.id][0], recorder.outcomes[bad_counters.id][0]
+    claim_outcome, counters_outcome = (
+        recorder.outcomes[bad_claim.id][0],
+        recorder.outcomes[bad_counters.id][0],
+    )
     assert claim_outcome.kind is counters_outcome.kind is Kind.REJECTED
-    assert "never-allocated" in claim_outcome.reason and "code 500" in claim_outcome.reason
+    assert "never-allocated" in claim_outcome.reason
+    assert "code 500" in claim_outcome.reason
     assert "ghost" in counters_outcome.reason
     done = recorder.with_status("Done")[0]
     assert done.startswith("accepted 3 events; 2 rejected")
-    assert "never-allocated" in caplog.text and "ghost" in caplog.text
+    assert "never-allocated" in caplog.text
+    assert "ghost" in caplog.text
 
 
-def test_server_error_not_tied_to_one_event_is_reported_and_events_settled_done(server, recorder, make_runner):
+def test_server_error_not_tied_to_one_event_is_reported_and_events_settled_done(
+    server, recorder, make_runner
+):
     runner = make_runner(batch_size=1)
     submit(runner, recorder, event("alloc", slot="taken"))
     assert recorder.wait(lambda: recorder.settled() == 1)
@@ -293,7 +323,8 @@ def test_error_for_repeated_claim_of_a_slot_goes_to_the_later_claim():
 
     rejected, unmatched = map_errors(entries, errors)
 
-    assert list(rejected) == [1] and unmatched == []
+    assert list(rejected) == [1]
+    assert unmatched == []
 
 
 # -- outages -----------------------------------------------------------------------------
@@ -308,12 +339,16 @@ def test_server_down_for_a_while_delivers_every_event_exactly_once(server, recor
     server.stop()
     for ev in evs:
         submit(runner, recorder, ev)
-    assert recorder.wait(lambda: len([m for m in recorder.with_status("Building") if "retrying" in m]) >= 2)
+    assert recorder.wait(
+        lambda: len([m for m in recorder.with_status("Building") if "retrying" in m]) >= 2
+    )
     assert recorder.settled() == 1
     server.start()  # same port
 
     assert recorder.wait(lambda: recorder.settled() == 13)
-    assert all(recorder.outcomes[ev.id] == [Outcome.done(recorder.outcomes[ev.id][0].reason)] for ev in evs)
+    assert all(
+        recorder.outcomes[ev.id] == [Outcome.done(recorder.outcomes[ev.id][0].reason)] for ev in evs
+    )
     assert all(server.times_applied("counters", dict(ev.args)) == 1 for ev in evs)
     assert server.ledger.slots["job"].counters == {f"c{i}": 1 for i in range(12)}
 
@@ -348,7 +383,9 @@ def test_redelivered_accepted_event_is_done_without_sending(server, recorder, ma
     assert len(server.requests) == 2
 
 
-def test_redelivery_of_a_pending_event_shares_its_outcome_and_is_sent_once(server, recorder, make_runner):
+def test_redelivery_of_a_pending_event_shares_its_outcome_and_is_sent_once(
+    server, recorder, make_runner
+):
     runner = make_runner(batch_size=2)
     ev, other = event("meta", slot="s", k="1"), event("meta", slot="t", k="2")
     submit(runner, recorder, ev)
@@ -362,7 +399,9 @@ def test_redelivery_of_a_pending_event_shares_its_outcome_and_is_sent_once(serve
 
 def test_undecodable_body_is_rejected_at_once(recorder, make_runner):
     runner = make_runner()
-    runner.submit(Message(body=b"{not json", queue="credits"), lambda s, m="": None, recorder.settle_for("x"))
+    runner.submit(
+        Message(body=b"{not json", queue="credits"), lambda s, m="": None, recorder.settle_for("x")
+    )
 
     assert recorder.outcomes["x"][0].kind is Kind.REJECTED
 
@@ -378,7 +417,8 @@ def test_close_flushes_pending_events(server, recorder, make_runner):
 
     runner.close(5.0)
 
-    assert recorder.settled() == 3 and len(server.requests) == 1
+    assert recorder.settled() == 3
+    assert len(server.requests) == 1
 
 
 def test_close_with_server_down_leaves_events_unsettled(server, recorder, make_runner):
@@ -413,8 +453,14 @@ def test_creditpiggy_daemon_aliases_are_accepted():
         ({"api_url": "http://h", "api_secret": "s"}, "api_key"),
         ({"api_url": "http://h", "api_key": "k"}, "api_secret"),
         ({"api_url": "ftp://h", "api_key": "k", "api_secret": "s"}, "api_url"),
-        ({"api_url": "http://h", "api_key": "k", "api_secret": "s", "batch_size": "many"}, "batch_size"),
-        ({"api_url": "http://h", "api_key": "k", "api_secret": "s", "flush_interval": "-1"}, "flush_interval"),
+        (
+            {"api_url": "http://h", "api_key": "k", "api_secret": "s", "batch_size": "many"},
+            "batch_size",
+        ),
+        (
+            {"api_url": "http://h", "api_key": "k", "api_secret": "s", "flush_interval": "-1"},
+            "flush_interval",
+        ),
     ],
 )
 def test_missing_or_invalid_setting_is_a_config_error_naming_the_key(settings, key):
@@ -440,17 +486,23 @@ def test_seen_store_is_private_durable_and_pruned(tmp_path):
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     now[0] += 25 * 86400  # "old" is 35 days old, "recent" 25
     reopened = SeenIds(str(path), keep_days=30, clock=lambda: now[0])
-    assert "old" not in reopened and "recent" in reopened and len(reopened) == 1
+    assert "old" not in reopened
+    assert "recent" in reopened
+    assert len(reopened) == 1
     reopened.close()
 
 
 def test_seen_store_is_safe_across_threads(tmp_path):
     store = SeenIds(str(tmp_path / "seen.sqlite3"))
-    threads = [threading.Thread(target=store.add_many, args=([f"{t}-{i}" for i in range(50)],)) for t in range(8)]
+    threads = [
+        threading.Thread(target=store.add_many, args=([f"{t}-{i}" for i in range(50)],))
+        for t in range(8)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(WAIT)
 
-    assert len(store) == 400 and "7-49" in store
+    assert len(store) == 400
+    assert "7-49" in store
     store.close()
