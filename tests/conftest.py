@@ -8,7 +8,10 @@ HttpServer, Response``.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from httpserver import HttpServer
@@ -20,7 +23,7 @@ def _in_ci() -> bool:
 
 
 @pytest.fixture(scope="session")
-def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode | ExternalBroker]:
+def rabbit() -> Iterator[RabbitNode | ExternalBroker]:
     """The session's RabbitMQ node, started once on free loopback ports.
 
     Without a ``rabbitmq-server`` binary the fixture fails, except outside CI when
@@ -37,15 +40,19 @@ def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode | Ex
             + ("" if _in_ci() else "; or set RBIT_TEST_AMQP_URL to use a running broker"),
             pytrace=False,
         )
-    node = RabbitNode(tmp_path_factory.mktemp("rabbit"))
+    # Not under pytest's basetemp: concurrent test runs prune each other's old basetemps.
+    base = Path(tempfile.mkdtemp(prefix="rbit-rabbit-"))
+    node = RabbitNode(base)
     try:
         node.start()
     except RabbitUnavailable as exc:
-        pytest.fail("could not start a private RabbitMQ node: %s" % exc, pytrace=False)
+        pytest.fail("could not start a private RabbitMQ node (files kept in %s): %s"
+                    % (base, exc), pytrace=False)
     try:
         yield node
     finally:
         node.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -89,10 +89,19 @@ class RabbitNode:
         base_dir: Directory for data, logs, config and the fake HOME (created).
         name: Erlang node name; default ``rbit-test-<pid>@localhost``.
         port: AMQP port on 127.0.0.1; default a free one.
+        watch_pid: The node halts itself once this process is gone (default: the
+            current process; 0 = never), so a killed test run leaves no broker behind.
     """
 
-    def __init__(self, base_dir: Path, name: str | None = None, port: int | None = None):
+    def __init__(
+        self,
+        base_dir: Path,
+        name: str | None = None,
+        port: int | None = None,
+        watch_pid: int | None = None,
+    ):
         self.base_dir = Path(base_dir).resolve()
+        self.watch_pid = os.getpid() if watch_pid is None else watch_pid
         self.nodename = name or "rbit-test-%d@localhost" % os.getpid()
         self.port = port or free_port()
         # rabbitmqctl picks its own ports at dist_port + 10000; keep them in range.
@@ -126,11 +135,14 @@ class RabbitNode:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                cwd=self.base_dir,  # where Erlang and Mnesia write crash dumps
                 start_new_session=True,  # so stop() can signal the whole group
             )
         finally:
             out.close()
         self._await_startup(timeout)
+        if self.watch_pid:
+            self._start_watchdog(self.watch_pid)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the node: ``rabbitmqctl stop``, then SIGKILL if it lingers."""
@@ -172,6 +184,7 @@ class RabbitNode:
             # An empty file: ignore /etc/rabbitmq/rabbitmq-env.conf of the machine.
             RABBITMQ_CONF_ENV_FILE=str(self.base_dir / "rabbitmq-env.conf"),
             RABBITMQ_ADVANCED_CONFIG_FILE=str(self.base_dir / "advanced.config"),
+            ERL_CRASH_DUMP=str(self.base_dir / "erl_crash.dump"),
         )
         return env
 
@@ -207,6 +220,17 @@ class RabbitNode:
             if result.returncode == 0:
                 return
             time.sleep(0.5)  # the node is not even reachable yet; ctl failed fast
+
+    def _start_watchdog(self, pid: int) -> None:
+        # Runs inside the node: a test run killed by SIGKILL or a timeout cannot stop its
+        # node, so the node checks every second that its owner still exists.
+        code = (
+            'P = "/proc/%d", '
+            "W = fun Loop() -> timer:sleep(1000), "
+            "case filelib:is_dir(P) of true -> Loop(); false -> erlang:halt(0) end end, "
+            "spawn(W), ok." % pid
+        )
+        self.ctl("eval", code)
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the server's stdout and log files, for error messages."""
