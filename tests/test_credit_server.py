@@ -10,8 +10,11 @@ import asyncio
 import json
 import os
 import queue
+import signal
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,8 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from rbit.credit.protocol import MAX_LINE_BYTES
+from rbit.config import HostAddress
+from rbit.credit import daemon
+from rbit.credit.client import DaemonUnavailable, send
+from rbit.credit.protocol import MAX_LINE_BYTES, ProtocolError
 from rbit.credit.server import CreditServer, Limits, ServerError
+from rbit.credit.settings import load_credit_config
+from rbit.errors import ConfigError
 
 TIMEOUT = 10.0
 
@@ -306,7 +314,7 @@ def test_stop_lets_lines_in_flight_get_their_replies(publisher, socket_path) -> 
         assert not stopping.is_alive()
     finally:
         sock.close()
-    with pytest.raises(OSError):
+    with pytest.raises((FileNotFoundError, ConnectionRefusedError)):
         connect(socket_path)
 
 
@@ -320,3 +328,258 @@ def test_tcp_listener_serves_the_same_protocol(publisher) -> None:
         assert publisher.published[0]["args"] == {"slot": "a", "cpu/seconds": 12}
     finally:
         thread.stop()
+
+
+# ---------------------------------------------------------------------------------------
+# Config, pid file and the rbit-credit command (real processes)
+
+REPO = Path(__file__).resolve().parent.parent
+
+OLD_DAEMON_CONFIG = """\
+# The old daemon's config, as a site has it
+[api]
+api_url=http://credits.example/api
+project_id=d6db27eb65704bb6acb3b83ceaf95e40
+project_auth=561c18dedd604057
+flush_interval=7
+
+[server]
+pidfile={pidfile}
+loglevel=20
+logfile={logfile}
+socket=unix
+bind={socket}
+"""
+
+
+def write_config(directory: Path, amqp: str, *, extra_server: str = "") -> Path:
+    path = directory / "credit.conf"
+    path.write_text(
+        OLD_DAEMON_CONFIG.format(
+            pidfile=directory / "credit.pid",
+            logfile=directory / "credit.log",
+            socket=directory / "credit.socket",
+        )
+        + extra_server
+        + "\n[amqp]\n"
+        + amqp
+    )
+    return path
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    path = Path(f"/tmp/rbit-cd-{os.getpid()}-{time.monotonic_ns() % 10**9}")
+    path.mkdir()
+    yield path
+    for child in sorted(path.rglob("*"), reverse=True):
+        child.unlink() if not child.is_dir() else child.rmdir()
+    path.rmdir()
+
+
+def test_old_daemon_config_loads_with_an_amqp_section(short_dir: Path) -> None:
+    path = write_config(short_dir, "url = amqp://u:p@rabbit.example:5673/v\ncredit_queue = q.c\n")
+    settings = load_credit_config(str(path), environ={})
+    assert settings.unix_path == str(short_dir / "credit.socket")
+    assert settings.pidfile == str(short_dir / "credit.pid")
+    assert (settings.loglevel, settings.logfile) == (20, str(short_dir / "credit.log"))
+    assert settings.api.api_key == "d6db27eb65704bb6acb3b83ceaf95e40"
+    assert settings.api.api_secret == "561c18dedd604057"  # noqa: S105
+    assert settings.api.flush_interval == 7.0
+    assert settings.amqp.hosts == (HostAddress("rabbit.example", 5673),)
+    assert settings.amqp.virtual_host == "v"
+    assert settings.credit_queue == "q.c"
+    assert "561c18dedd604057" not in repr(settings)
+
+
+def test_defaults_and_tcp_bind(tmp_path: Path) -> None:
+    path = tmp_path / "c.conf"
+    path.write_text("[amqp]\nhost = localhost\n")
+    settings = load_credit_config(str(path), environ={})
+    assert (settings.socket, settings.unix_path) == ("unix", "/run/rbit/credit.socket")
+    assert settings.pidfile == "/run/rbit/credit.pid"
+    assert settings.credit_queue == "rbit.credits"
+    path.write_text("[server]\nsocket = TCP\nbind = [::1]:9999\n[amqp]\nhost = localhost\n")
+    settings = load_credit_config(str(path), environ={})
+    assert (settings.socket, settings.host, settings.port) == ("tcp", "::1", 9999)
+
+
+@pytest.mark.parametrize(
+    ("text", "section", "key"),
+    [
+        ("[server]\nsocket = udp\n[amqp]\n", "server", "socket"),
+        ("[server]\nsocket = tcp\nbind = nowhere\n[amqp]\n", "server", "bind"),
+        ("[server]\nloglevel = chatty\n[amqp]\n", "server", "loglevel"),
+        ("[api]\nflush_interval = soon\n[amqp]\n", "api", "flush_interval"),
+        ("[api]\napi_key = a\nproject_id = b\n[amqp]\n", "api", "project_id"),
+        ("[amqp]\nport = many\n", "amqp", "port"),
+        ("[amqp]\ncredit_queue =\n", "amqp", "credit_queue"),
+        ("[server]\n", "amqp", ""),
+    ],
+)
+def test_config_errors_name_file_section_and_key(tmp_path: Path, text, section, key) -> None:
+    path = tmp_path / "c.conf"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_credit_config(str(path), environ={})
+    assert (caught.value.file, caught.value.section, caught.value.key) == (str(path), section, key)
+
+
+def test_pidfile_is_written_atomically_and_readable_by_all(tmp_path: Path) -> None:
+    path = str(tmp_path / "run" / "credit.pid")
+    daemon.write_pidfile(path, 4242)
+    assert Path(path).read_text() == "4242\n"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    assert os.listdir(tmp_path / "run") == ["credit.pid"]
+
+
+def test_a_dead_pid_is_stale_and_stop_removes_it(tmp_path: Path) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    path = str(tmp_path / "credit.pid")
+    daemon.write_pidfile(path, int(gone.stdout))
+    assert daemon.running_pid(path) is None
+    assert daemon.stop_daemon(path) is None
+    assert not os.path.exists(path)
+
+
+def test_a_live_unrelated_process_is_not_taken_for_the_daemon(tmp_path: Path) -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        path = str(tmp_path / "credit.pid")
+        daemon.write_pidfile(path, sleeper.pid)
+        assert daemon.running_pid(path) is None  # a reused pid is never signalled
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def cli(config: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rbit.credit.cli", "--config", str(config), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def test_status_without_a_daemon_is_3_and_with_a_stale_pid_file_1(short_dir: Path) -> None:
+    config = write_config(short_dir, "host = 127.0.0.1\n")
+    assert cli(config, "status").returncode == 3
+    (short_dir / "credit.pid").write_text("999999999\n")
+    assert cli(config, "status").returncode == 1
+    assert cli(config, "stop").returncode == 0  # stopping a stopped daemon is fine
+
+
+def test_run_exits_7_when_rabbitmq_is_unreachable(short_dir: Path) -> None:
+    config = write_config(short_dir, f"host = 127.0.0.1:{free_tcp_port()}\nconnect_timeout = 1\n")
+    done = cli(config, "run")
+    assert done.returncode == 7, done.stderr
+    assert not (short_dir / "credit.pid").exists()
+
+
+def test_send_verb_refuses_a_malformed_line_without_a_broker(short_dir: Path) -> None:
+    config = write_config(short_dir, "host = 127.0.0.1\n")
+    done = cli(config, "send", "ALLOC,credits=3")
+    assert (done.returncode, done.stdout) == (1, "ER missing argument 'slot'\n")
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def drain_queue(url: str, queue_name: str) -> list[tuple[dict, object]]:
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        messages = []
+        while True:
+            method, props, body = channel.basic_get(queue_name, auto_ack=True)
+            if method is None:
+                return messages
+            messages.append((json.loads(body), props))
+    finally:
+        connection.close()
+
+
+def test_run_serves_until_sigterm_and_status_follows(rabbit, vhost, short_dir: Path) -> None:
+    config = write_config(short_dir, f"url = {rabbit.url(vhost)}\n")
+    sock_path = str(short_dir / "credit.socket")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rbit.credit.cli", "--config", str(config), "run"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert wait_for(lambda: os.path.exists(sock_path) and cli(config, "status").returncode == 0)
+        assert stat.S_IMODE(os.stat(sock_path).st_mode) & 0o117 == 0
+        send("ALLOC,slot=job42,credits=10", socket_path=sock_path)
+        with pytest.raises(ProtocolError, match="unknown argument 'colour'"):
+            send("ALLOC,slot=job43,colour=red", socket_path=sock_path)
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda i: send(f"CLAIM,slot=s{i},machine=m", socket_path=sock_path),
+                          range(64)))
+        assert cli(config, "stop").returncode == 0
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert cli(config, "status").returncode == 3
+    assert not os.path.exists(sock_path)
+    messages = drain_queue(rabbit.url(vhost), "rbit.credits")
+    events = [event for event, _ in messages]
+    assert events[0]["args"] == {"slot": "job42", "credits": 10}
+    assert sorted(e["args"]["slot"] for e in events[1:]) == sorted(f"s{i}" for i in range(64))
+    for event, props in messages:
+        assert props.message_id == event["id"]
+        assert props.content_type == "application/json"
+        assert props.delivery_mode == 2
+
+
+def test_start_daemonizes_refuses_a_second_start_and_stop_stops_it(
+    rabbit, vhost, short_dir: Path
+) -> None:
+    config = write_config(short_dir, f"url = {rabbit.url(vhost)}\n")
+    sock_path = str(short_dir / "credit.socket")
+    started = cli(config, "start")
+    try:
+        assert started.returncode == 0, started.stderr
+        pid = daemon.read_pid(str(short_dir / "credit.pid"))
+        assert pid is not None
+        assert daemon.pid_alive(pid)
+        assert os.getsid(pid) != os.getsid(0)  # detached into a session of its own
+        send("DISCARD,slot=x,reason=oom", socket_path=sock_path)
+        again = cli(config, "start")
+        assert again.returncode == 4
+        assert "already running" in again.stderr
+        assert cli(config, "status").returncode == 0
+        assert cli(config, "stop").returncode == 0
+        assert not daemon.pid_alive(pid)
+    finally:
+        pid = daemon.read_pid(str(short_dir / "credit.pid"))
+        if pid is not None and daemon.pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert cli(config, "status").returncode == 3
+    with pytest.raises(DaemonUnavailable):
+        send("DISCARD,slot=x", socket_path=sock_path, timeout=2)
+    assert "stopped" in (short_dir / "credit.log").read_text()
+
+
+def test_send_verb_publishes_straight_to_rabbitmq(rabbit, vhost, short_dir: Path) -> None:
+    config = write_config(short_dir, f"url = {rabbit.url(vhost)}\ncredit_queue = my.credits\n")
+    done = cli(config, "send", "counters,slot=a,cpu/s=+5")
+    assert (done.returncode, done.stdout) == (0, "OK\n"), done.stderr
+    [(event, _)] = drain_queue(rabbit.url(vhost), "my.credits")
+    assert (event["command"], event["args"]) == ("counters", {"slot": "a", "cpu/s": 5})

@@ -16,7 +16,7 @@ import argparse
 import enum
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from rbit.credit import daemon
 from rbit.credit.client import DaemonUnavailable, publish_direct

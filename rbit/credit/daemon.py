@@ -17,7 +17,8 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Callable, Iterator
+from collections.abc import Iterator
+from typing import Callable, NoReturn
 
 from rbit.credit.server import CreditServer, Limits, Publish, ServerError, broker_publisher
 from rbit.credit.settings import CreditSettings
@@ -165,7 +166,7 @@ def stop_daemon(pidfile: str, timeout: float = STOP_TIMEOUT) -> bool | None:
 
 def daemonize(
     work: Callable[[Ready], int], *, logfile: str | None, wait: float = START_TIMEOUT
-) -> int:
+) -> int:  # noqa: RET503 - the daemon's branch never returns (os._exit)
     """Run ``work(ready)`` in a detached daemon (double fork, new session, cwd ``/``).
 
     The calling process waits until the daemon calls ``ready()`` (it listens) and returns
@@ -181,11 +182,15 @@ def daemonize(
     sys.stderr.flush()
     read_fd, write_fd = os.pipe()
     child = os.fork()
-    if child:
-        os.close(write_fd)
-        os.waitpid(child, 0)  # the first child exits as soon as it forked again
-        return _await_ready(read_fd, wait)
-    os.close(read_fd)
+    if not child:
+        os.close(read_fd)
+        _detach(work, write_fd, logfile)
+    os.close(write_fd)
+    os.waitpid(child, 0)  # the first child exits as soon as it forked again
+    return _await_ready(read_fd, wait)
+
+
+def _detach(work: Callable[[Ready], int], write_fd: int, logfile: str | None) -> NoReturn:
     os.setsid()  # no controlling terminal: a closed shell sends us no SIGHUP
     if os.fork():
         os._exit(0)  # the session leader leaves; its child can never regain a terminal
@@ -206,7 +211,7 @@ def _await_ready(read_fd: int, wait: float) -> int:
     return code or 1
 
 
-def _daemon_body(work: Callable[[Ready], int], write_fd: int, logfile: str | None) -> None:
+def _daemon_body(work: Callable[[Ready], int], write_fd: int, logfile: str | None) -> NoReturn:
     code = 1
     told = False
 

@@ -19,7 +19,8 @@ DISCARD    ``slot``; optional ``reason``
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Mapping
+from typing import Any, Callable
 
 from rbit.credit.events import CreditEvent
 from rbit.errors import RbitError
@@ -72,8 +73,12 @@ def parse_line(line: bytes | str) -> CreditEvent:
 
 
 def format_line(event: CreditEvent) -> str:
-    """The protocol line (without terminator) that parses back into ``event``'s command
-    and arguments."""
+    """The protocol line (without terminator) for ``event``'s command and arguments.
+
+    Raises:
+        ProtocolError: A key or value cannot travel on one line (holds ``,``, a line
+            break, or a key holds ``=``).
+    """
     parts = [event.command.upper()]
     for key, value in event.args.items():
         if "," in f"{key}{value}" or "=" in str(key) or _CONTROL.search(f"{key}{value}"):
@@ -107,7 +112,8 @@ def _split_args(rest: str) -> dict[str, str]:
         key, equals, value = item.partition("=")
         key = key.strip()
         if not equals:
-            raise ProtocolError(f"argument {_shorten(key)!r} has no '='" if key else "empty argument")
+            reason = f"argument {_shorten(key)!r} has no '='" if key else "empty argument"
+            raise ProtocolError(reason)
         if not key:
             raise ProtocolError("argument with an empty name")
         if key in args:

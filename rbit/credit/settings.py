@@ -20,8 +20,8 @@ import configparser
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from rbit.config import AmqpSettings, parse_amqp_section
 from rbit.errors import ConfigError
@@ -219,7 +219,9 @@ def _queue(path: str, value: str) -> str:
     return queue
 
 
-def _unknown(path: str, section: str, values: Mapping[str, str], known: tuple[str, ...]) -> list[str]:
+def _unknown(
+    path: str, section: str, values: Mapping[str, str], known: tuple[str, ...]
+) -> list[str]:
     return [f"file {path}, section [{section}], key {key!r}: unknown key, ignored"
             for key in values if key not in known]
 
