@@ -146,6 +146,8 @@ class FakeCreditPiggy:
         self.applied: collections.Counter = collections.Counter()
         self.port = 0
         self._failures: list[int] = []
+        self.held = threading.Event()  # set when a held request has arrived
+        self._hold: threading.Event | None = None
         self._cond = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -182,6 +184,17 @@ class FakeCreditPiggy:
         """Answer the next ``count`` bulk requests with HTTP ``status`` (after auth)."""
         with self._cond:
             self._failures.extend([status] * count)
+
+    def hold_next(self) -> threading.Event:
+        """Hold the next bulk request unapplied until the returned event is set.
+
+        :attr:`held` is set when it arrives; once released, the request is dropped
+        without a reply and without touching the ledger (as if the connection broke
+        before the server committed anything).
+        """
+        self.held.clear()
+        self._hold = threading.Event()
+        return self._hold
 
     def wait_for_requests(self, count: int, timeout: float = 10.0) -> bool:
         """Wait until at least ``count`` requests were answered."""
@@ -249,6 +262,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        hold, self.app._hold = self.app._hold, None
+        if hold is not None:
+            self.app.held.set()
+            hold.wait(60.0)
+            self.close_connection = True
+            return
         if not self.path.rstrip("/").endswith("/batch/bulk"):
             self._reply(404, {"result": "error", "message": "not found"})
             return

@@ -1,0 +1,140 @@
+"""The credit runner inside a real worker, with a real RabbitMQ and a real HTTP server.
+
+The worker is SIGKILLed while its POST is in flight; after a restart every credit event
+reaches the credit server exactly once and the queue drains.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pika
+import pytest
+from creditpiggy_server import FakeCreditPiggy
+
+from rbit.credit.events import CreditEvent
+
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
+
+KEY, SECRET = "e2ekey", "e2esecret"
+QUEUE = "credits"
+WAIT = 60.0
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = WAIT, every: float = 0.2) -> Any:
+    """Poll ``predicate`` (it queries another process) until true or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+
+
+def write_config(path: Path, amqp_url: str, server: FakeCreditPiggy, state: Path) -> Path:
+    path.write_text(
+        "[rbit]\nname = credit-e2e\npolling_time = 1\n"
+        f"[amqp]\nurl = {amqp_url}\n"
+        f"[runner:{QUEUE}]\n"
+        "runner = python!rbitext.creditpiggy:CreditRunner\n"
+        "prefetch = 50\n"
+        f"api_url = {server.url}\napi_key = {KEY}\napi_secret = {SECRET}\n"
+        "batch_size = 50\nflush_interval = 0.5\nmax_requests_per_second = 20\n"
+        f"seen_ids_file = {state}\nretry_max_delay = 0.5\nhttp_timeout = 5\n"
+    )
+    return path
+
+
+class Worker:
+    """``python -m rbit CONFIG`` as a child process."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.log = config, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rbit", str(self.config), "--debug"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+
+@pytest.fixture
+def server() -> Iterator[FakeCreditPiggy]:
+    with FakeCreditPiggy({KEY: SECRET}) as srv:
+        yield srv
+
+
+def publish(amqp_url: str, events: list[CreditEvent]) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for ev in events:
+            props = pika.BasicProperties(
+                delivery_mode=2, message_id=ev.id, content_type="application/json"
+            )
+            channel.basic_publish("", QUEUE, ev.to_json(), props, mandatory=True)
+    finally:
+        connection.close()
+
+
+def test_worker_killed_mid_post_delivers_every_credit_exactly_once(rabbit, vhost, server, tmp_path):
+    amqp_url = rabbit.url(vhost)
+    config = write_config(tmp_path / "rbit.ini", amqp_url, server, tmp_path / "seen.sqlite3")
+    worker = Worker(config, tmp_path / "worker.log")
+    server.ledger.alloc({"slot": "job"})
+    events = [CreditEvent("counters", {"slot": "job", f"c{i}": 1}) for i in range(20)]
+    release = server.hold_next()
+    try:
+        worker.start()
+        wait_until(lambda: QUEUE in rabbit.list_queues(vhost))
+        publish(amqp_url, events)
+
+        assert server.held.wait(WAIT), (tmp_path / "worker.log").read_text()
+        worker.kill()  # the POST is in flight, nothing is acked
+        release.set()
+        assert server.ledger.slots["job"].counters == {}
+
+        worker.start()
+        wait_until(lambda: sum(server.ledger.slots["job"].counters.values()) >= 20)
+        wait_until(lambda: rabbit.list_queues(vhost).get(QUEUE) == (0, 0))
+        assert server.ledger.slots["job"].counters == {f"c{i}": 1 for i in range(20)}
+        assert all(server.times_applied("counters", dict(ev.args)) == 1 for ev in events)
+
+        # The same events published again (same ids) are recognised and not sent.
+        requests_before = len(server.requests)
+        publish(amqp_url, events[:3])
+        wait_until(lambda: rabbit.list_queues(vhost).get(QUEUE) == (0, 0))
+        assert len(server.requests) == requests_before
+        assert worker.stop() == 0
+    finally:
+        release.set()
+        worker.stop()
