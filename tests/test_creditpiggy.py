@@ -173,7 +173,7 @@ def test_requests_never_exceed_max_requests_per_second(server, recorder, make_ru
     times = [request.at for request in server.requests]
     assert len(times) == 6
     gaps = [later - earlier for earlier, later in zip(times, times[1:])]
-    assert min(gaps) >= 0.09  # 0.1 s spacing, minus timer slack
+    assert min(gaps) >= 0.08  # 0.1 s spacing, minus timer and network slack
 
 
 def test_body_groups_events_by_command_and_is_signed_as_creditpiggy_expects(
