@@ -80,7 +80,8 @@ def build_request_body(job_id: str) -> bytes:
 
     arch = obj("Arch", id=1, name="any")
     instance = obj(
-        "PackageInstance", id=3,
+        "PackageInstance",
+        id=3,
         package=obj("Package", id=7, version="1.0", name="col10001"),
         arch=arch,
         suite=obj("Suite", id=2, name="latex"),
@@ -91,8 +92,9 @@ def build_request_body(job_id: str) -> bytes:
     request = obj(
         "BuildRequest",
         job=obj("Job", id=int(job_id), packageinstance=instance, buildclient=None),
-        transport=obj("Transport", id=1, method="git", uri="https://git.example/col10001",
-                      vcs_id=None),
+        transport=obj(
+            "Transport", id=1, method="git", uri="https://git.example/col10001", vcs_id=None
+        ),
         web_host="localhost:8080",
         commands=None,
         timestamp=int(time.time()),
@@ -129,8 +131,12 @@ def start_worker(config: Path) -> subprocess.Popen:
     out = open(DEMO_DIR / "rbit.log", "wb")  # noqa: SIM115 - handed to the child
     log("starting: %s %s --poll-time 5  (log: %s)" % (rbit, config, DEMO_DIR / "rbit.log"))
     try:
-        return subprocess.Popen([rbit, str(config), "--poll-time", "5"], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [rbit, str(config), "--poll-time", "5"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     finally:
         out.close()
 
@@ -180,15 +186,23 @@ class Watcher:
 
     def wait_for_topology(self, deadline: float) -> None:
         """Wait until rbit has declared its exchanges and queues."""
-        wanted = [("exchange", STATUS_EXCHANGE), ("exchange", PYBIT_EXCHANGE),
-                  ("queue", PDF_QUEUE), ("queue", SHELL_QUEUE)]
+        wanted = [
+            ("exchange", STATUS_EXCHANGE),
+            ("exchange", PYBIT_EXCHANGE),
+            ("queue", PDF_QUEUE),
+            ("queue", SHELL_QUEUE),
+        ]
         while not all(self._exists(kind, name) for kind, name in wanted):
             if self.worker.poll() is not None:
-                raise RuntimeError("rbit exited with %s before it was ready:\n%s"
-                                   % (self.worker.returncode, worker_log_tail()))
+                raise RuntimeError(
+                    "rbit exited with %s before it was ready:\n%s"
+                    % (self.worker.returncode, worker_log_tail())
+                )
             if time.monotonic() > deadline:
-                raise RuntimeError("rbit did not declare its queues within %.0f s:\n%s"
-                                   % (SETUP_TIMEOUT, worker_log_tail()))
+                raise RuntimeError(
+                    "rbit did not declare its queues within %.0f s:\n%s"
+                    % (SETUP_TIMEOUT, worker_log_tail())
+                )
             self.connection.sleep(0.5)  # keeps the connection serviced while waiting
 
     def subscribe(self) -> str:
@@ -200,12 +214,19 @@ class Watcher:
     def publish_jobs(self) -> None:
         self.channel.confirm_delivery()
         # PyBit's way: the direct exchange "pybit", the dotted route, a jsonpickle body.
-        self._publish("cnx.any.latex.pdf", build_request_body(PDF_JOB_ID),
-                      pika.BasicProperties(content_type="application/json", delivery_mode=2))
+        self._publish(
+            "cnx.any.latex.pdf",
+            build_request_body(PDF_JOB_ID),
+            pika.BasicProperties(content_type="application/json", delivery_mode=2),
+        )
         log("published PyBit BuildRequest job %s (route cnx.any.latex.pdf)" % PDF_JOB_ID)
-        self._publish("cnx.any.shell.txt", b"hello from the demo",
-                      pika.BasicProperties(message_id=SHELL_JOB_ID, content_type="text/plain",
-                                           delivery_mode=2))
+        self._publish(
+            "cnx.any.shell.txt",
+            b"hello from the demo",
+            pika.BasicProperties(
+                message_id=SHELL_JOB_ID, content_type="text/plain", delivery_mode=2
+            ),
+        )
         log("published shell job %s (route cnx.any.shell.txt)" % SHELL_JOB_ID)
 
     def _publish(self, route: str, body: bytes, props: pika.BasicProperties) -> None:
@@ -217,15 +238,15 @@ class Watcher:
                 return
             except pika.exceptions.UnroutableError:
                 self.connection.sleep(0.5)
-        raise RuntimeError("no queue is bound to route %s on exchange %s"
-                           % (route, PYBIT_EXCHANGE))
+        raise RuntimeError("no queue is bound to route %s on exchange %s" % (route, PYBIT_EXCHANGE))
 
     def watch(self, queue: str, jobs: set[str], timeout: float) -> dict[str, dict]:
         """Print status events until every job in ``jobs`` is final; return the finals."""
         finals: dict[str, dict] = {}
         deadline = time.monotonic() + timeout
-        for method, _props, body in self.channel.consume(queue, auto_ack=True,
-                                                        inactivity_timeout=1.0):
+        for method, _props, body in self.channel.consume(
+            queue, auto_ack=True, inactivity_timeout=1.0
+        ):
             if method is not None:
                 event = json.loads(body)
                 print_event(method.routing_key, event)
@@ -241,15 +262,27 @@ class Watcher:
 
 
 def print_event(routing_key: str, event: dict) -> None:
-    print("  status %-10s job=%-14s queue=%-18s worker=%s  %s  [%s]" % (
-        event.get("status"), event.get("job_id"), event.get("queue"), event.get("worker"),
-        event.get("message", ""), routing_key), flush=True)
+    print(
+        "  status %-10s job=%-14s queue=%-18s worker=%s  %s  [%s]"
+        % (
+            event.get("status"),
+            event.get("job_id"),
+            event.get("queue"),
+            event.get("worker"),
+            event.get("message", ""),
+            routing_key,
+        ),
+        flush=True,
+    )
 
 
 def run_demo(url: str) -> int:
     config = DEMO_DIR / "rbit.ini"
-    config.write_text(CONFIG.format(url=url, status_exchange=STATUS_EXCHANGE,
-                                    pdf_queue=PDF_QUEUE, shell_queue=SHELL_QUEUE))
+    config.write_text(
+        CONFIG.format(
+            url=url, status_exchange=STATUS_EXCHANGE, pdf_queue=PDF_QUEUE, shell_queue=SHELL_QUEUE
+        )
+    )
     log("wrote %s" % config)
     worker = start_worker(config)
     watcher = None

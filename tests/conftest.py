@@ -46,8 +46,10 @@ def rabbit() -> Iterator[RabbitNode | ExternalBroker]:
     try:
         node.start()
     except RabbitUnavailable as exc:
-        pytest.fail("could not start a private RabbitMQ node (files kept in %s): %s"
-                    % (base, exc), pytrace=False)
+        pytest.fail(
+            "could not start a private RabbitMQ node (files kept in %s): %s" % (base, exc),
+            pytrace=False,
+        )
     try:
         yield node
     finally:

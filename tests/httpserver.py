@@ -103,8 +103,10 @@ class HttpServer:
         self.port = httpd.server_address[1]  # fixed from now on, for restarts
         self._httpd = httpd
         self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-            name="test-http-%d" % self.port, daemon=True,
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="test-http-%d" % self.port,
+            daemon=True,
         )
         self._thread.start()
         return self

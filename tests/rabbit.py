@@ -11,6 +11,7 @@ it prints its AMQP URL on the first line of stdout once the broker accepts work.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import shutil
@@ -211,7 +212,8 @@ class RabbitNode:
             if left <= 0:
                 self.stop(timeout=10)
                 raise RabbitUnavailable(
-                    "node %s did not boot within %.0f s\n%s" % (self.nodename, timeout, self.log_tail())
+                    "node %s did not boot within %.0f s\n%s"
+                    % (self.nodename, timeout, self.log_tail())
                 )
             wait = max(1, min(int(left), 15))
             result = self._run_ctl(
@@ -297,9 +299,9 @@ class RabbitNode:
             name = "rbit-test-%d-%s" % (self._vhost_counter, secrets.token_hex(3))
         # One eval instead of two rabbitmqctl runs: each run costs ~0.4 s of CLI start-up.
         code = (
-            "ok = rabbit_vhost:add(<<\"%s\">>, <<\"rbit-tests\">>), "
-            "ok = rabbit_auth_backend_internal:set_permissions(<<\"guest\">>, <<\"%s\">>, "
-            "<<\".*\">>, <<\".*\">>, <<\".*\">>, <<\"rbit-tests\">>), ok." % (name, name)
+            'ok = rabbit_vhost:add(<<"%s">>, <<"rbit-tests">>), '
+            'ok = rabbit_auth_backend_internal:set_permissions(<<"guest">>, <<"%s">>, '
+            '<<".*">>, <<".*">>, <<".*">>, <<"rbit-tests">>), ok.' % (name, name)
         )
         if self._run_ctl(["eval", code], check=False).returncode != 0:
             self.ctl("add_vhost", name)
@@ -318,7 +320,7 @@ class RabbitNode:
             "ok = vm_memory_monitor:set_vm_memory_high_watermark(%s), " % NORMAL_WATERMARK
         )
         if vhost is not None:
-            code += "ok = rabbit_vhost:delete(<<\"%s\">>, <<\"rbit-tests\">>), " % vhost
+            code += 'ok = rabbit_vhost:delete(<<"%s">>, <<"rbit-tests">>), ' % vhost
         if self._run_ctl(["eval", code + "ok."], check=False).returncode == 0:
             return
         if self.ctl("eval", "rabbit:is_running().").strip() != "true":
@@ -330,8 +332,14 @@ class RabbitNode:
     def list_queues(self, vhost: str = "/") -> dict[str, tuple[int, int]]:
         """Queues of ``vhost`` as ``{name: (messages_ready, messages_unacknowledged)}``."""
         out = self.ctl(
-            "list_queues", "-p", vhost, "-q", "--no-table-headers",
-            "name", "messages_ready", "messages_unacknowledged",
+            "list_queues",
+            "-p",
+            vhost,
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
         )
         queues = {}
         for line in out.splitlines():
@@ -345,17 +353,21 @@ class RabbitNode:
     def url(self, vhost: str = "/") -> str:
         """The ``amqp://`` URL of this node for ``vhost`` (user guest)."""
         return "amqp://guest:guest@%s:%d/%s" % (
-            self.host, self.port, urllib.parse.quote(vhost, safe=""),
+            self.host,
+            self.port,
+            urllib.parse.quote(vhost, safe=""),
         )
 
     def amqp_settings(self, vhost: str = "/", **overrides: object) -> AmqpSettings:
         """:class:`rbit.config.AmqpSettings` pointing at this node (``overrides`` win)."""
         from rbit.config import AmqpSettings, HostAddress
 
-        fields: dict[str, object] = dict(
-            hosts=(HostAddress(self.host, self.port),),
-            user="guest", password="guest", virtual_host=vhost,
-        )
+        fields: dict[str, object] = {
+            "hosts": (HostAddress(self.host, self.port),),
+            "user": "guest",
+            "password": "guest",
+            "virtual_host": vhost,
+        }
         fields.update(overrides)
         return AmqpSettings(**fields)  # type: ignore[arg-type]
 
@@ -379,17 +391,22 @@ class ExternalBroker:
 
     def url(self, vhost: str = "/") -> str:
         return "amqp://%s:%s@%s:%d/%s" % (
-            urllib.parse.quote(self.user, safe=""), urllib.parse.quote(self.password, safe=""),
-            self.host, self.port, urllib.parse.quote(vhost, safe=""),
+            urllib.parse.quote(self.user, safe=""),
+            urllib.parse.quote(self.password, safe=""),
+            self.host,
+            self.port,
+            urllib.parse.quote(vhost, safe=""),
         )
 
     def amqp_settings(self, vhost: str = "/", **overrides: object) -> AmqpSettings:
         from rbit.config import AmqpSettings, HostAddress
 
-        fields: dict[str, object] = dict(
-            hosts=(HostAddress(self.host, self.port),),
-            user=self.user, password=self.password, virtual_host=vhost,
-        )
+        fields: dict[str, object] = {
+            "hosts": (HostAddress(self.host, self.port),),
+            "user": self.user,
+            "password": self.password,
+            "virtual_host": vhost,
+        }
         fields.update(overrides)
         return AmqpSettings(**fields)  # type: ignore[arg-type]
 
@@ -419,10 +436,8 @@ def _int(text: str) -> int:
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def serve(argv: list[str] | None = None) -> int:
