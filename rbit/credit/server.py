@@ -238,7 +238,7 @@ class _Connection:
     async def _read_chunk(self, buffer: bytearray) -> bytes | None:
         timeout = self._limits.idle_timeout
         try:
-            return await asyncio.wait_for(self._reader.read(_READ_SIZE), timeout)
+            return await _read_within(self._reader, timeout)
         except asyncio.TimeoutError:
             if self._pending or buffer:
                 return None  # not idle: keep waiting
@@ -321,6 +321,15 @@ class _Connection:
         except (ConnectionError, OSError):
             # The client left; keep consuming replies so that every confirm is awaited.
             self._writable = False
+
+
+async def _read_within(reader: asyncio.StreamReader, timeout: float | None) -> bytes:
+    if hasattr(asyncio, "timeout"):
+        # Python 3.11+: unlike wait_for, wraps no extra task around every read (about
+        # half of the per-connection cost).
+        async with asyncio.timeout(timeout):
+            return await reader.read(_READ_SIZE)
+    return await asyncio.wait_for(reader.read(_READ_SIZE), timeout)
 
 
 def _settle(future: asyncio.Future[bytes], event: CreditEvent, ok: bool) -> None:

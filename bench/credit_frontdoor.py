@@ -1,0 +1,206 @@
+"""Benchmark the credit front door against a real RabbitMQ.
+
+Starts ``rbit-credit run`` on a private unix socket, then:
+
+1. *throughput*: 16 concurrent clients, one line per connection (as ``nc -U`` does),
+   as fast as they can for ``--seconds``; prints confirmed ``OK`` replies per second;
+2. *latency*: the same clients paced to ``--rate`` lines per second in total (default
+   1,000); prints p50 / p99 / max reply latency, measured from each line's scheduled
+   send time (so a stalled server cannot hide queueing delay).
+
+Every ``OK`` is a message confirmed by the broker. The events stay in the credit queue
+(``--queue``, default ``rbit.bench.credits``); delete it afterwards.
+
+Usage::
+
+    python bench/credit_frontdoor.py --amqp-url amqp://guest:guest@127.0.0.1:5672/%2F
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLIENTS = 16
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="rbit-bench-", dir="/tmp") as work:
+        socket_path = os.path.join(work, "credit.socket")
+        daemon = _start_daemon(Path(work), socket_path, args.amqp_url, args.queue)
+        try:
+            _warm_up(socket_path)
+            ok, failed, elapsed = _throughput(socket_path, args.seconds)
+            print(f"throughput: {ok / elapsed:,.0f} OK/s ({ok} OK, {failed} other, "
+                  f"{CLIENTS} clients, {elapsed:.1f} s)")
+            latencies, failed = _paced(socket_path, args.rate, args.seconds)
+            _print_latency(latencies, failed, args.rate)
+        finally:
+            _stop_daemon(daemon)
+    print(f"events left in queue {args.queue!r}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--amqp-url", required=True, help="amqp://user:pass@host:port/vhost")
+    parser.add_argument("--queue", default="rbit.bench.credits", help="credit queue name")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
+    parser.add_argument("--rate", type=float, default=1000.0, help="paced lines per second")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------
+# The daemon
+
+
+def _start_daemon(work: Path, socket_path: str, url: str, queue: str) -> subprocess.Popen:
+    config = work / "credit.conf"
+    config.write_text(
+        f"[server]\nsocket = unix\nbind = {socket_path}\npidfile = {work}/credit.pid\n"
+        f"loglevel = WARNING\nlogfile = {work}/credit.log\n"
+        f"[amqp]\nurl = {url}\ncredit_queue = {queue}\n"
+    )
+    os.chmod(config, 0o600)  # it holds the broker password
+    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module, no shell
+        [sys.executable, "-m", "rbit.credit.cli", "--config", str(config), "run"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    deadline = time.monotonic() + 60
+    while not _answers(socket_path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop_daemon(proc)
+            raise SystemExit(f"the daemon did not start (see {work}/credit.log)")
+        time.sleep(0.1)
+    return proc
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def _stop_daemon(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------------------------------
+# Clients
+
+
+def _one_line(path: str, line: bytes) -> bool:
+    """One connection, one line, like ``echo LINE | nc -U PATH``; True on ``OK``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(path)
+        sock.sendall(line)
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while b"\n" not in reply:
+            chunk = sock.recv(64)
+            if not chunk:
+                break
+            reply += chunk
+    return reply == b"OK\n"
+
+
+def _line(index: int) -> bytes:
+    return f"COUNTERS,slot=bench{index % 1000},events=+1,cpu/ms=+{index % 97}\n".encode()
+
+
+def _warm_up(path: str) -> None:
+    for index in range(50):
+        _one_line(path, _line(index))
+
+
+def _throughput(path: str, seconds: float) -> tuple[int, int, float]:
+    counter = itertools.count()
+    deadline = time.monotonic() + seconds
+    lock = threading.Lock()
+    totals = [0, 0]
+
+    def client() -> None:
+        ok = failed = 0
+        while time.monotonic() < deadline:
+            if _one_line(path, _line(next(counter))):
+                ok += 1
+            else:
+                failed += 1
+        with lock:
+            totals[0] += ok
+            totals[1] += failed
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        for future in [pool.submit(client) for _ in range(CLIENTS)]:
+            future.result()
+    return totals[0], totals[1], time.monotonic() - start
+
+
+def _paced(path: str, rate: float, seconds: float) -> tuple[list[float], int]:
+    total = int(rate * seconds)
+    counter = itertools.count()
+    start = time.monotonic() + 0.5
+    lock = threading.Lock()
+    latencies: list[float] = []
+    failures = [0]
+
+    def client() -> None:
+        for index in iter(lambda: next(counter), None):
+            if index >= total:
+                return
+            scheduled = start + index / rate
+            delay = scheduled - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # pacing: this is the schedule, not a wait for a state
+            ok = _one_line(path, _line(index))
+            elapsed = time.monotonic() - scheduled
+            with lock:
+                if ok:
+                    latencies.append(elapsed)
+                else:
+                    failures[0] += 1
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        for future in [pool.submit(client) for _ in range(CLIENTS)]:
+            future.result()
+    return latencies, failures[0]
+
+
+def _print_latency(latencies: list[float], failed: int, rate: float) -> None:
+    if len(latencies) < 2:
+        print(f"latency at {rate:,.0f} lines/s: too few OK replies ({len(latencies)})")
+        return
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    print(
+        f"latency at {rate:,.0f} lines/s: p50 {cuts[49] * 1000:.2f} ms, "
+        f"p99 {cuts[98] * 1000:.2f} ms, max {max(latencies) * 1000:.2f} ms "
+        f"({len(latencies)} OK, {failed} other)"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
