@@ -16,6 +16,7 @@ How the call ends decides the job's :class:`rbit.outcome.Outcome`:
 * raising :class:`rbit.errors.Blocked` (``reason``, ``delay``): blocked, the job is
   republished after a delay;
 * raising :class:`rbit.errors.Reject`: rejected, the job goes to the dead letters;
+  so does an uncaught :class:`rbit.errors.DecodeError` (a body that never decodes);
 * raising anything else: failed, with ``"ExcType: message"`` and the traceback.
 
 By default the callable runs in the calling (worker) thread. With ``python = PATH`` or
@@ -67,7 +68,7 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 from rbit.config import RunnerSettings
-from rbit.errors import Blocked, Reject, RunnerLoadError
+from rbit.errors import Blocked, DecodeError, Reject, RunnerLoadError
 from rbit.message import Message
 from rbit.outcome import Outcome, Status
 
@@ -173,6 +174,8 @@ def call_runner(
         return Outcome.blocked(exc.reason, exc.delay)
     except Reject as exc:
         return Outcome.rejected(exc.reason)
+    except DecodeError as exc:  # the body will never decode: retrying cannot help
+        return Outcome.rejected(f"undecodable body: {exc}")
     except (Exception, SystemExit) as exc:
         return Outcome.failed(describe_exception(exc))
     return tracker.outcome()
