@@ -2,7 +2,7 @@
 
 Configure it on the credit queue's runner section::
 
-    [runner:credits]
+    [runner:rbit.credits]
     runner = python!rbitext.creditpiggy:CreditRunner
     api_url = https://creditpiggy.example.org/api/json
     api_key = d6db27eb65704bb6acb3b83ceaf95e40

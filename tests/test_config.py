@@ -698,13 +698,13 @@ def test_the_shipped_example_documents_a_credit_runner_section() -> None:
     for key in ("api_url", "api_key", "api_secret", "batch_size", "flush_interval",
                 "max_requests_per_second", "seen_ids_file"):
         assert re.search(rf"(?m)^{key}\s*=", uncommented), key
-    assert "[runner:credits]" in uncommented
+    assert "[runner:rbit.credits]" in uncommented
     assert "python!rbitext.creditpiggy:CreditRunner" in uncommented
 
 
 def test_the_shipped_credit_runner_section_loads_when_uncommented(tmp_path: Path) -> None:
     text = (ROOT / "rbit.ini.example").read_text(encoding="utf-8")
-    head, marker, credits = text.partition("#[runner:credits]")
+    head, marker, credits = text.partition("#[runner:rbit.credits]")
     credits = re.sub(r"(?m)^#(?!#)", "", marker + credits)
     path = tmp_path / "credits.ini"
     path.write_text(head + credits, encoding="utf-8")
