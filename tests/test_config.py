@@ -713,7 +713,7 @@ def test_the_shipped_credit_runner_section_loads_when_uncommented(tmp_path: Path
     settings = load_config(str(path), environ=environ)
 
     assert settings.warnings == ()
-    credit = next(r for r in settings.runners if r.queue == "credits")
+    credit = next(r for r in settings.runners if r.queue == "rbit.credits")
     assert credit.target == "rbitext.creditpiggy:CreditRunner"
     assert credit.prefetch >= int(credit.settings["batch_size"])
     assert credit.settings["api_secret"] == SECRET
