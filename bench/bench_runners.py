@@ -1,0 +1,59 @@
+"""Job functions for the throughput benchmark: they do nothing but count.
+
+Every contender's "work" calls :func:`tick`, which tells the benchmark when the first
+and the N-th job ran, from inside the worker process, at the cost of one counter
+increment per job. The environment set by ``bench/throughput.py`` drives it:
+
+* ``BENCH_N``: the job count that means "done".
+* ``BENCH_DIR``: where to write ``first`` (``pid time``), ``done`` (``time``) and
+  ``progress`` (one ``count time vmrss_kb`` line per mark).
+* ``BENCH_MARKS``: comma-separated counts at which to record the worker's VmRSS.
+
+``noop`` is an rbit ``python!`` runner: ``runner = python!bench.bench_runners:noop``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from pathlib import Path
+
+_N = int(os.environ.get("BENCH_N", "0"))
+_DIR = Path(os.environ.get("BENCH_DIR", "."))
+_MARKS = frozenset(int(m) for m in os.environ.get("BENCH_MARKS", "").split(",") if m)
+# next() on itertools.count is atomic under the GIL: safe from several worker threads.
+_counter = itertools.count(1)
+
+
+def _write(name: str, text: str) -> None:
+    # Write then rename, so the benchmark never reads a half-written file.
+    tmp = _DIR / (name + ".tmp")
+    tmp.write_text(text)
+    tmp.rename(_DIR / name)
+
+
+def _vmrss_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def tick() -> bool:
+    """Count one finished job; True when it was the N-th."""
+    count = next(_counter)
+    if count == 1:
+        _write("first", "%d %.6f\n" % (os.getpid(), time.time()))
+    if count in _MARKS:
+        with open(_DIR / "progress", "a") as out:
+            out.write("%d %.6f %d\n" % (count, time.time(), _vmrss_kb()))
+    if count == _N:
+        _write("done", "%.6f\n" % time.time())
+        return True
+    return False
+
+
+def noop(message, set_status, settings) -> None:
+    """rbit ``python!`` runner: count the job and return (Done)."""
+    tick()

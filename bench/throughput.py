@@ -1,0 +1,886 @@
+"""Throughput of rbit against hand-written pika loops, Celery and Dramatiq.
+
+Run from the repository root with the benchmark's virtualenv::
+
+    python3 bench/throughput.py --setup           # creates bench/.venv once
+    bench/.venv/bin/python bench/throughput.py    # N=20000, 3 interleaved rounds
+
+Each contender is a separate worker process. Per round and contender: a fresh vhost
+(or fresh queue names on an ``--amqp-url`` broker) is filled with N persistent ~200-byte
+JSON jobs (not timed), the worker is started, and the clock runs from its start to
+its N-th job. Rounds are interleaved (round-robin over the contenders) and the table
+shows medians. See bench/README.rst.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import signal
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+VENV = BENCH / ".venv"
+QUEUE = "bench_jobs"
+POLL = 0.01  # seconds between checks for "first" / "done"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+sys.path.insert(0, str(ROOT))
+# Where the rbit package under test is imported from (--rbit-ref sets a snapshot).
+RBIT_SRC = {"path": ROOT, "ref": "working tree"}
+
+
+# ------------------------------------------------------------------------- the jobs
+
+
+def job_body(index: int) -> bytes:
+    """A JSON job of about 200 bytes, shaped like a PyBit-ish build request."""
+    doc = {
+        "job": {"id": index, "suite": "latex", "format": "pdf", "distribution": "cnx"},
+        "package": {"name": "col%05d" % (index % 100000), "version": "1.%d" % (index % 97)},
+        "requested_by": "bench@example.org",
+        "pad": "",
+    }
+    raw = json.dumps(doc, separators=(",", ":"))
+    doc["pad"] = "x" * max(0, 200 - len(raw))
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def publish_raw(url: str, queue: str, count: int, window: int = 1000) -> None:
+    """Publish ``count`` persistent jobs to ``queue`` with pipelined publisher confirms."""
+    import pika
+
+    state = {"sent": 0, "confirmed": 0, "error": None}
+    props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+
+    def fill(channel) -> None:
+        while state["sent"] < count and state["sent"] - state["confirmed"] < window:
+            state["sent"] += 1
+            props.message_id = "job-%d" % state["sent"]
+            channel.basic_publish("", queue, job_body(state["sent"]), props)
+
+    def on_confirm(frame) -> None:
+        method = frame.method
+        if not isinstance(method, pika.spec.Basic.Ack):
+            state["error"] = "publish nacked"
+        state["confirmed"] = method.delivery_tag if method.multiple else state["confirmed"] + 1
+        if state["confirmed"] >= count:
+            connection.close()
+        else:
+            fill(channel_box[0])
+
+    channel_box: list[Any] = []
+
+    def on_channel(channel) -> None:
+        channel_box.append(channel)
+        channel.confirm_delivery(on_confirm, callback=lambda _f: fill(channel))
+
+    connection = pika.SelectConnection(
+        pika.URLParameters(url),
+        on_open_callback=lambda conn: conn.channel(on_open_callback=on_channel),
+        on_open_error_callback=lambda _c, err: state.update(error=str(err)),
+        on_close_callback=lambda *_: connection.ioloop.stop(),
+    )
+    connection.ioloop.start()
+    if state["error"] or state["confirmed"] < count:
+        raise RuntimeError("publishing failed: %s" % (state["error"] or "connection closed"))
+
+
+def ready_count(url: str, queue: str) -> int:
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.message_count
+    finally:
+        connection.close()
+
+
+class QueueWatch:
+    """A connection kept open to poll a queue's ready count with passive declares."""
+
+    def __init__(self, url: str, queue: str) -> None:
+        import pika
+
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel = self.connection.channel()
+        self.queue = queue
+
+    def ready(self) -> int:
+        return self.channel.queue_declare(self.queue, passive=True).method.message_count
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def wait_ready_count(url: str, queue: str, count: int, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (have := ready_count(url, queue)) != count:
+        if time.monotonic() > deadline:
+            raise RuntimeError("queue %s holds %d jobs, expected %d" % (queue, have, count))
+        time.sleep(0.2)
+
+
+# ------------------------------------------------------------------ /proc readings
+
+
+def cpu_seconds(pid: int | None, children: bool = False) -> float:
+    """utime+stime of a process (all threads), plus its reaped children if asked."""
+    if not pid:
+        return 0.0
+    try:
+        text = Path("/proc/%d/stat" % pid).read_text()
+    except OSError:
+        return float("nan")
+    fields = text[text.rindex(")") + 2:].split()
+    # After "pid (comm) ": state is field 3 of stat(5); utime is 14, stime 15, cutime 16.
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLK_TCK
+
+
+def status_kb(pid: int, key: str) -> int:
+    try:
+        for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+# ---------------------------------------------------------------------- the broker
+
+
+class BrokerHandle:
+    """A private RabbitMQ node (tests.rabbit.RabbitNode) or an external broker URL."""
+
+    def __init__(self, amqp_url: str | None, broker_pid: int | None) -> None:
+        self.node = None
+        self.external_url = amqp_url
+        self._tmp = None
+        if amqp_url is None:
+            from tests.rabbit import RabbitNode
+
+            self._tmp = tempfile.mkdtemp(prefix="rbit-bench-node-")
+            self.node = RabbitNode(Path(self._tmp), name="rbit-bench-%d@localhost" % os.getpid())
+            print("starting a private RabbitMQ node in %s ..." % self._tmp, flush=True)
+            self.node.start()
+            broker_pid = broker_pid or int(self.node.ctl("eval", "os:getpid().").strip().strip('"'))
+        self.pid = broker_pid or _single_beam_pid()
+
+    def scope(self, tag: str) -> tuple[str, Callable[[], None]]:
+        """A URL for a fresh vhost (private node) and a cleanup callable."""
+        if self.node is not None:
+            vhost = self.node.new_vhost()
+            return self.node.url(vhost), lambda: self.node.delete_vhost(vhost)
+        return self.external_url, lambda: None
+
+    def unacked(self, url: str, queue: str) -> int | None:
+        if self.node is None:
+            return None
+        vhost = urllib.parse.unquote(urllib.parse.urlsplit(url).path[1:]) or "/"
+        return self.node.list_queues(vhost).get(queue, (0, 0))[1]
+
+    def version(self) -> str:
+        import pika
+
+        url = self.node.url() if self.node is not None else self.external_url
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        try:
+            props = connection._impl.server_properties  # pika keeps them only here
+            version = props.get("version", b"?")
+            return version.decode() if isinstance(version, bytes) else str(version)
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        if self.node is not None:
+            self.node.stop()
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _single_beam_pid() -> int | None:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip().startswith("beam"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids[0] if len(pids) == 1 else None
+
+
+# ------------------------------------------------------------------- contenders
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one contender run needs: its scratch dir, broker URL, job count."""
+
+    workdir: Path
+    url: str
+    n: int
+    marks: tuple[int, ...] = ()
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            PYTHONPATH=os.pathsep.join([str(RBIT_SRC["path"]), str(ROOT),
+                                        env.get("PYTHONPATH", "")]),
+            BENCH_N=str(self.n),
+            BENCH_DIR=str(self.workdir),
+            BENCH_MARKS=",".join(str(m) for m in self.marks),
+            BENCH_URL=self.url,
+            BENCH_QUEUE=QUEUE,
+        )
+        env.update(extra)
+        return env
+
+
+@dataclasses.dataclass
+class Contender:
+    """A worker to measure.
+
+    ``detect`` is ``"tick"`` (the job function reports first/done from inside the
+    worker) or ``"poll"`` (ready count of the queue, for workers that run /bin/true).
+    """
+
+    name: str
+    reference: str  # the contender its ratio is taken against
+    prepare: Callable[[Run], None]  # declare and fill the queue (not timed)
+    command: Callable[[Run], list[str]]
+    detect: str = "tick"
+    env: Callable[[Run], dict[str, str]] = lambda run: run.env()
+    needs: str | None = None  # a module that must import (celery, dramatiq)
+
+
+def _declare_plain(run: Run) -> None:
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(run.url))
+    connection.channel().queue_declare(QUEUE, durable=True)
+    connection.close()
+
+
+def _fill_raw(run: Run) -> None:
+    publish_raw(run.url, QUEUE, run.n)
+
+
+def _prepare_baseline(run: Run) -> None:
+    _declare_plain(run)
+    _fill_raw(run)
+
+
+RBIT_INI = """\
+[rbit]
+name = bench
+polling_time = 60
+concurrency = 1
+prefetch = {prefetch}
+
+[amqp]
+url = {url}
+
+[status]
+sinks = {sinks}
+
+[runner:{queue}]
+runner = {runner}
+max_retries = 0
+"""
+
+
+def _rbit_ini(run: Run, runner: str, sinks: str, prefetch: int) -> Path:
+    path = run.workdir / "rbit.ini"
+    path.write_text(RBIT_INI.format(prefetch=prefetch, url=run.url, sinks=sinks,
+                                    queue=QUEUE, runner=runner))
+    return path
+
+
+def _declare_rbit(run: Run) -> None:
+    """Declare what the rbit worker will declare, exactly as it would."""
+    import pika
+
+    from rbit.config import load_config
+    from rbit.topology import worker_topology
+
+    topology = worker_topology(load_config(str(run.workdir / "rbit.ini")))
+    connection = pika.BlockingConnection(pika.URLParameters(run.url))
+    channel = connection.channel()
+    for exchange in topology.exchanges:
+        channel.exchange_declare(exchange.name, exchange.type, durable=exchange.durable)
+    for queue in topology.queues:
+        channel.queue_declare(queue.name, durable=queue.durable, arguments=dict(queue.arguments))
+        for exchange, key in queue.bindings:
+            channel.queue_bind(queue.name, exchange, key)
+    connection.close()
+
+
+def rbit_contender(name: str, reference: str, runner: str, sinks: str, prefetch: int,
+                   detect: str = "tick") -> Contender:
+    def prepare(run: Run) -> None:
+        _rbit_ini(run, runner, sinks, prefetch)
+        _declare_rbit(run)
+        _fill_raw(run)
+
+    def command(run: Run) -> list[str]:
+        return [sys.executable, "-m", "rbit", str(run.workdir / "rbit.ini")]
+
+    return Contender(name, reference, prepare, command, detect)
+
+
+def _framework_fill(module: str) -> Callable[[Run], None]:
+    def prepare(run: Run) -> None:
+        subprocess.run([sys.executable, "-m", module, "publish", str(run.n),
+                        job_body(0).decode()], env=run.env(), check=True, cwd=ROOT)
+        wait_ready_count(run.url, QUEUE, run.n)
+
+    return prepare
+
+
+def _celery_command(run: Run) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker",
+            "--pool", "solo", "--concurrency", "1", "--queues", QUEUE,
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "--loglevel", "WARNING"]
+
+
+def _dramatiq_command(threads: int) -> Callable[[Run], list[str]]:
+    def command(run: Run) -> list[str]:
+        return [sys.executable, "-m", "dramatiq", "bench.dramatiq_app",
+                "--processes", "1", "--threads", str(threads)]
+
+    return command
+
+
+def contenders() -> dict[str, Contender]:
+    baseline = "baseline-pika"
+    spawn = "raw-spawn-loop"
+    items = [
+        Contender(baseline, baseline, _prepare_baseline,
+                  lambda run: [sys.executable, "-m", "bench.baselines", "consume",
+                               run.url, QUEUE]),
+        rbit_contender("rbit-python-nostatus", baseline,
+                       "python!bench.bench_runners:noop", "", 100),
+        rbit_contender("rbit-python-logsink", baseline,
+                       "python!bench.bench_runners:noop", "log", 100),
+        Contender(spawn, spawn, _prepare_baseline,
+                  lambda run: [sys.executable, "-m", "bench.baselines", "spawn",
+                               run.url, QUEUE], detect="poll"),
+        rbit_contender("rbit-shell-true", spawn, "shell!/bin/true", "", 1, detect="poll"),
+        Contender("celery-solo", baseline, _framework_fill("bench.celery_app"),
+                  _celery_command, needs="celery"),
+        Contender("dramatiq-t1", baseline, _framework_fill("bench.dramatiq_app"),
+                  _dramatiq_command(1), needs="dramatiq",
+                  env=lambda run: run.env(dramatiq_queue_prefetch="100")),
+    ]
+    return {c.name: c for c in items}
+
+
+# --------------------------------------------------------------------- one run
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    text = _read(path) or ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def measure(contender: Contender, broker: BrokerHandle, n: int, *, marks: tuple[int, ...] = (),
+            command_prefix: list[str] | None = None, keep_dir: Path | None = None,
+            stop_worker_pid: bool = False) -> dict[str, Any]:
+    """Fill a fresh queue, start the contender's worker, time it to the N-th job."""
+    workdir = Path(tempfile.mkdtemp(prefix="rbit-bench-run-"))
+    url, cleanup = broker.scope(contender.name)
+    run = Run(workdir, url, n, marks)
+    proc = None
+    try:
+        contender.prepare(run)
+        wait_ready_count(url, QUEUE, n)
+        time.sleep(0.5)  # let the broker finish writing the persistent jobs
+        log_path = workdir / "worker.log"
+        argv = (command_prefix or []) + contender.command(run)
+        with open(log_path, "wb") as log:
+            t_spawn = time.time()
+            proc = subprocess.Popen(argv, env=contender.env(run), cwd=ROOT, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        result = _watch(contender, broker, run, proc, t_spawn, log_path)
+        result["marks"] = _progress(workdir)
+        result["log_bytes"] = log_path.stat().st_size
+        _stop(proc, result["pid"] if stop_worker_pid else proc.pid)
+        if keep_dir is not None:
+            for item in workdir.iterdir():
+                if item.suffix in (".prof", ".txt", ".json"):
+                    shutil.copy(item, keep_dir / item.name)
+        return result
+    finally:
+        if proc is not None and proc.poll() is None:
+            _stop(proc, proc.pid)
+        cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _watch(contender: Contender, broker: BrokerHandle, run: Run, proc: subprocess.Popen,
+           t_spawn: float, log_path: Path) -> dict[str, Any]:
+    deadline = time.monotonic() + max(120.0, run.n / 50)
+    watch = QueueWatch(run.url, QUEUE) if contender.detect == "poll" else None
+    first = done = None
+    pid = proc.pid
+    cpu0 = bcpu0 = 0.0
+    try:
+        while done is None:
+            if proc.poll() is not None:
+                raise RunFailed("%s exited with %s:\n%s" % (contender.name, proc.returncode,
+                                                            _tail(log_path)))
+            if time.monotonic() > deadline:
+                raise RunFailed("%s timed out:\n%s" % (contender.name, _tail(log_path)))
+            if first is None:
+                first = _first(contender, run, watch, proc)
+                if first is not None:
+                    pid = first[0]
+                    cpu0, bcpu0 = cpu_seconds(pid, True), cpu_seconds(broker.pid)
+                    own0 = cpu_seconds(pid)
+            else:
+                done = _done(contender, run, watch)
+            if done is None:
+                time.sleep(POLL)
+        cpu1, bcpu1, own1 = cpu_seconds(pid, True), cpu_seconds(broker.pid), cpu_seconds(pid)
+        hwm, rss = status_kb(pid, "VmHWM"), status_kb(pid, "VmRSS")
+    finally:
+        if watch is not None:
+            watch.close()
+    if contender.detect == "poll":
+        _await_unacked_zero(broker, run.url)
+    t_first = first[1]
+    jobs = run.n - 1  # the first job's own time is not in the interval
+    return {
+        "contender": contender.name,
+        "n": run.n,
+        "pid": pid,
+        "startup_s": t_first - t_spawn,
+        "elapsed_s": done - t_spawn,
+        "steady_s": done - t_first,
+        "jobs_per_s": run.n / (done - t_spawn),
+        "steady_jobs_per_s": jobs / (done - t_first),
+        "worker_cpu_us_per_job": (own1 - own0) / jobs * 1e6,
+        "worker_cpu_with_children_us_per_job": (cpu1 - cpu0) / jobs * 1e6,
+        "broker_cpu_us_per_job": (bcpu1 - bcpu0) / jobs * 1e6 if broker.pid else None,
+        "peak_rss_mb": hwm / 1024,
+        "rss_mb": rss / 1024,
+    }
+
+
+def _first(contender: Contender, run: Run, watch: QueueWatch | None,
+           proc: subprocess.Popen) -> tuple[int, float] | None:
+    if watch is None:
+        text = _read(run.workdir / "first")
+        if text is None:
+            return None
+        pid, stamp = text.split()
+        return int(pid), float(stamp)
+    # prefetch 1: the ready count drops by one when the first job is handed out
+    return (proc.pid, time.time()) if watch.ready() < run.n else None
+
+
+def _done(contender: Contender, run: Run, watch: QueueWatch | None) -> float | None:
+    if watch is None:
+        text = _read(run.workdir / "done")
+        return float(text) if text is not None else None
+    # prefetch 1: at most one job (a /bin/true, about a millisecond) is still running
+    return time.time() if watch.ready() == 0 else None
+
+
+def _await_unacked_zero(broker: BrokerHandle, url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = broker.unacked(url, QUEUE)
+        if not left:
+            return
+        time.sleep(0.2)
+    raise RunFailed("jobs still unacked %.0f s after the queue emptied" % timeout)
+
+
+def _progress(workdir: Path) -> list[dict[str, float]]:
+    text = _read(workdir / "progress") or ""
+    marks = []
+    for line in text.splitlines():
+        count, stamp, rss = line.split()
+        marks.append({"count": int(count), "time": float(stamp), "vmrss_mb": int(rss) / 1024})
+    return marks
+
+
+def _stop(proc: subprocess.Popen, pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+# ----------------------------------------------------------------------- reports
+
+
+def machine_info(broker: BrokerHandle) -> dict[str, str]:
+    info = {"nproc": str(os.cpu_count()), "python": platform.python_version(),
+            "kernel": platform.release()}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            info["cpu"] = line.split(":", 1)[1].strip()
+            break
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal"):
+            info["ram"] = "%.1f GiB" % (int(line.split()[1]) / 1024 / 1024)
+    from importlib import metadata
+
+    for package in ("pika", "jsonpickle", "celery", "kombu", "dramatiq"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = "not installed"
+    info["rabbitmq"] = broker.version()
+    info["rbit"] = RBIT_SRC["ref"]
+    return info
+
+
+def summarize(results: list[dict[str, Any]], table: dict[str, Contender]) -> list[dict[str, Any]]:
+    rows = []
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        by_name.setdefault(result["contender"], []).append(result)
+    medians = {name: statistics.median(r["jobs_per_s"] for r in runs)
+               for name, runs in by_name.items()}
+    steady = {name: statistics.median(r["steady_jobs_per_s"] for r in runs)
+              for name, runs in by_name.items()}
+    for name, runs in by_name.items():
+        ref = table[name].reference
+
+        def median(key: str) -> float | None:
+            values = [r[key] for r in runs if r[key] is not None]
+            return statistics.median(values) if values else None
+
+        rows.append({
+            "contender": name,
+            "reference": ref,
+            "rounds": len(runs),
+            "jobs_per_s": medians[name],
+            "jobs_per_s_min": min(r["jobs_per_s"] for r in runs),
+            "jobs_per_s_max": max(r["jobs_per_s"] for r in runs),
+            "ratio": medians[name] / medians[ref] if ref in medians else None,
+            "steady_jobs_per_s": steady[name],
+            "steady_ratio": steady[name] / steady[ref] if ref in steady else None,
+            "startup_s": median("startup_s"),
+            "worker_cpu_us_per_job": median("worker_cpu_us_per_job"),
+            "worker_cpu_with_children_us_per_job": median("worker_cpu_with_children_us_per_job"),
+            "broker_cpu_us_per_job": median("broker_cpu_us_per_job"),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        })
+    return rows
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "n/a" if value is None else pattern % value
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = ("contender", "jobs/s median [min-max]", "ratio", "steady jobs/s", "ratio",
+              "start s", "worker us/job", "broker us/job", "peak RSS MB")
+    lines = [header]
+    for row in rows:
+        lines.append((
+            row["contender"],
+            "%.0f [%.0f-%.0f]" % (row["jobs_per_s"], row["jobs_per_s_min"], row["jobs_per_s_max"]),
+            _fmt(row["ratio"], "%.2fx"),
+            "%.0f" % row["steady_jobs_per_s"],
+            _fmt(row["steady_ratio"], "%.2fx"),
+            "%.2f" % row["startup_s"],
+            _fmt(row["worker_cpu_us_per_job"], "%.0f"),
+            _fmt(row["broker_cpu_us_per_job"], "%.0f"),
+            "%.1f" % row["peak_rss_mb"],
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for index, line in enumerate(lines):
+        out.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                             for i, (cell, w) in enumerate(zip(line, widths))))
+        if index == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+GOALS = [
+    ("rbit-python-nostatus", "baseline-pika", 0.8),
+    ("rbit-python-logsink", "baseline-pika", 0.5),
+    ("rbit-shell-true", "raw-spawn-loop", 0.9),
+]
+
+
+def format_goals(rows: list[dict[str, Any]]) -> str:
+    by_name = {row["contender"]: row for row in rows}
+    lines = []
+    for name, ref, goal in GOALS:
+        row = by_name.get(name)
+        if row is None or row["ratio"] is None:
+            continue
+        met = "met" if row["ratio"] >= goal else "NOT met"
+        lines.append("%s >= %.1fx %s: %.2fx (steady-state %.2fx) -> %s"
+                     % (name, goal, ref, row["ratio"], row["steady_ratio"], met))
+    for name in ("rbit-python-nostatus", "rbit-python-logsink", "rbit-shell-true"):
+        if name in by_name:
+            rss = by_name[name]["peak_rss_mb"]
+            lines.append("%s peak RSS <= 40 MB: %.1f MB -> %s"
+                         % (name, rss, "met" if rss <= 40 else "NOT met"))
+    return "\n".join(lines)
+
+
+def format_machine(info: dict[str, str]) -> str:
+    return "\n".join("%-12s %s" % (key + ":", value) for key, value in info.items())
+
+
+# ------------------------------------------------------------------------ modes
+
+
+def run_rounds(broker: BrokerHandle, chosen: list[Contender], n: int, rounds: int) -> list[dict]:
+    results = []
+    for round_no in range(1, rounds + 1):
+        for contender in chosen:
+            print("round %d/%d: %s ..." % (round_no, rounds, contender.name), end=" ", flush=True)
+            result = measure(contender, broker, n)
+            result["round"] = round_no
+            results.append(result)
+            print("%.0f jobs/s (steady %.0f), worker %.0f us/job, RSS %.1f MB"
+                  % (result["jobs_per_s"], result["steady_jobs_per_s"],
+                     result["worker_cpu_us_per_job"], result["peak_rss_mb"]), flush=True)
+    return results
+
+
+def run_rss_long(broker: BrokerHandle, table: dict[str, Contender], n: int) -> str:
+    marks = (1000, 20_000, 50_000, 100_000, 150_000, n)
+    lines = ["rbit python! noop (statuses off), %d jobs; VmRSS when the count passed:" % n]
+    data = {}
+    for name in ("rbit-python-nostatus", "rbit-python-logsink"):
+        print("rss-long: %s with %d jobs ..." % (name, n), flush=True)
+        result = measure(table[name], broker, n, marks=marks)
+        data[name] = result
+        lines.append("")
+        lines.append("%s (%.0f jobs/s, peak RSS %.1f MB)" % (name, result["jobs_per_s"],
+                                                           result["peak_rss_mb"]))
+        by_count = {m["count"]: m["vmrss_mb"] for m in result["marks"]}
+        for mark in result["marks"]:
+            lines.append("  %7d jobs: VmRSS %.1f MB" % (mark["count"], mark["vmrss_mb"]))
+        if 20_000 in by_count and n in by_count:
+            growth = by_count[n] / by_count[20_000] - 1
+            lines.append("  growth %d -> %d: %+.1f%% -> goal (within 10%%) %s" % (
+                20_000, n, growth * 100, "met" if abs(growth) <= 0.10 else "NOT met"))
+    lines[0] = "RSS over a long run (N=%d)" % n
+    (RESULTS / "rss-long.json").write_text(json.dumps(data, indent=2))
+    return "\n".join(lines)
+
+
+PROFILE_WRAPPER = BENCH / "profile_rbit.py"
+
+
+def run_profile(broker: BrokerHandle, table: dict[str, Contender], n: int) -> str:
+    out = []
+    for name in ("rbit-python-nostatus", "rbit-python-logsink"):
+        contender = table[name]
+        prof_path = RESULTS / ("profile-%s.txt" % name)
+        wrapped = dataclasses.replace(
+            contender,
+            command=lambda run: [sys.executable, str(PROFILE_WRAPPER), str(prof_path),
+                                 str(run.n), str(run.workdir / "rbit.ini")])
+        print("profile (cProfile, CPU clock per thread): %s ..." % name, flush=True)
+        result = measure(wrapped, broker, n)
+        out.append("%s under cProfile: %.0f jobs/s -> %s" % (name, result["jobs_per_s"], prof_path))
+    py_spy = shutil.which("py-spy") or (str(VENV / "bin" / "py-spy")
+                                         if (VENV / "bin" / "py-spy").exists() else None)
+    if py_spy:
+        for name in ("rbit-python-nostatus", "rbit-python-logsink"):
+            flame = RESULTS / ("py-spy-%s.txt" % name)
+            print("profile (py-spy): %s ..." % name, flush=True)
+            try:
+                result = measure(table[name], broker, n, stop_worker_pid=True,
+                                 command_prefix=[py_spy, "record", "--format", "raw",
+                                                 "--rate", "1000", "--output", str(flame),
+                                                 "--"])
+            except RunFailed as exc:
+                out.append("py-spy failed: %s" % str(exc).splitlines()[-1:])
+                continue
+            summary = RESULTS / ("py-spy-%s-top.txt" % name)
+            summary.write_text(py_spy_top(flame, n))
+            out.append("%s under py-spy: %.0f jobs/s -> %s" % (name, result["jobs_per_s"], summary))
+    return "\n".join(out)
+
+
+def py_spy_top(raw: Path, n: int, rate: int = 1000, top: int = 40) -> str:
+    """Self and inclusive samples per function from py-spy's collapsed stacks."""
+    self_samples: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    threads: dict[str, int] = {}
+    total = 0
+    if not raw.exists():
+        return "no py-spy output\n"
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        samples = int(count)
+        total += samples
+        threads[frames[0]] = threads.get(frames[0], 0) + samples
+        self_samples[frames[-1]] = self_samples.get(frames[-1], 0) + samples
+        for frame in set(frames[1:]):
+            incl[frame] = incl.get(frame, 0) + samples
+    us = 1e6 / rate / n
+    lines = ["py-spy, %d samples at %d Hz (active threads only), N=%d" % (total, rate, n),
+             "", "per thread (us/job):"]
+    for name, count in sorted(threads.items(), key=lambda kv: -kv[1]):
+        lines.append("  %8.1f  %s" % (count * us, name))
+    lines += ["", "inclusive (us/job):"]
+    for name, count in sorted(incl.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append("  %8.1f  %s" % (count * us, name))
+    lines += ["", "self (us/job):"]
+    for name, count in sorted(self_samples.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append("  %8.1f  %s" % (count * us, name))
+    return "\n".join(lines) + "\n"
+
+
+def setup_venv() -> int:
+    if not (VENV / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", "-r",
+                    str(BENCH / "requirements.txt")], check=True)
+    print("ready: %s/bin/python bench/throughput.py" % VENV)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=20_000, help="jobs per run (default 20000)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--only", default="", help="comma list of contenders (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the contenders and exit")
+    parser.add_argument("--rss-long", action="store_true",
+                        help="run rbit with 200000 jobs and report VmRSS at 20000 and 200000")
+    parser.add_argument("--long-n", type=int, default=200_000, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true",
+                        help="profile rbit (cProfile per thread; py-spy too if installed)")
+    parser.add_argument("--amqp-url", default=None,
+                        help="use this running broker instead of starting a private node")
+    parser.add_argument("--broker-pid", type=int, default=None,
+                        help="pid of the broker's beam.smp, for broker CPU with --amqp-url")
+    parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"),
+                        help="name of the result files (default: the time)")
+    parser.add_argument("--rbit-ref", default=None, metavar="REV",
+                        help="measure rbit as committed at REV (e.g. HEAD) instead of the "
+                             "working tree")
+    parser.add_argument("--setup", action="store_true",
+                        help="create bench/.venv with bench/requirements.txt and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.setup:
+        return setup_venv()
+    table = contenders()
+    if args.list:
+        print("\n".join(table))
+        return 0
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        print("unknown contenders: %s (see --list)" % ", ".join(unknown), file=sys.stderr)
+        return 2
+    chosen = []
+    for name in names:
+        needs = table[name].needs
+        if needs and _missing(needs):
+            print("skipping %s: %s is not installed (run --setup and use %s/bin/python)"
+                  % (name, needs, VENV), file=sys.stderr)
+            continue
+        chosen.append(table[name])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.rbit_ref:
+        _snapshot_rbit(args.rbit_ref)
+    broker = BrokerHandle(args.amqp_url, args.broker_pid)
+    try:
+        return _run_modes(args, broker, table, chosen)
+    finally:
+        broker.close()
+
+
+def _snapshot_rbit(ref: str) -> None:
+    """Export rbit/ and rbitext/ at ``ref`` to a temporary directory and use that."""
+    target = Path(tempfile.mkdtemp(prefix="rbit-bench-src-"))
+    commit = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    archive = subprocess.run(["git", "archive", commit, "rbit", "rbitext"], cwd=ROOT,
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    RBIT_SRC.update(path=target, ref="commit %s" % commit)
+    sys.path.insert(0, str(target))
+
+
+def _missing(module: str) -> bool:
+    from importlib.util import find_spec
+
+    return find_spec(module) is None
+
+
+def _run_modes(args, broker: BrokerHandle, table: dict[str, Contender],
+               chosen: list[Contender]) -> int:
+    info = machine_info(broker)
+    report = ["machine and versions", format_machine(info), ""]
+    if not (args.rss_long or args.profile) or args.only:
+        results = run_rounds(broker, chosen, args.n, args.rounds)
+        rows = summarize(results, table)
+        report += ["N=%d jobs per run, %d interleaved rounds; ratios against the reference "
+                   "row of the same run (python rows: baseline-pika; shell rows: "
+                   "raw-spawn-loop). jobs/s from worker start to the N-th job done; "
+                   "steady = from the first job done to the N-th." % (args.n, args.rounds),
+                   "", format_table(rows), "", "goals", format_goals(rows)]
+        (RESULTS / ("throughput-%s.json" % args.tag)).write_text(
+            json.dumps({"machine": info, "rows": rows, "runs": results}, indent=2))
+    if args.rss_long:
+        report += ["", run_rss_long(broker, table, args.long_n)]
+    if args.profile:
+        report += ["", run_profile(broker, table, args.n)]
+    text = "\n".join(report) + "\n"
+    (RESULTS / ("report-%s.txt" % args.tag)).write_text(text)
+    print()
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
