@@ -28,6 +28,8 @@ import logging
 import random
 import ssl
 import threading
+import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -39,11 +41,18 @@ from pika.adapters.select_connection import IOLoop
 from rbit.config import AmqpSettings
 from rbit.errors import BrokerError, BrokerUnreachable
 from rbit.message import Message
-from rbit.topology import QueueDecl, Topology
+from rbit.topology import QueueDecl, Topology, hold_queue
 
 log = logging.getLogger(__name__)
 
 ConfirmCallback = Callable[[bool], None]
+
+#: RabbitMQ's default delivery-ack timeout (``consumer_timeout``), in seconds.
+DEFAULT_CONSUMER_TIMEOUT = 1800.0
+#: Header on a held copy: the worker (name and instance) that holds the job.
+HELD_BY_HEADER = "x-rbit-held-by"
+#: Header on a held copy: which renewal made it (to tell copies apart).
+HOLD_ID_HEADER = "x-rbit-hold-id"
 _PROPERTY_NAMES = ("content_type", "content_encoding", "headers", "message_id",
                    "correlation_id", "reply_to", "priority", "timestamp", "type", "app_id")
 
@@ -56,6 +65,14 @@ class Delivery:
     tag: int
     generation: int
     properties: Mapping[str, Any] = field(default_factory=dict)
+    # The rest is the broker's, touched on its I/O thread only: when the current tag
+    # was received, whether it lives on the lease channel, and a renewal in progress
+    # with the settlements that wait for it.
+    received: float = field(default=0.0, repr=False)
+    leased: bool = field(default=False, repr=False)
+    renewing: bool = field(default=False, repr=False)
+    settling: bool = field(default=False, repr=False)
+    deferred: list = field(default_factory=list, repr=False)
 
 
 @dataclass(frozen=True)
@@ -134,6 +151,10 @@ class Broker:
         poll_time: Poll mode: the pause between passes. Both modes: the heartbeat is
             at most this long, so a dead connection is noticed within it.
         rng: Random source for the reconnect jitter.
+        consumer_timeout: The broker's delivery-ack timeout in seconds (None: RabbitMQ's
+            default, 30 min). A delivery held for half of it is renewed (see above).
+        worker_name: Names this worker in its holding queues and held copies.
+        clock: Monotonic time source for lease renewals.
     """
 
     def __init__(
@@ -146,6 +167,9 @@ class Broker:
         mode: str = "consume",
         poll_time: float = 60.0,
         rng: Callable[[], float] = random.random,
+        consumer_timeout: float | None = None,
+        worker_name: str = "rbit",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._amqp = amqp
         self._topology = topology
@@ -155,6 +179,11 @@ class Broker:
         self._poll_time = poll_time
         self._heartbeat = max(1, min(amqp.heartbeat, int(poll_time))) if amqp.heartbeat else 0
         self._rng = rng
+        self._clock = clock
+        self.lease_renewal = (consumer_timeout or DEFAULT_CONSUMER_TIMEOUT) / 2
+        self._lease_period = min(max(self.lease_renewal / 5, 0.2), 30.0)
+        #: Names this worker process in holding queues: name and a per-run instance id.
+        self.holder = f"{worker_name}.{uuid.uuid4().hex[:8]}"
         self._ioloop = IOLoop()
         self._thread = threading.Thread(target=self._run, name=f"{name}-io", daemon=True)
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
@@ -228,6 +257,13 @@ class Broker:
         """Publish a :class:`Publish` (thread-safe); see :meth:`publish`."""
         self._call_soon(lambda: self._publish(message, on_confirm))
 
+    def send_many(self, messages: Sequence[tuple[Publish, ConfirmCallback | None]]) -> None:
+        """Publish several messages with one wake-up of the I/O thread (thread-safe)."""
+        def publish_all() -> None:
+            for message, on_confirm in messages:
+                self._publish(message, on_confirm)
+        self._call_soon(publish_all)
+
     def stop_consuming(self) -> None:
         """Cancel the consumers: no new deliveries; unacked ones stay ours to settle."""
         self._call_soon(self._cancel_consumers)
@@ -274,11 +310,16 @@ class Broker:
         try:
             self._ioloop.start()
         finally:
+            self._ioloop.close()  # its wake-up socket pair would leak otherwise
             self._stopped.set()
 
     def _reset_connection_state(self) -> None:
         self._consume_channel = None
         self._publish_channel = None
+        self._lease_channel = None
+        self._live: dict[int, Delivery] = {}  # id() -> unsettled delivery, this connection
+        self._renewals: collections.deque[Delivery] = collections.deque()
+        self._renewing: Delivery | None = None
         self._consumer_tags: dict[str, str] = {}
         self._outstanding: collections.deque[int] = collections.deque()
         self._done: set[int] = set()
@@ -342,7 +383,15 @@ class Broker:
     def _on_publish_channel(self, channel) -> None:
         self._publish_channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
-        channel.confirm_delivery(self._on_confirm, callback=lambda _f: self._declare(0))
+        channel.confirm_delivery(
+            self._on_confirm,
+            callback=lambda _f: self._connection.channel(on_open_callback=self._on_lease_channel))
+
+    def _on_lease_channel(self, channel) -> None:
+        self._lease_channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_callback(self._on_lease_empty, [spec.Basic.GetEmpty], one_shot=False)
+        self._declare(0)
 
     def _declare(self, step: int) -> None:
         """Declare exchanges, then queues and their bindings, one after the other."""
@@ -385,6 +434,8 @@ class Broker:
                  self._amqp.hosts[self._host_index].port, self._amqp.virtual_host)
         self._ready.set()
         self._release_held_publishes()
+        generation = self.generation
+        self._ioloop.call_later(self._lease_period, lambda: self._lease_tick(generation))
         if self._mode == "consume":
             self._start_consumers(list(self._consumers.values()))
         else:
@@ -414,26 +465,64 @@ class Broker:
         outstanding = self._outstanding
 
         def on_message(_channel, method, props, body) -> None:
-            message = Message(body, queue, props.headers or {}, method.redelivered,
+            headers = props.headers or {}
+            # A copy that comes back from a holding queue was being run by a worker
+            # that died or lost its connection: as good as redelivered.
+            redelivered = method.redelivered or HELD_BY_HEADER in headers
+            message = Message(body, queue, headers, redelivered,
                               props.message_id, props.content_type, allowed)
             outstanding.append(method.delivery_tag)
-            deliver(Delivery(message, method.delivery_tag, generation, _plain_properties(props)))
+            delivery = Delivery(message, method.delivery_tag, generation,
+                                _plain_properties(props), received=self._clock())
+            self._live[id(delivery)] = delivery
+            deliver(delivery)
 
         return on_message
 
     # ----------------------------------------------------------------- settlement
 
+    def _deferred(self, delivery: Delivery, call: Callable[[], None]) -> bool:
+        """Hold a settlement back while the delivery's lease is being renewed: it must
+        apply to the tag the renewal ends with."""
+        if delivery.renewing:
+            delivery.deferred.append(call)
+            return True
+        delivery.settling = True  # no renewal from now on: the settlement owns the tag
+        return False
+
     def _ack(self, delivery: Delivery) -> None:
-        if delivery.generation == self.generation and self._consume_channel is not None:
-            self._done.add(delivery.tag)
-            if not self._in_drain:  # e.g. from a publish confirm: nothing else will flush
-                self._flush_acks()
-        else:
+        if self._deferred(delivery, lambda: self._ack(delivery)):
+            return
+        if delivery.generation != self.generation or self._consume_channel is None:
             log.debug("dropping ack of stale delivery %s", delivery.tag)
+            return
+        self._live.pop(id(delivery), None)
+        self._ack_tag(delivery)
+
+    def _ack_tag(self, delivery: Delivery) -> None:
+        if delivery.leased:
+            if self._lease_channel is not None and self._lease_channel.is_open:
+                self._lease_channel.basic_ack(delivery.tag)
+            if not self._in_drain and self._mode == "poll":
+                self._poll_next()
+            return
+        self._done.add(delivery.tag)
+        if not self._in_drain:  # e.g. from a publish confirm: nothing else will flush
+            self._flush_acks()
+            if self._mode == "poll":  # nor ask for the next job / end the pass
+                self._poll_next()
 
     def _nack(self, delivery: Delivery) -> None:
-        channel = self._consume_channel
+        if self._deferred(delivery, lambda: self._nack(delivery)):
+            return
+        channel = self._lease_channel if delivery.leased else self._consume_channel
         if delivery.generation != self.generation or channel is None or not channel.is_open:
+            return
+        self._live.pop(id(delivery), None)
+        if delivery.leased:
+            # Requeued, a held copy would sit out its TTL in the holding queue; rejected,
+            # it is dead-lettered straight back to the work queue.
+            channel.basic_nack(delivery.tag, multiple=False, requeue=False)
             return
         channel.basic_nack(delivery.tag, multiple=False, requeue=True)
         self._settled.add(delivery.tag)
@@ -461,6 +550,8 @@ class Broker:
 
     def _publish_then_ack(self, delivery: Delivery, publish: Publish,
                           on_done: ConfirmCallback | None) -> None:
+        if self._deferred(delivery, lambda: self._publish_then_ack(delivery, publish, on_done)):
+            return
         if delivery.generation != self.generation:
             return  # the broker redelivers the original; publishing a copy would duplicate
 
@@ -523,6 +614,108 @@ class Broker:
         else:
             _confirm(self._unconfirmed.pop(method.delivery_tag, None), ok)
 
+    # -------------------------------------------------------------- lease renewal
+
+    def _lease_tick(self, generation: int) -> None:
+        if generation != self.generation or self._stopping:
+            return  # a newer connection runs its own tick
+        now = self._clock()
+        for delivery in list(self._live.values()):
+            if (not delivery.renewing and not delivery.settling
+                    and now - delivery.received >= self.lease_renewal):
+                delivery.renewing = True
+                self._renewals.append(delivery)
+        self._renew_next()
+        self._ioloop.call_later(self._lease_period, lambda: self._lease_tick(generation))
+
+    def _renew_next(self) -> None:
+        """Renew one held delivery at a time: its copy is then the head of the holding
+        queue, so the ``basic_get`` that follows takes that very copy back."""
+        while self._renewing is None and self._renewals:
+            delivery = self._renewals.popleft()
+            wanted = not delivery.deferred  # else it is being settled: no need
+            if wanted and delivery.generation == self.generation and id(delivery) in self._live:
+                self._renewing = delivery
+                self._park_copy(delivery)
+            else:
+                self._end_renewal(delivery)
+
+    def _park_copy(self, delivery: Delivery) -> None:
+        hold_id = uuid.uuid4().hex
+        headers = dict(delivery.message.headers)
+        headers[HELD_BY_HEADER] = self.holder
+        headers[HOLD_ID_HEADER] = hold_id
+        hold = hold_queue(delivery.message.queue, self.holder)
+        copy = Publish("", hold.name, delivery.message.body, headers=headers,
+                       properties=delivery.properties, declare=hold)
+        log.debug("job %s: renewing its lease through %s", delivery.message.job_id, hold.name)
+        self._publish(copy, lambda ok: self._on_copy_parked(delivery, hold.name, hold_id, ok))
+
+    def _on_copy_parked(self, delivery: Delivery, queue: str, hold_id: str, ok: bool) -> None:
+        if not ok or delivery.generation != self.generation:
+            if ok:  # confirmed, but the original is back in its queue too
+                log.warning("job %s: connection lost while renewing its lease; it may run "
+                            "twice", delivery.message.job_id)
+            self._end_renewal(delivery)  # a nacked copy: the next tick tries again
+            return
+        # The copy is safe in the holding queue: the original can go.
+        self._ack_tag(delivery)
+        self._take_copy(delivery, queue, hold_id, tries=3)
+
+    def _take_copy(self, delivery: Delivery, queue: str, hold_id: str, tries: int) -> None:
+        channel = self._lease_channel
+
+        def on_get(_channel, method, props, _body) -> None:
+            if _text((props.headers or {}).get(HOLD_ID_HEADER)) != hold_id:
+                # Someone else's copy (a stale renewal): send it back to the work queue.
+                channel.basic_nack(method.delivery_tag, requeue=False)
+                if tries > 1:
+                    self._take_copy(delivery, queue, hold_id, tries - 1)
+                else:
+                    self._lose_lease(delivery)
+                return
+            delivery.tag = method.delivery_tag
+            delivery.leased = True
+            delivery.received = self._clock()
+            self._end_renewal(delivery)
+
+        channel.basic_get(queue, on_get)
+
+    def _on_lease_empty(self, _frame) -> None:
+        if self._renewing is not None:
+            self._lose_lease(self._renewing)
+
+    def _lose_lease(self, delivery: Delivery) -> None:
+        # The copy expired before it could be taken back (the I/O loop was stalled for
+        # longer than the hold TTL): it is back in the work queue and will run again.
+        log.warning("job %s: its held copy went back to the work queue before it could be "
+                    "taken; it will run again", delivery.message.job_id)
+        delivery.generation = -1  # its settlement now means nothing
+        self._live.pop(id(delivery), None)
+        self._end_renewal(delivery)
+
+    def _abandon_renewals(self) -> None:
+        """The connection is gone: every renewal ends, and the settlements that waited
+        for one find their delivery stale."""
+        pending = [self._renewing, *self._renewals]
+        self._renewing = None
+        self._renewals.clear()
+        for delivery in pending:
+            if delivery is not None:
+                delivery.renewing = False
+                deferred, delivery.deferred = delivery.deferred, []
+                for call in deferred:
+                    call()
+
+    def _end_renewal(self, delivery: Delivery) -> None:
+        if self._renewing is delivery:
+            self._renewing = None
+        delivery.renewing = False
+        deferred, delivery.deferred = delivery.deferred, []
+        for call in deferred:
+            call()
+        self._renew_next()
+
     # ---------------------------------------------------------------------- poll
 
     def _poll_next(self) -> None:
@@ -535,7 +728,8 @@ class Broker:
                 self._get_queue = consumer
                 channel.basic_get(consumer.queue, self._on_get_ok)
                 return
-        if len(self._empty_queues) == len(self._consumers) and not self._outstanding:
+        if (len(self._empty_queues) == len(self._consumers) and not self._outstanding
+                and not self._live):
             self._finish_poll_pass()
 
     def _on_get_ok(self, channel, method, props, body) -> None:
@@ -585,6 +779,7 @@ class Broker:
         self.generation += 1
         for on_confirm in self._unconfirmed.values():
             _confirm(on_confirm, False)
+        self._abandon_renewals()
         held = self._held_publishes
         poll_pause = self._closing_for_poll
         self._reset_connection_state()
@@ -606,6 +801,10 @@ class Broker:
             self._ioloop.stop()
             return
         self._close_connection()
+
+
+def _text(value: object) -> str | None:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _confirm(on_confirm: ConfirmCallback | None, ok: bool) -> None:

@@ -15,12 +15,14 @@ call from the event loop's thread, does not block, and later calls
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
 import os
 import socket
 import stat
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,9 +34,9 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[bytes, str, Callable[[bool], None]], None]
 
-_READ_SIZE = 65536
 _SOCKET_MODE = 0o660
 _BROKER_UNAVAILABLE = "broker unavailable"
+_OK = reply_for(None)
 
 
 class ServerError(RbitError):
@@ -57,24 +59,34 @@ class Limits:
     idle_timeout: float | None = 1.0
 
 
-def broker_publisher(broker: Any, queue: str) -> Publish:
+class BrokerPublisher:
     """Adapt :class:`rbit.broker.Broker` to the server's publish function.
 
     Events go to the default exchange, routed straight to ``queue``, as JSON with the
-    event id as ``message_id`` (the credit runner de-duplicates on it).
+    event id as ``message_id`` (the credit runner de-duplicates on it). The server
+    hands over every line of one event-loop pass at once (:meth:`publish_many`), so the
+    broker's I/O thread is woken once per pass, not once per line.
     """
 
-    def publish(body: bytes, message_id: str, on_confirm: Callable[[bool], None]) -> None:
-        broker.publish(
-            "",
-            queue,
-            body,
-            message_id=message_id,
-            content_type="application/json",
-            on_confirm=on_confirm,
-        )
+    def __init__(self, broker: Any, queue: str) -> None:
+        self._broker, self._queue = broker, queue
 
-    return publish
+    def _message(self, body: bytes, message_id: str):
+        from rbit.broker import Publish as Message  # pika only where we publish
+
+        return Message("", self._queue, body, message_id=message_id,
+                       content_type="application/json")
+
+    def __call__(self, body: bytes, message_id: str, on_confirm: Callable[[bool], None]) -> None:
+        self._broker.send(self._message(body, message_id), on_confirm)
+
+    def publish_many(self, items: list[tuple[bytes, str, Callable[[bool], None]]]) -> None:
+        self._broker.send_many([(self._message(b, i), cb) for b, i, cb in items])
+
+
+def broker_publisher(broker: Any, queue: str) -> BrokerPublisher:
+    """The publish function for ``broker`` (see :class:`BrokerPublisher`)."""
+    return BrokerPublisher(broker, queue)
 
 
 class CreditServer:
@@ -104,9 +116,10 @@ class CreditServer:
         self._host, self._port = host, port
         self._limits = limits
         self._server: asyncio.AbstractServer | None = None
-        self._connections: set[asyncio.Task[None]] = set()
-        self._readers: set[asyncio.Task[None]] = set()
+        self._connections: set[_LineProtocol] = set()
         self._socket_inode: int | None = None
+        self._confirms: _ConfirmQueue | None = None
+        self._outbox: _Outbox | None = None
 
     @property
     def address(self) -> str | tuple[str, int]:
@@ -124,15 +137,20 @@ class CreditServer:
             ServerError: The address is in use (another daemon answers on the unix
                 socket, or the TCP port is taken) or cannot be bound.
         """
+        loop = asyncio.get_running_loop()
+        self._confirms = _ConfirmQueue(loop)
+        self._outbox = _Outbox(loop, self._publish)
         if self._unix_path is not None:
             sock = _bind_unix(self._unix_path)
             self._socket_inode = os.stat(self._unix_path).st_ino
-            self._server = await asyncio.start_unix_server(
-                self._accept, sock=sock, limit=_READ_SIZE
-            )
+            self._server = await loop.create_unix_server(self._protocol, sock=sock)
         else:
-            self._server = await _start_tcp(self._accept, self._host, self._port)
+            self._server = await _start_tcp(self._protocol, self._host, self._port)
         log.info("credit front door listening on %s", self.address)
+
+    def _protocol(self) -> _LineProtocol:
+        assert self._confirms is not None
+        return _LineProtocol(self._outbox, self._limits, self._confirms, self._connections)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let lines in flight get their replies, then close.
@@ -144,15 +162,16 @@ class CreditServer:
         """
         if self._server is not None:
             self._server.close()
-        for reader in list(self._readers):
-            reader.cancel()
+        for connection in list(self._connections):
+            connection.stop_reading()
+        deadline = asyncio.get_running_loop().time() + grace
+        while self._connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
         if self._connections:
-            _, late = await asyncio.wait(set(self._connections), timeout=grace)
-            for task in late:
-                task.cancel()
-            if late:
-                log.warning("closed %d connection(s) still waiting for confirms", len(late))
-                await asyncio.wait(late)
+            log.warning("closed %d connection(s) still waiting for confirms",
+                        len(self._connections))
+            for connection in list(self._connections):
+                connection.abort()
         if self._server is not None:
             await self._server.wait_closed()
         self._remove_socket_file()
@@ -166,181 +185,221 @@ class CreditServer:
         except FileNotFoundError:
             pass
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is None:  # pragma: no cover - asyncio always runs the callback as a task
-            return
-        self._connections.add(task)
-        try:
-            await _Connection(reader, writer, self._publish, self._limits, self._readers).run()
-        except asyncio.CancelledError:
-            pass  # stop() gave up on this connection; asyncio's stream glue must not see it
-        except Exception:  # noqa: BLE001 - one client must never take the server down
-            log.exception("credit connection failed")
-        finally:
-            self._connections.discard(task)
+
+class _ConfirmQueue:
+    """Confirms arrive on the broker's thread; the event loop applies them in batches.
+
+    One wake-up of the loop (``call_soon_threadsafe``) serves every confirm queued
+    before it runs, instead of one wake-up per event.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: collections.deque[tuple[_Reply, bool]] = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, reply: _Reply, ok: bool) -> None:
+        self._items.append((reply, ok))
+        with self._lock:
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._apply)
+
+    def _apply(self) -> None:
+        with self._lock:
+            self._scheduled = False
+        items = self._items
+        touched = set()
+        while items:
+            reply, ok = items.popleft()
+            reply.settle(ok)
+            touched.add(reply.owner)
+        for owner in touched:
+            owner.flush()
 
 
-class _Connection:
-    """One client: a reading task feeding futures, a writing loop replying in order."""
+class _Outbox:
+    """Lines accepted during one pass of the event loop, published together."""
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        publish: Publish,
-        limits: Limits,
-        readers: set[asyncio.Task[None]],
-    ) -> None:
-        self._reader, self._writer = reader, writer
-        self._publish, self._limits = publish, limits
-        self._readers = readers
-        self._loop = asyncio.get_running_loop()
-        self._replies: asyncio.Queue[asyncio.Future[bytes] | None] = asyncio.Queue(
-            limits.in_flight
-        )
-        self._pending = 0  # lines read whose reply is not written yet
-        self._writable = True
+    def __init__(self, loop: asyncio.AbstractEventLoop, publish: Publish) -> None:
+        self._loop, self._publish = loop, publish
+        self._many = getattr(publish, "publish_many", None)
+        self._items: list[tuple[bytes, str, Callable[[bool], None], _Reply]] = []
 
-    async def run(self) -> None:
-        replying = asyncio.create_task(self._write_replies())
-        reading = asyncio.create_task(self._read_lines())
-        self._readers.add(reading)
-        try:
-            await asyncio.wait([reading])  # a cancelled read (server stop) is no error
-        finally:
-            self._readers.discard(reading)
-            if not reading.cancelled() and reading.exception() is not None:
-                log.warning("credit connection: %s", reading.exception())
+    def put(self, body: bytes, event_id: str, on_confirm: Callable[[bool], None],
+            reply: _Reply) -> None:
+        if not self._items:
+            self._loop.call_soon(self.flush)
+        self._items.append((body, event_id, on_confirm, reply))
+
+    def flush(self) -> None:
+        items, self._items = self._items, []
+        if self._many is not None:
             try:
-                await self._replies.put(None)
-                await replying
-            finally:
-                replying.cancel()
-                self._writer.close()
+                self._many([item[:3] for item in items])
+                return
+            except Exception:  # noqa: BLE001 - any publisher failure means "not counted"
+                log.exception("publishing %d credit events failed", len(items))
+                for *_, reply in items:
+                    reply.settle(False)
+                    reply.owner.flush()
+                return
+        for body, event_id, on_confirm, reply in items:
+            try:
+                self._publish(body, event_id, on_confirm)
+            except Exception:  # noqa: BLE001 - any publisher failure means "not counted"
+                log.exception("publishing credit event %s failed", event_id)
+                reply.settle(False)
+                reply.owner.flush()
 
-    # -- reading -------------------------------------------------------------------
 
-    async def _read_lines(self) -> None:
-        buffer = bytearray()
-        discarding = False  # inside an over-long line, waiting for its end
-        while True:
-            chunk = await self._read_chunk(buffer)
-            if chunk is None:
-                continue
-            if not chunk:
-                break
-            buffer += chunk
-            discarding = await self._take_lines(buffer, discarding)
-        if buffer and not discarding:
-            await self._line(bytes(buffer))  # a last line without "\n" still counts
+class _Reply:
+    """One line's reply slot: filled at once (ER) or when the broker confirms."""
 
-    async def _read_chunk(self, buffer: bytearray) -> bytes | None:
-        timeout = self._limits.idle_timeout
-        try:
-            return await _read_within(self._reader, timeout)
-        except asyncio.TimeoutError:
-            if self._pending or buffer:
-                return None  # not idle: keep waiting
-            return b""
-        except ConnectionError:
-            return b""
+    __slots__ = ("owner", "data", "event")
 
-    async def _take_lines(self, buffer: bytearray, discarding: bool) -> bool:
+    def __init__(self, owner: _LineProtocol, data: bytes | None, event: CreditEvent | None):
+        self.owner, self.data, self.event = owner, data, event
+
+    def settle(self, ok: bool) -> None:
+        if self.data is not None:
+            return
+        if ok:
+            self.data = _OK
+        else:
+            log.warning("credit event %s not confirmed by the broker", self.event.id)
+            self.data = reply_for(ProtocolError(_BROKER_UNAVAILABLE))
+
+
+class _LineProtocol(asyncio.Protocol):
+    """One client connection: lines in, replies out in line order."""
+
+    def __init__(self, outbox: _Outbox, limits: Limits, confirms: _ConfirmQueue,
+                 registry: set[_LineProtocol]) -> None:
+        self._outbox, self._limits, self._confirms = outbox, limits, confirms
+        self._registry = registry
+        self._replies: collections.deque[_Reply] = collections.deque()
+        self._buffer = bytearray()
+        self._discarding = False  # inside an over-long line, waiting for its end
+        self._eof = False
+        self._paused = False
+        self._transport: asyncio.Transport | None = None
+        self._idle: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+        self._registry.add(self)
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._take_lines()
+        self._arm_idle()
+        self.flush()
+        if len(self._replies) >= self._limits.in_flight and not self._paused:
+            self._paused = True  # back-pressure on a client that never reads replies
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self._buffer and not self._discarding:
+            self._line(bytes(self._buffer))  # a last line without "\n" still counts
+        self._buffer.clear()
+        self._eof = True
+        self.flush()
+        return True  # keep the transport open to write the replies still to come
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._registry.discard(self)
+        self._transport = None
+        if self._idle is not None:
+            self._idle.cancel()
+
+    # -- lines -------------------------------------------------------------------
+
+    def _take_lines(self) -> None:
+        buffer = self._buffer
         while True:
             end = buffer.find(b"\n")
             if end < 0:
                 break
             line = bytes(buffer[:end])
             del buffer[: end + 1]
-            if discarding:
-                discarding = False
+            if self._discarding:
+                self._discarding = False
             else:
-                await self._line(line)
-        if not discarding and len(buffer) > MAX_LINE_BYTES + 1:
+                self._line(line)
+        if self._discarding:
+            buffer.clear()
+        elif len(buffer) > MAX_LINE_BYTES + 1:
             # Reply now, in order, and drop the rest of the line as it arrives.
-            await self._refuse(ProtocolError("line too long"))
+            self._replies.append(_Reply(self, reply_for(ProtocolError("line too long")), None))
             buffer.clear()
-            discarding = True
-        elif discarding:
-            buffer.clear()
-        return discarding
+            self._discarding = True
 
-    async def _line(self, raw: bytes) -> None:
+    def _line(self, raw: bytes) -> None:
         if not raw.strip():
             return  # blank lines (e.g. "\r\n" keep-alives) get no reply
         try:
             event = parse_line(raw)
         except ProtocolError as exc:
             log.info("refused a credit line: %s", exc.reason)
-            await self._refuse(exc)
+            self._replies.append(_Reply(self, reply_for(exc), None))
             return
-        await self._enqueue(self._published(event))
+        reply = _Reply(self, None, event)
+        self._replies.append(reply)
+        confirms = self._confirms
+        self._outbox.put(event.to_json(), event.id, lambda ok: confirms.put(reply, ok), reply)
 
-    async def _refuse(self, error: ProtocolError) -> None:
-        done: asyncio.Future[bytes] = self._loop.create_future()
-        done.set_result(reply_for(error))
-        await self._enqueue(done)
+    # -- replies -----------------------------------------------------------------
 
-    async def _enqueue(self, reply: asyncio.Future[bytes]) -> None:
-        self._pending += 1
-        await self._replies.put(reply)
-
-    def _published(self, event: CreditEvent) -> asyncio.Future[bytes]:
-        future: asyncio.Future[bytes] = self._loop.create_future()
-
-        def on_confirm(ok: bool) -> None:
-            # A closed loop (RuntimeError) means nobody waits for this reply any more.
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(_settle, future, event, ok)
-
-        try:
-            self._publish(event.to_json(), event.id, on_confirm)
-        except Exception:  # noqa: BLE001 - any publisher failure means "not counted"
-            log.exception("publishing credit event %s failed", event.id)
-            _settle(future, event, False)
-        return future
-
-    # -- writing -------------------------------------------------------------------
-
-    async def _write_replies(self) -> None:
-        while True:
-            reply = await self._replies.get()
-            if reply is None:
-                return
-            data = await reply
-            self._pending -= 1
-            await self._send(data)
-
-    async def _send(self, data: bytes) -> None:
-        if not self._writable:
+    def flush(self) -> None:
+        """Write the replies that are ready, in line order; close when all is said."""
+        replies, transport = self._replies, self._transport
+        if transport is None:
+            replies.clear()
             return
-        try:
-            self._writer.write(data)
-            await self._writer.drain()
-        except (ConnectionError, OSError):
-            # The client left; keep consuming replies so that every confirm is awaited.
-            self._writable = False
+        out = []
+        while replies and replies[0].data is not None:
+            out.append(replies.popleft().data)
+        if out:
+            transport.write(b"".join(out))
+        if self._paused and len(replies) < self._limits.in_flight:
+            self._paused = False
+            transport.resume_reading()
+        if self._eof and not replies:
+            transport.close()
 
+    def _arm_idle(self) -> None:
+        timeout = self._limits.idle_timeout
+        if timeout is None or timeout <= 0:
+            return
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(timeout, self._on_idle)
 
-async def _read_within(reader: asyncio.StreamReader, timeout: float | None) -> bytes:
-    if hasattr(asyncio, "timeout"):
-        # Python 3.11+: unlike wait_for, wraps no extra task around every read (about
-        # half of the per-connection cost).
-        async with asyncio.timeout(timeout):
-            return await reader.read(_READ_SIZE)
-    return await asyncio.wait_for(reader.read(_READ_SIZE), timeout)
+    def _on_idle(self) -> None:
+        if self._transport is None:
+            return
+        if self._replies or self._buffer:
+            self._arm_idle()  # not idle: a reply is still due or a line is half read
+            return
+        self._transport.close()
 
+    def stop_reading(self) -> None:
+        """Server stop: take no more lines; close once the pending replies are out."""
+        if self._transport is not None and not self._paused:
+            self._transport.pause_reading()
+        self._eof = True
+        self.flush()
 
-def _settle(future: asyncio.Future[bytes], event: CreditEvent, ok: bool) -> None:
-    if future.done():
-        return
-    if ok:
-        log.debug("credit event %s (%s) confirmed", event.id, event.command)
-        future.set_result(reply_for(None))
-    else:
-        log.warning("credit event %s (%s) not confirmed by the broker", event.id, event.command)
-        future.set_result(reply_for(ProtocolError(_BROKER_UNAVAILABLE)))
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
 
 # ---------------------------------------------------------------------------------------
@@ -398,11 +457,10 @@ def _answers(path: str) -> bool:
     return True
 
 
-async def _start_tcp(accept: Any, host: str | None, port: int | None) -> asyncio.AbstractServer:
+async def _start_tcp(factory: Any, host: str | None, port: int | None) -> asyncio.AbstractServer:
     try:
-        return await asyncio.start_server(
-            accept, host, port or 0, reuse_address=True, limit=_READ_SIZE
-        )
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(factory, host, port or 0, reuse_address=True)
     except OSError as exc:
         raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
