@@ -162,12 +162,14 @@ class JobPool:
             settlement.status is not set_status.last[0] or settlement.note
         ):
             set_status(settlement.status, settlement.note)
+        # Free the slot before handing over: in poll mode the I/O thread asks for the
+        # next job as soon as it carried out the ack, and must see the capacity then.
+        self._settled()
         if settlement.publish is None:
             self._broker.ack(delivery)
         else:
             log.info("job %s: %s", delivery.message.job_id, settlement.note)
             self._broker.publish_then_ack(delivery, settlement.publish)
-        self._settled()
 
     def _settled(self) -> None:
         with self._lock:
