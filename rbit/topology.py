@@ -5,6 +5,9 @@ For a runner section ``[runner:Q]`` rbit uses:
 * ``Q`` -- the work queue, durable, bound to the ``pybit`` direct exchange with the
   runner's dotted route (``dist.arch.suite.format``).
 * ``Q.dead`` -- the dead letters: jobs that failed for good, with the reason in headers.
+* ``Q.held.<worker>.<instance>`` -- a worker's holding queue for long jobs (see
+  :mod:`rbit.broker`): declared on first use, deleted by the broker an hour after the
+  worker is gone.
 * ``Q.retry.<ms>`` -- delay queues. A job to be retried after about ``ms`` milliseconds
   waits there with a per-message expiration; on expiry the broker dead-letters it back
   to ``Q`` through the default exchange. Each queue holds delays of one size (the
@@ -57,6 +60,33 @@ def delay_queue(queue: str, delay_ms: int) -> QueueDecl:
     """The delay queue holding ``queue``'s jobs that wait about ``delay_ms``."""
     arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue}
     return QueueDecl(f"{queue}.retry.{delay_ms}", arguments=MappingProxyType(arguments))
+
+
+#: How long a held copy may wait in its holding queue before it goes back to the work
+#: queue. Only copies nobody holds wait there: a worker takes its copy back at once.
+HOLD_TTL_MS = 5_000
+#: An idle holding queue (its worker gone) is deleted after this long.
+HOLD_EXPIRES_MS = 3_600_000
+
+
+def hold_queue(queue: str, holder: str) -> QueueDecl:
+    """The queue where a worker parks copies of ``queue``'s long jobs it holds.
+
+    ``holder`` names one worker process (name and instance id). A copy nobody holds
+    (the worker died, or its connection dropped) expires after :data:`HOLD_TTL_MS` and
+    is dead-lettered back to ``queue``; a copy held unacked never expires.
+    """
+    arguments = {
+        "x-message-ttl": HOLD_TTL_MS,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": queue,
+        "x-expires": HOLD_EXPIRES_MS,
+        "x-queue-type": "classic",
+    }
+    name = f"{queue}.held.{holder}"
+    if len(name.encode("utf-8")) > 255:  # AMQP short string; keep the instance id
+        name = f"{queue[:200]}.held.{holder[-40:]}"
+    return QueueDecl(name, arguments=MappingProxyType(arguments))
 
 
 def policy_delays_ms(policy: RetryPolicy) -> list[int]:
