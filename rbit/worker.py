@@ -48,6 +48,8 @@ class Worker:
             name=f"rbit {worker.name}",
             mode=worker.mode,
             poll_time=self.poll_time,
+            consumer_timeout=worker.consumer_timeout,
+            worker_name=worker.name,
         )
         self.reporter = StatusReporter(settings.status, worker.name, publish=self._publish_status)
         self.pools = [self._pool(runner) for runner in settings.runners]
