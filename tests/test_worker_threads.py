@@ -1,0 +1,71 @@
+"""Jobs run in worker threads while the I/O thread keeps the connection alive."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from worker_helpers import (
+    Amqp,
+    connections,
+    consumer_prefetch,
+    running_worker,
+    wait_until,
+    write_config,
+)
+
+QUEUE = "threads"
+
+
+@pytest.fixture
+def amqp(rabbit, vhost):
+    client = Amqp(rabbit.url(vhost))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def out(tmp_path):
+    path = tmp_path / "out"
+    path.mkdir()
+    return path
+
+
+def test_heartbeats_flow_while_a_long_job_runs_and_it_is_acked_once(
+        tmp_path, rabbit, vhost, amqp, out):
+    # Heartbeat 2 s: the broker drops a silent connection after about 4 s. The job runs
+    # 8 s, past that, yet below the node's 10 s consumer_timeout: only heartbeats matter.
+    runner = {"runner": "python!worker_runners:count_and_sleep", "seconds": 8, "outdir": out}
+    config = write_config(tmp_path, rabbit.url(vhost), {QUEUE: runner},
+                          amqp={"heartbeat": 2})
+    with running_worker(config, poll_time=30):
+        before = connections(rabbit, vhost)
+        amqp.publish_jobs(["long"], exchange="", routing_key=QUEUE)
+        wait_until(lambda: (out / "runs").exists(), 10, "the job to start")
+        wait_until(lambda: rabbit.list_queues(vhost)[QUEUE] == (0, 0), 20,
+                   "the job to be acked")
+        after = connections(rabbit, vhost)
+    assert (out / "runs").read_text().split() == ["long"]
+    assert len(before) == 2  # ours and the worker's
+    assert after == before  # the very same connection throughout
+
+
+def test_concurrency_runs_jobs_at_once_and_prefetch_follows_it(
+        tmp_path, rabbit, vhost, amqp, out):
+    runner = {"runner": "python!worker_runners:record_times", "seconds": 2,
+              "concurrency": 3, "outdir": out}
+    config = write_config(tmp_path, rabbit.url(vhost), {QUEUE: runner})
+    with running_worker(config):
+        assert consumer_prefetch(rabbit, vhost, QUEUE) == [3]
+        amqp.publish_jobs(["a", "b", "c"], exchange="", routing_key=QUEUE)
+        wait_until(lambda: len(list(out.glob("*.times"))) == 3, 15, "three jobs")
+    times = [json.loads(p.read_text()) for p in out.glob("*.times")]
+    assert max(t["start"] for t in times) < min(t["end"] for t in times), times
+
+
+def test_explicit_prefetch_is_the_consumer_window(tmp_path, rabbit, vhost, out):
+    runner = {"runner": "python!worker_runners:succeed", "concurrency": 2, "prefetch": 7,
+              "outdir": out}
+    config = write_config(tmp_path, rabbit.url(vhost), {QUEUE: runner})
+    with running_worker(config):
+        assert consumer_prefetch(rabbit, vhost, QUEUE) == [7]
