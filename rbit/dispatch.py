@@ -102,6 +102,14 @@ class JobPool:
         if self._batching:
             self.runner.close(timeout)
 
+    @property
+    def interruptible(self) -> bool:
+        """Whether :meth:`cancel` can end running jobs (an in-thread python! job cannot:
+        waiting for it after a second signal would only delay the exit)."""
+        if self._batching:
+            return False
+        return hasattr(self.runner, "cancel") and getattr(self.runner, "in_child", True)
+
     def cancel(self) -> None:
         """Stop running jobs now (children killed); their deliveries are redelivered."""
         self._cancelled = True

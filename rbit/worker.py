@@ -124,16 +124,21 @@ class Worker:
             log.warning("stopping running jobs; they will be redelivered")
             for pool in self.pools:
                 pool.cancel()
-            self._wait_pools(time.monotonic() + CANCEL_WAIT, threading.Event())
+            # Jobs running in this process's threads cannot be stopped; they end with
+            # the process, and the broker redelivers them.
+            stoppable = [pool for pool in self.pools if pool.interruptible]
+            self._wait_pools(time.monotonic() + CANCEL_WAIT, threading.Event(), stoppable)
         for pool in self.pools:
             pool.close(max(1.0, deadline - time.monotonic()))
         self.reporter.close(timeout=5.0)
         self.broker.stop()
         return clean
 
-    def _wait_pools(self, deadline: float, force: threading.Event) -> bool:
+    def _wait_pools(self, deadline: float, force: threading.Event,
+                    pools: list[JobPool] | None = None) -> bool:
+        pools = self.pools if pools is None else pools
         while time.monotonic() < deadline and not force.is_set():
             step = min(deadline, time.monotonic() + 0.2)
-            if all(pool.wait(step) for pool in self.pools):
+            if all(pool.wait(step) for pool in pools):
                 return True
-        return all(pool.wait(time.monotonic()) for pool in self.pools)
+        return all(pool.wait(time.monotonic()) for pool in pools)

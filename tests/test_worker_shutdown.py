@@ -1,0 +1,176 @@
+"""``python -m rbit CONFIG`` as a real process: signals, exit codes, no job lost."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import pytest
+from worker_helpers import Amqp, WorkerProcess, pid_alive, wait_until, write_config
+
+from rbit.cli import ExitCode
+
+QUEUE = "shutdown"
+
+
+@pytest.fixture
+def amqp(rabbit, vhost):
+    client = Amqp(rabbit.url(vhost))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def out(tmp_path):
+    path = tmp_path / "out"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def processes():
+    started: list[WorkerProcess] = []
+    yield started
+    for proc in started:
+        proc.kill()
+
+
+def _start(processes, config, *args) -> WorkerProcess:
+    proc = WorkerProcess(config, *args)
+    processes.append(proc)
+    return proc
+
+
+def _wait_for_queue(rabbit, vhost, proc):
+    def declared():
+        assert proc.proc.poll() is None, f"the worker exited early:\n{proc.output}"
+        return QUEUE in rabbit.list_queues(vhost)
+    wait_until(declared, 20, "the worker to declare its queue")
+
+
+def test_sigterm_finishes_the_running_job_and_requeues_the_prefetched(
+        tmp_path, rabbit, vhost, amqp, out, processes):
+    runner = {"runner": "python!worker_runners:sleep_then_finish", "seconds": 5,
+              "concurrency": 1, "prefetch": 5, "outdir": out}
+    config = write_config(tmp_path, rabbit.url(vhost), {QUEUE: runner})
+    worker = _start(processes, config)
+    _wait_for_queue(rabbit, vhost, worker)
+    amqp.publish_jobs(["first", "second", "third", "fourth"], exchange="", routing_key=QUEUE)
+    wait_until(lambda: (out / "started").exists(), 10, "the first job to start")
+    wait_until(lambda: rabbit.list_queues(vhost)[QUEUE] == (0, 4), 10, "all four prefetched")
+
+    worker.signal(signal.SIGTERM)
+    code = worker.wait(timeout=20)
+
+    assert code == ExitCode.OK, worker.output
+    assert (out / "first.finished").exists()
+    assert (out / "started").read_text().split() == ["first"]  # nothing else was run
+    assert rabbit.list_queues(vhost)[QUEUE] == (3, 0)
+    ids = sorted(amqp.get(QUEUE)[1].message_id for _ in range(3))
+    assert ids == ["fourth", "second", "third"]
+
+
+SCRIPT = """#!/bin/sh
+sleep 60 &
+echo $$ $! > "$1/pids"
+wait
+"""
+
+
+def test_second_signal_stops_a_long_job_and_leaves_it_for_redelivery(
+        tmp_path, rabbit, vhost, amqp, out, processes):
+    script = tmp_path / "long.sh"
+    script.write_text(SCRIPT)
+    script.chmod(0o755)
+    runner = {"runner": f"shell!{script} {{outdir}}", "kill_grace": 2, "outdir": out}
+    config = write_config(tmp_path, rabbit.url(vhost), {QUEUE: runner},
+                          rbit={"shutdown_grace": 30})
+    worker = _start(processes, config)
+    _wait_for_queue(rabbit, vhost, worker)
+    amqp.publish_jobs(["long"], exchange="", routing_key=QUEUE)
+    pids = wait_until(lambda: (out / "pids").exists() and (out / "pids").read_text().split(),
+                      10, "the job's processes")
+    child, grandchild = (int(pid) for pid in pids)
+
+    worker.signal(signal.SIGTERM)
+    time.sleep(0.5)  # two separate signals; the grace period is 30 s, not this
+    assert worker.proc.poll() is None, "the worker must wait for the job after SIGTERM"
+    started = time.monotonic()
+    worker.signal(signal.SIGINT)
+    code = worker.wait(timeout=15)
+
+    assert code == ExitCode.FORCED, worker.output
+    assert time.monotonic() - started < 10
+    assert not pid_alive(child)
+    assert not pid_alive(grandchild)
+    assert rabbit.list_queues(vhost)[QUEUE] == (1, 0)
+    method, props, _body = amqp.get(QUEUE)
+    assert props.message_id == "long"
+    assert method.redelivered
+
+
+def test_second_signal_does_not_wait_for_a_job_running_in_a_worker_thread(
+        tmp_path, rabbit, vhost, amqp, out, processes):
+    # An in-thread python! job cannot be interrupted; the process exits without it and
+    # the broker redelivers the job.
+    runner = {"runner": "python!worker_runners:sleep_then_finish", "seconds": 60,
+              "outdir": out}
+    config = write_config(tmp_path, rabbit.url(vhost), {QUEUE: runner},
+                          rbit={"shutdown_grace": 30})
+    worker = _start(processes, config)
+    _wait_for_queue(rabbit, vhost, worker)
+    amqp.publish_jobs(["stuck"], exchange="", routing_key=QUEUE)
+    wait_until(lambda: (out / "started").exists(), 10, "the job to start")
+
+    worker.signal(signal.SIGTERM)
+    time.sleep(0.5)  # two separate signals; the grace period is 30 s, not this
+    started = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    code = worker.wait(timeout=20)
+
+    assert code == ExitCode.FORCED, worker.output
+    assert time.monotonic() - started < 5
+    assert rabbit.list_queues(vhost)[QUEUE] == (1, 0)
+    assert not (out / "stuck.finished").exists()
+
+
+def test_bad_config_exits_before_connecting_and_names_the_key(tmp_path, processes):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.0)
+        url = f"amqp://guest:guest@127.0.0.1:{listener.getsockname()[1]}/"
+        runner = {"runner": "python!worker_runners:succeed", "concurrency": "many"}
+        config = write_config(tmp_path, url, {QUEUE: runner})
+        worker = _start(processes, config)
+        code = worker.wait(timeout=20)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody ever connected
+    assert code == ExitCode.CONFIG
+    assert str(config) in worker.output
+    assert f"[runner:{QUEUE}]" in worker.output
+    assert "'concurrency'" in worker.output
+
+
+def test_unreachable_broker_exits_with_its_own_code(tmp_path, processes):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    runner = {"runner": "python!worker_runners:succeed"}
+    config = write_config(tmp_path, f"amqp://guest:guest@127.0.0.1:{port}/", {QUEUE: runner})
+    worker = _start(processes, config)
+    assert worker.wait(timeout=30) == ExitCode.BROKER_UNREACHABLE, worker.output
+    assert f"127.0.0.1:{port}" in worker.output
+
+
+def test_sigterm_on_an_idle_worker_exits_cleanly_at_once(tmp_path, rabbit, vhost, processes):
+    runner = {"runner": "python!worker_runners:succeed"}
+    config = write_config(tmp_path, rabbit.url(vhost), {QUEUE: runner})
+    worker = _start(processes, config)
+    _wait_for_queue(rabbit, vhost, worker)
+    started = time.monotonic()
+    worker.signal(signal.SIGINT)
+    assert worker.wait(timeout=15) == ExitCode.OK, worker.output
+    assert time.monotonic() - started < 5
+
