@@ -13,7 +13,7 @@ import logging.config
 import signal
 import sys
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from rbit import __version__
 from rbit.config import Settings, load_config

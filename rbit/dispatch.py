@@ -104,8 +104,11 @@ class JobPool:
 
     @property
     def interruptible(self) -> bool:
-        """Whether :meth:`cancel` can end running jobs (an in-thread python! job cannot:
-        waiting for it after a second signal would only delay the exit)."""
+        """Whether :meth:`cancel` can end running jobs.
+
+        An in-thread python! job cannot be stopped: waiting for it after a second
+        signal would only delay the exit.
+        """
         if self._batching:
             return False
         return hasattr(self.runner, "cancel") and getattr(self.runner, "in_child", True)
