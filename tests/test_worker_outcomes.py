@@ -25,10 +25,10 @@ def out(tmp_path):
     return path
 
 
-def _config(tmp_path, rabbit, vhost, out, runner, **keys):
+def _config(tmp_path, rabbit, vhost, out, runner, mode="consume", **keys):
     section = {"runner": runner, "outdir": out, **keys}
     return write_config(tmp_path, rabbit.url(vhost), {QUEUE: section},
-                        status={"sinks": "log, amqp"})
+                        status={"sinks": "log, amqp"}, rbit={"mode": mode})
 
 
 def _python(func):
@@ -94,9 +94,12 @@ def test_failed_job_is_retried_then_dead_lettered(tmp_path, rabbit, vhost, amqp,
     assert props.headers["x-rbit-attempts"] == 2
 
 
-def test_blocked_job_waits_in_a_delay_queue_and_comes_back(tmp_path, rabbit, vhost, amqp, out):
+@pytest.mark.parametrize("mode", ["consume", "poll"])
+def test_blocked_job_waits_in_a_delay_queue_and_comes_back(
+        tmp_path, rabbit, vhost, amqp, out, mode):
     watcher = amqp.watch("rbit.status")
-    with running_worker(_config(tmp_path, rabbit, vhost, out, _python("blocked_once"))):
+    config = _config(tmp_path, rabbit, vhost, out, _python("blocked_once"), mode)
+    with running_worker(config, poll_time=1):
         amqp.publish_jobs(["later"], exchange="", routing_key=QUEUE)
         events = watcher.wait_for("later", "Done")
         wait_until(lambda: rabbit.list_queues(vhost)[QUEUE] == (0, 0), 10, "the ack")

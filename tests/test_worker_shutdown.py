@@ -174,3 +174,19 @@ def test_sigterm_on_an_idle_worker_exits_cleanly_at_once(tmp_path, rabbit, vhost
     assert worker.wait(timeout=15) == ExitCode.OK, worker.output
     assert time.monotonic() - started < 5
 
+
+
+def test_poll_mode_worker_with_poll_time_option_runs_jobs_and_stops_cleanly(
+        tmp_path, rabbit, vhost, amqp, out, processes):
+    runner = {"runner": "python!worker_runners:succeed", "outdir": out}
+    config = write_config(tmp_path, rabbit.url(vhost), {QUEUE: runner},
+                          rbit={"mode": "poll", "polling_time": 600})
+    worker = _start(processes, config, "--poll-time", "0.5")
+    _wait_for_queue(rabbit, vhost, worker)
+    amqp.publish_jobs(["p1", "p2", "p3"], exchange="", routing_key=QUEUE)
+    # polling_time = 600 in the file: only --poll-time makes the next pass come soon.
+    wait_until(lambda: (out / "runs").exists()
+               and len((out / "runs").read_text().split()) == 3, 15, "three jobs")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=15) == ExitCode.OK, worker.output
+    assert rabbit.list_queues(vhost)[QUEUE] == (0, 0)
