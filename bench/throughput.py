@@ -428,9 +428,11 @@ def measure(contender: Contender, broker: BrokerHandle, n: int, *, marks: tuple[
         argv = (command_prefix or []) + contender.command(run)
         with open(log_path, "wb") as log:
             t_spawn = time.time()
-            proc = subprocess.Popen(argv, env=contender.env(run), cwd=ROOT, stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(argv, env=contender.env(run), cwd=workdir, stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        load = os.getloadavg()[0]
         result = _watch(contender, broker, run, proc, t_spawn, log_path)
+        result["loadavg_1m_at_start"] = load
         result["marks"] = _progress(workdir)
         result["log_bytes"] = log_path.stat().st_size
         _stop(proc, result["pid"] if stop_worker_pid else proc.pid)
@@ -713,15 +715,18 @@ PROFILE_WRAPPER = BENCH / "profile_rbit.py"
 
 def run_profile(broker: BrokerHandle, table: dict[str, Contender], n: int) -> str:
     out = []
-    for name in ("rbit-python-nostatus", "rbit-python-logsink"):
+    # /bin/true jobs are slow: a shorter run profiles them well enough.
+    for name, jobs in (("rbit-python-nostatus", n), ("rbit-python-logsink", n),
+                       ("rbit-shell-true", min(n, 5000))):
         contender = table[name]
         prof_path = RESULTS / ("profile-%s.txt" % name)
         wrapped = dataclasses.replace(
             contender,
-            command=lambda run: [sys.executable, str(PROFILE_WRAPPER), str(prof_path),
-                                 str(run.n), str(run.workdir / "rbit.ini")])
+            command=lambda run, prof_path=prof_path: [
+                sys.executable, str(PROFILE_WRAPPER), str(prof_path), str(run.n),
+                str(run.workdir / "rbit.ini")])
         print("profile (cProfile, CPU clock per thread): %s ..." % name, flush=True)
-        result = measure(wrapped, broker, n)
+        result = measure(wrapped, broker, jobs)
         out.append("%s under cProfile: %.0f jobs/s -> %s" % (name, result["jobs_per_s"], prof_path))
     py_spy = shutil.which("py-spy") or (str(VENV / "bin" / "py-spy")
                                          if (VENV / "bin" / "py-spy").exists() else None)
