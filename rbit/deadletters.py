@@ -15,7 +15,7 @@ import logging
 import sys
 from typing import Sequence, TextIO
 
-from rbit.broker import AdminSession, Delivery, Publish
+from rbit.broker import HELD_BY_HEADER, HOLD_ID_HEADER, AdminSession, Delivery, Publish
 from rbit.config import Settings, load_config
 from rbit.errors import BrokerError, BrokerUnreachable, ConfigError
 from rbit.fate import DEAD_REASON_HEADER, DEAD_TIME_HEADER, DEAD_WORKER_HEADER
@@ -30,7 +30,7 @@ _DROPPED_ON_REPLAY = (ATTEMPTS_HEADER, LAST_ERROR_HEADER, DEAD_REASON_HEADER,
                       DEAD_TIME_HEADER, DEAD_WORKER_HEADER, "x-rbit-dead-queue", "x-death",
                       "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
                       "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason",
-                      "x-delivery-count")
+                      "x-delivery-count", HELD_BY_HEADER, HOLD_ID_HEADER)
 
 
 def _parser() -> argparse.ArgumentParser:
