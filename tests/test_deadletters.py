@@ -71,7 +71,8 @@ def test_dead_letters_list_replay_and_purge_end_to_end(tmp_path, rabbit, vhost):
 
         listed = _verb(config, "list", QUEUE)
         assert listed.returncode == 0, listed.stderr
-        assert "job-1" in listed.stdout and "job-2" in listed.stdout
+        assert "job-1" in listed.stdout
+        assert "job-2" in listed.stdout
         assert "reason: not yet" in listed.stdout
         assert "worker=fault-worker" in listed.stdout
         assert "2 dead job(s)" in listed.stdout

@@ -173,7 +173,8 @@ def test_memory_alarm_pauses_publishing_without_deadlock(tmp_path, rabbit, vhost
         statuses = _drain(publisher, watch)
         for job_id in ids:
             seen = [s for j, s in statuses if j == job_id]
-            assert "Waiting" in seen and "Done" in seen, (job_id, seen)
+            assert "Waiting" in seen, (job_id, seen)
+            assert "Done" in seen, (job_id, seen)
         assert "unblocked" in worker.text()
     finally:
         rabbit.set_memory_alarm(False)
