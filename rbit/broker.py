@@ -4,21 +4,52 @@ A :class:`Broker` owns one AMQP connection and the thread that runs its I/O loop
 (pika's ``SelectConnection``). Everything that touches the connection runs on that
 thread; other threads hand work over with :meth:`Broker.ack`, :meth:`Broker.publish`
 and friends, which queue a call and wake the loop through
-``add_callback_threadsafe``. Heartbeats therefore keep flowing however long a job runs.
+``add_callback_threadsafe``. Heartbeats therefore keep flowing however long a job runs;
+the heartbeat is at most the poll time, so a dead peer is noticed within it.
 
-Two channels per connection: one consumes (and acks), one publishes in confirm mode.
-Confirms are pipelined: a publish returns at once and its ``on_confirm`` callback runs
-when the broker acks or nacks it (or with ``False`` when the connection is lost first).
+Three channels per connection: one consumes (and acks), one publishes in confirm mode,
+one holds the copies of long jobs (below). Confirms are pipelined: a publish returns at
+once and its ``on_confirm`` callback runs when the broker acks or nacks it (or with
+``False`` when the connection is lost first).
 
 Acks are batched without a timer: every wake-up of the loop handles all completions
 queued since the last one, then acks the longest finished run of delivery tags with
 one ``multiple=True`` ack, and finished tags stuck behind a still-running job one by
 one (so a long job never holds back the prefetch window of the others).
 
-Each connection has a *generation*. A delivery carries the generation it came from;
-settling a delivery of an older generation is a no-op, because its delivery tag means
-nothing on the new channel -- the broker has already put that message back in its
-queue.
+Reconnection. The broker reconnects until stopped: the next host of the list at once,
+then, after a whole round failed, with exponential backoff and jitter; it redeclares
+the topology and consumes again. Each connection has a *generation*. A delivery
+carries the generation it came from; settling a delivery of an older generation is a
+no-op, because its delivery tag means nothing on the new channel -- the broker has
+already put that message back in its queue. So a job that was running while the
+connection dropped is finished by its runner, its ack is dropped as stale, and the
+broker delivers it again: it may run twice (at-least-once), never zero times.
+
+Long jobs. RabbitMQ closes a channel when one of its deliveries stays unacked longer
+than ``consumer_timeout`` (30 min by default, server-wide in 3.10), requeueing every
+unacked delivery on it. The broker therefore renews the *lease* of every delivery held
+for ``consumer_timeout / 2``:
+
+1. publish a copy (same body and properties, headers plus ``x-rbit-held-by`` and a
+   hold id) to the worker's holding queue ``<queue>.held.<worker>.<instance>`` and wait
+   for its confirm; the holding queue has a short message TTL and dead-letters expired
+   messages back to the work queue;
+2. ack the current delivery (the copy is safe);
+3. ``basic_get`` the copy back on the lease channel: a fresh unacked delivery whose ack
+   timeout starts now. An unacked message never expires, so the copy stays put.
+
+Renewals run one at a time, so the copy is the head of the holding queue when it is
+taken back (a copy with another hold id is sent back to the work queue). The job pool
+keeps the same :class:`Delivery` object throughout; the broker swaps its tag, so the
+outcome is settled against the current copy. A settlement that arrives mid-renewal
+waits for the renewal to end. If the worker dies, its unacked copy returns to the
+holding queue, already older than the TTL, expires and is dead-lettered to the work
+queue: redelivered (the message then says ``redelivered``), not lost. The same happens
+when the connection drops; the running job's settlement is then stale and the job may
+run twice. If the I/O loop stalls past the hold TTL between steps 1 and 3, the copy
+is back in the work queue before it can be taken: the running job's settlement is
+dropped and the job runs again (logged).
 """
 
 from __future__ import annotations
@@ -30,8 +61,9 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable
 
 import pika
 import pika.exceptions
@@ -160,7 +192,7 @@ class Broker:
     def __init__(
         self,
         amqp: AmqpSettings,
-        topology: Topology = Topology(),
+        topology: Topology | None = None,
         *,
         consumers: Sequence[ConsumerSpec] = (),
         name: str = "rbit",
@@ -172,7 +204,7 @@ class Broker:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._amqp = amqp
-        self._topology = topology
+        self._topology = topology or Topology()
         self._consumers = {c.queue: c for c in consumers}
         self._name = name
         self._mode = mode
@@ -212,8 +244,11 @@ class Broker:
         self._thread.start()
 
     def wait_ready(self, timeout: float) -> bool:
-        """Wait until connected with the topology declared (False on timeout or a
-        failed first round of connection attempts)."""
+        """Wait until connected with the topology declared.
+
+        Returns:
+            False on timeout or when a first round of connection attempts failed.
+        """
         self._ready.wait(timeout)
         return self._ready.is_set() and self.start_error is None
 
@@ -235,9 +270,11 @@ class Broker:
 
     def publish_then_ack(self, delivery: Delivery, publish: Publish,
                          on_done: ConfirmCallback | None = None) -> None:
-        """Publish a message derived from a delivery and ack the delivery once the
-        broker confirmed it. A nacked publish requeues the delivery instead; a lost
-        connection leaves it to the broker's redelivery. ``on_done(ok)`` follows."""
+        """Publish a message derived from a delivery, then ack the delivery.
+
+        The ack follows the broker's confirm. A nacked publish requeues the delivery instead; a lost
+        connection leaves it to the broker's redelivery. ``on_done(ok)`` follows.
+        """
         self._call_soon(lambda: self._publish_then_ack(delivery, publish, on_done))
 
     def publish(self, exchange: str, routing_key: str, body: bytes, *,
@@ -348,7 +385,8 @@ class Broker:
 
     def _on_open_error(self, _connection, error) -> None:
         address = self._amqp.hosts[self._host_index]
-        log.warning("cannot connect to %s:%s: %s", address.host, address.port, error)
+        log.warning("cannot connect to %s:%s: %s", address.host, address.port,
+                    error or type(error).__name__)
         self._connection = None
         self._schedule_reconnect(f"{address.host}:{address.port}: {error}")
 
@@ -482,8 +520,10 @@ class Broker:
     # ----------------------------------------------------------------- settlement
 
     def _deferred(self, delivery: Delivery, call: Callable[[], None]) -> bool:
-        """Hold a settlement back while the delivery's lease is being renewed: it must
-        apply to the tag the renewal ends with."""
+        """Hold a settlement back while the delivery's lease is being renewed.
+
+        It must apply to the tag the renewal ends with.
+        """
         if delivery.renewing:
             delivery.deferred.append(call)
             return True
@@ -629,8 +669,11 @@ class Broker:
         self._ioloop.call_later(self._lease_period, lambda: self._lease_tick(generation))
 
     def _renew_next(self) -> None:
-        """Renew one held delivery at a time: its copy is then the head of the holding
-        queue, so the ``basic_get`` that follows takes that very copy back."""
+        """Renew one held delivery at a time.
+
+        Its copy is then the head of the holding queue, so the ``basic_get`` that
+        follows takes that very copy back.
+        """
         while self._renewing is None and self._renewals:
             delivery = self._renewals.popleft()
             wanted = not delivery.deferred  # else it is being settled: no need
@@ -695,8 +738,10 @@ class Broker:
         self._end_renewal(delivery)
 
     def _abandon_renewals(self) -> None:
-        """The connection is gone: every renewal ends, and the settlements that waited
-        for one find their delivery stale."""
+        """The connection is gone: every renewal ends.
+
+        The settlements that waited for one find their delivery stale.
+        """
         pending = [self._renewing, *self._renewals]
         self._renewing = None
         self._renewals.clear()
@@ -838,7 +883,7 @@ class AdminSession:
         self._channel = self._connection.channel()
         self._channel.confirm_delivery()
 
-    def __enter__(self) -> "AdminSession":
+    def __enter__(self) -> AdminSession:
         return self
 
     def __exit__(self, *exc: object) -> None:

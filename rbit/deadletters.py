@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence, TextIO
+from collections.abc import Sequence
+from typing import TextIO
 
 from rbit.broker import HELD_BY_HEADER, HOLD_ID_HEADER, AdminSession, Delivery, Publish
 from rbit.config import Settings, load_config

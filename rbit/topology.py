@@ -22,9 +22,10 @@ killing its worker ends in the dead letters instead of looping.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from rbit.config import RetryPolicy, RunnerSettings, Settings
 
