@@ -11,6 +11,7 @@ from __future__ import annotations
 import cProfile
 import io
 import pstats
+import re
 import sys
 import threading
 import time
@@ -35,8 +36,13 @@ def _profiled_run(self: threading.Thread) -> None:
 def _summary(stats: pstats.Stats, n: int, per_thread: list[tuple[str, float]], top: int = 45) -> str:
     lines = ["cProfile (CPU time per thread), N=%d jobs; times in us per job" % n, "",
              "per thread (CPU us/job):"]
+    grouped: dict[str, list[float]] = {}
     for name, seconds in per_thread:
-        lines.append("  %8.1f  %s" % (seconds / n * 1e6, name))
+        # one thread per job (e.g. rbit-shell-io-<pid>): one line for all of them
+        grouped.setdefault(re.sub(r"-\d+$", "-<n>", name), []).append(seconds)
+    for name, times in sorted(grouped.items(), key=lambda kv: -sum(kv[1])):
+        count = " (%d threads)" % len(times) if len(times) > 1 else ""
+        lines.append("  %8.1f  %s%s" % (sum(times) / n * 1e6, name, count))
     rows = []
     for (path, line, func), (_cc, calls, tottime, cumtime, _callers) in stats.stats.items():
         where = "%s:%d(%s)" % (_short(path), line, func) if line else func
