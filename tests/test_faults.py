@@ -259,4 +259,5 @@ def test_delivery_limit_sends_a_worker_killing_job_to_the_dead_letters(tmp_path,
         publisher.close()
     assert len(records.events("killing")) == limit + 1
     assert dead[1].message_id == "killer"
+    assert dead[1].headers["x-first-death-reason"] == "delivery_limit"
     assert queue_totals(rabbit, vhost)[QUEUE] == (0, 0)
