@@ -66,6 +66,11 @@ class JobPool:
     # -------------------------------------------------------------- I/O thread side
 
     def on_delivery(self, delivery: Delivery) -> None:
+        if self._closing:
+            # Pushed before the broker saw our cancel: the job threads may be gone
+            # already, so give it back now rather than when the connection closes.
+            self._broker.requeue(delivery)
+            return
         with self._lock:
             self._busy += 1
         self._queue.put(delivery)

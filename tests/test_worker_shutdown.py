@@ -61,6 +61,10 @@ def test_sigterm_finishes_the_running_job_and_requeues_the_prefetched(
     wait_until(lambda: rabbit.list_queues(vhost)[QUEUE] == (0, 4), 10, "all four prefetched")
 
     worker.signal(signal.SIGTERM)
+    # The prefetched jobs go back at once, for other workers, while the first runs on.
+    wait_until(lambda: rabbit.list_queues(vhost)[QUEUE] == (3, 1), 4,
+               "the three prefetched jobs to be requeued")
+    assert not (out / "first.finished").exists()
     code = worker.wait(timeout=20)
 
     assert code == ExitCode.OK, worker.output
@@ -133,6 +137,39 @@ def test_second_signal_does_not_wait_for_a_job_running_in_a_worker_thread(
     assert time.monotonic() - started < 5
     assert rabbit.list_queues(vhost)[QUEUE] == (1, 0)
     assert not (out / "stuck.finished").exists()
+
+
+def test_grace_period_over_stops_the_job_and_leaves_it_for_redelivery(
+        tmp_path, rabbit, vhost, amqp, out, processes):
+    script = tmp_path / "long.sh"
+    script.write_text(SCRIPT)
+    script.chmod(0o755)
+    runner = {"runner": f"shell!{script} {{outdir}}", "kill_grace": 2, "outdir": out}
+    config = write_config(tmp_path, rabbit.url(vhost), {QUEUE: runner},
+                          rbit={"shutdown_grace": 1})
+    worker = _start(processes, config)
+    _wait_for_queue(rabbit, vhost, worker)
+    amqp.publish_jobs(["long"], exchange="", routing_key=QUEUE)
+    pids = wait_until(lambda: (out / "pids").exists() and (out / "pids").read_text().split(),
+                      10, "the job's processes")
+
+    worker.signal(signal.SIGTERM)
+    code = worker.wait(timeout=15)
+
+    assert code == ExitCode.FORCED, worker.output
+    assert not any(pid_alive(int(pid)) for pid in pids)
+    assert rabbit.list_queues(vhost)[QUEUE] == (1, 0)
+
+
+def test_runner_that_cannot_load_exits_with_the_config_code(tmp_path, processes):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    runner = {"runner": "python!no_such_module_here:run"}
+    config = write_config(tmp_path, f"amqp://guest:guest@127.0.0.1:{port}/", {QUEUE: runner})
+    worker = _start(processes, config)
+    assert worker.wait(timeout=20) == ExitCode.CONFIG, worker.output
+    assert "no_such_module_here" in worker.output
 
 
 def test_bad_config_exits_before_connecting_and_names_the_key(tmp_path, processes):
