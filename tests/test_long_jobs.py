@@ -120,3 +120,32 @@ def test_long_job_of_a_killed_worker_comes_back_and_runs_again(
     finally:
         publisher.close()
         first.kill()
+
+
+def test_several_long_jobs_and_prefetched_ones_each_run_once(
+        tmp_path, rabbit, vhost, precise_consumer_timeout):
+    config = write_config(
+        tmp_path / "worker.ini", amqp_keys(rabbit, vhost),
+        {"runner": "python!fault_runners:long_job", "record": tmp_path / "record",
+         "sleep": 0.7 * CONSUMER_TIMEOUT, "concurrency": 3, "prefetch": 6},
+        rbit={"consumer_timeout": CONSUMER_TIMEOUT})
+    worker = _start(tmp_path, config, rabbit, vhost)
+    publisher = Publisher(rabbit.url(vhost))
+    ids = [f"long-{n}" for n in range(6)]
+    records = Records(tmp_path / "record")
+    try:
+        # Three run at once; three wait in the prefetch window past the timeout.
+        publisher.jobs(ids)
+        wait_until(lambda: set(records.count("end")) == set(ids), 4 * CONSUMER_TIMEOUT,
+                   "every job's end")
+        wait_until(lambda: all(c == (0, 0) for c in queue_totals(rabbit, vhost).values()),
+                   15, "empty queues")
+        assert records.count("start") == dict.fromkeys(ids, 1)
+        assert records.count("end") == dict.fromkeys(ids, 1)
+        log = worker.text()
+        assert "PRECONDITION_FAILED" not in log
+        assert "connection lost" not in log
+        assert "it will run again" not in log
+    finally:
+        publisher.close()
+        worker.stop()
