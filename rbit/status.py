@@ -135,6 +135,8 @@ class StatusReporter:
         """
         if not isinstance(status, Status):
             status = Status.parse(status)
+        if not self._log and not self._sinks:
+            return  # statuses switched off: nothing to build
         if not isinstance(message, str):  # PyBit-era runners pass exceptions too
             message = "" if message is None else str(message)
         event = _Event(job_id, queue, status, message, self._clock())
@@ -171,11 +173,14 @@ class StatusReporter:
 
 
 def _log_event(event: _Event) -> None:
-    # Folding a long traceback costs something: only when the line will be written.
-    if log.isEnabledFor(logging.INFO):
+    # A bare progress status (rbit's own "Building" at the start of every job) says
+    # little: DEBUG keeps the default log at one line per job. Folding a long
+    # traceback costs something: only when the line will be written.
+    level = logging.INFO if event.message or event.status.terminal else logging.DEBUG
+    if log.isEnabledFor(level):
         text = one_line(event.message)
-        log.info("job %s %s: %s%s", event.job_id, event.queue, event.status.value,
-                 " " + text if text else "")
+        log.log(level, "job %s %s: %s%s", event.job_id, event.queue, event.status.value,
+                " " + text if text else "")
 
 
 def one_line(text: str, limit: int = LOG_MESSAGE_CHARS) -> str:

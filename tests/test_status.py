@@ -163,9 +163,30 @@ def test_log_sink_writes_one_line_per_status(reporters, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "rbit.status"]
     assert lines == [
         "job 42 cnx_any_latex_pdf: Failed Traceback: boom ValueError",
-        "job 42 cnx_any_latex_pdf: Building",
         "job 42 cnx_any_latex_pdf: Failed 'name'",
     ]
+
+
+def test_log_sink_puts_bare_progress_statuses_at_debug(reporters, caplog):
+    reporter = make(reporters, ("log",))
+    caplog.set_level(logging.DEBUG, logger="rbit.status")
+    reporter.report("7", "q", Status.BUILDING)
+    reporter.report("7", "q", Status.BUILDING, "chapter 3")
+    reporter.report("7", "q", Status.DONE)
+    levels = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "rbit.status"]
+    assert levels == [
+        (logging.DEBUG, "job 7 q: Building"),
+        (logging.INFO, "job 7 q: Building chapter 3"),
+        (logging.INFO, "job 7 q: Done"),
+    ]
+
+
+def test_a_reporter_without_sinks_reports_nothing(reporters, caplog):
+    reporter = make(reporters, ())
+    caplog.set_level(logging.DEBUG, logger="rbit.status")
+    reporter.report("7", "q", Status.DONE)
+    assert [r for r in caplog.records if r.name == "rbit.status"] == []
+    assert reporter.pending() == 0
 
 
 def test_long_log_messages_are_cut():
