@@ -197,6 +197,10 @@ class RabbitNode:
             cookie.write_text(secrets.token_hex(16))
             cookie.chmod(0o400)  # Erlang refuses a cookie others can read
         (self.base_dir / "rabbitmq.conf").write_text(_conf_text(self.port))
+        # The broker checks consumer_timeout on each channel tick (60 s by default):
+        # tick every second so the short test timeout fires when it is due.
+        (self.base_dir / "advanced.config").write_text(
+            "[{rabbit, [{channel_tick_interval, 1000}]}].\n")
         (self.base_dir / "enabled_plugins").write_text("[].\n")
         (self.base_dir / "rabbitmq-env.conf").write_text("")
 
