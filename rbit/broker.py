@@ -89,22 +89,44 @@ _PROPERTY_NAMES = ("content_type", "content_encoding", "headers", "message_id",
                    "correlation_id", "reply_to", "priority", "timestamp", "type", "app_id")
 
 
-@dataclass(eq=False)
 class Delivery:
-    """A message taken from a queue and not yet settled."""
+    """A message taken from a queue and not yet settled.
 
-    message: Message
-    tag: int
-    generation: int
-    properties: Mapping[str, Any] = field(default_factory=dict)
-    # The rest is the broker's, touched on its I/O thread only: when the current tag
-    # was received, whether it lives on the lease channel, and a renewal in progress
-    # with the settlements that wait for it.
-    received: float = field(default=0.0, repr=False)
-    leased: bool = field(default=False, repr=False)
-    renewing: bool = field(default=False, repr=False)
-    settling: bool = field(default=False, repr=False)
-    deferred: list = field(default_factory=list, repr=False)
+    ``properties`` are the AMQP properties worth keeping when the job is republished
+    (retry, dead letter), as a plain mapping; they are only extracted from pika's
+    object when asked for, since most jobs are simply acked.
+    """
+
+    __slots__ = ("message", "tag", "generation", "_properties", "received", "leased",
+                 "renewing", "settling", "deferred")
+
+    def __init__(self, message: Message, tag: int, generation: int,
+                 properties: Mapping[str, Any] | spec.BasicProperties | None = None,
+                 received: float = 0.0) -> None:
+        self.message = message
+        self.tag = tag
+        self.generation = generation
+        self._properties = properties
+        # The rest is the broker's, touched on its I/O thread only: when the current tag
+        # was received, whether it lives on the lease channel, and a renewal in progress
+        # with the settlements that wait for it.
+        self.received = received
+        self.leased = False
+        self.renewing = False
+        self.settling = False
+        self.deferred: list[Callable[[], None]] = []
+
+    @property
+    def properties(self) -> Mapping[str, Any]:
+        props = self._properties
+        if props is None:
+            self._properties = props = {}
+        elif isinstance(props, spec.BasicProperties):
+            self._properties = props = _plain_properties(props)
+        return props
+
+    def __repr__(self) -> str:
+        return f"Delivery({self.message!r}, tag={self.tag}, generation={self.generation})"
 
 
 @dataclass(frozen=True)
@@ -510,8 +532,8 @@ class Broker:
             message = Message(body, queue, headers, redelivered,
                               props.message_id, props.content_type, allowed)
             outstanding.append(method.delivery_tag)
-            delivery = Delivery(message, method.delivery_tag, generation,
-                                _plain_properties(props), received=self._clock())
+            delivery = Delivery(message, method.delivery_tag, generation, props,
+                                received=self._clock())
             self._live[id(delivery)] = delivery
             deliver(delivery)
 
@@ -908,7 +930,7 @@ class AdminSession:
             return None
         message = Message(body, queue, props.headers or {}, method.redelivered,
                           props.message_id, props.content_type)
-        return Delivery(message, method.delivery_tag, 0, _plain_properties(props))
+        return Delivery(message, method.delivery_tag, 0, props)
 
     def ack(self, delivery: Delivery) -> None:
         self._channel.basic_ack(delivery.tag)

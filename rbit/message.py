@@ -7,8 +7,6 @@ runner. It never exposes AMQP delivery tags: settling a delivery is rbit's busin
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Mapping
 
 from rbit import decoding
@@ -19,9 +17,8 @@ ATTEMPTS_HEADER = "x-rbit-attempts"
 LAST_ERROR_HEADER = "x-rbit-last-error"
 
 
-@dataclass(frozen=True, eq=False)
 class Message:
-    """One job delivery.
+    """One job delivery. Runners treat it as read-only.
 
     Attributes:
         body: The message body, untouched.
@@ -34,15 +31,43 @@ class Message:
         allowed_classes: Dotted class names a jsonpickle body may name.
     """
 
+    # A plain class with slots: one is built per delivery on the I/O thread, and a
+    # frozen dataclass costs several times more to construct.
+    __slots__ = ("body", "queue", "headers", "redelivered", "message_id", "content_type",
+                 "allowed_classes", "_job_id")
+
     body: bytes
     queue: str
-    headers: Mapping[str, Any] = field(default_factory=dict)
-    redelivered: bool = False
-    message_id: str | None = None
-    content_type: str | None = None
-    allowed_classes: frozenset[str] = decoding.DEFAULT_ALLOWED_CLASSES
+    headers: Mapping[str, Any]
+    redelivered: bool
+    message_id: str | None
+    content_type: str | None
+    allowed_classes: frozenset[str]
 
-    @cached_property
+    def __init__(
+        self,
+        body: bytes,
+        queue: str,
+        headers: Mapping[str, Any] | None = None,
+        redelivered: bool = False,
+        message_id: str | None = None,
+        content_type: str | None = None,
+        allowed_classes: frozenset[str] = decoding.DEFAULT_ALLOWED_CLASSES,
+    ) -> None:
+        self.body = body
+        self.queue = queue
+        self.headers = {} if headers is None else headers
+        self.redelivered = redelivered
+        self.message_id = message_id
+        self.content_type = content_type
+        self.allowed_classes = allowed_classes
+        self._job_id: str | None = None
+
+    def __repr__(self) -> str:
+        return (f"Message(queue={self.queue!r}, job_id={self.job_id!r}, "
+                f"{len(self.body)} bytes, redelivered={self.redelivered})")
+
+    @property
     def job_id(self) -> str:
         """The job's id.
 
@@ -50,6 +75,11 @@ class Message:
         BuildRequest body; else ``sha256:`` and the first 16 hex digits of the body's
         SHA-256, which stays the same when the broker redelivers the message.
         """
+        if self._job_id is None:
+            self._job_id = self._derive_job_id()
+        return self._job_id
+
+    def _derive_job_id(self) -> str:
         if self.message_id:
             return str(self.message_id)
         pybit_id = decoding.pybit_job_id(self.body)
