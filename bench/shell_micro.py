@@ -6,8 +6,10 @@ process, one job at a time, and we report per job
 * wall: elapsed time;
 * cpu: this process's CPU (``time.process_time``, every thread) plus the CPU of the
   reaped children (``os.times``), i.e. the cost of spawning included;
-* ratio: the reference's wall (or cpu) divided by the contender's, so 1.0x means as
-  fast as a bare ``subprocess.run(["/bin/true"])`` loop.
+* parent: this process's CPU alone, which is what a worker's CPU per job measures in
+  ``bench/throughput.py`` (the children's exec of ``/bin/true`` is the same for all);
+* ratio: the reference's wall (or cpu, parent) divided by the contender's, so 1.0x
+  means as fast as a bare ``subprocess.run(["/bin/true"])`` loop.
 
 Rounds are interleaved (each round runs every contender once) and the medians are
 printed; on a shared machine the cpu figures are the steadier ones. As in a
@@ -83,13 +85,13 @@ def _rbit_loop(module) -> Callable[[int], None]:
     return loop
 
 
-def _measure(loop: Callable[[int], None], n: int) -> tuple[float, float]:
-    """Runs ``loop(n)``; returns (wall, cpu) in microseconds per job."""
+def _measure(loop: Callable[[int], None], n: int) -> tuple[float, float, float]:
+    """Runs ``loop(n)``; returns (wall, cpu, parent cpu) in microseconds per job."""
     t0, c0, k0 = time.perf_counter(), time.process_time(), os.times()
     loop(n)
     t1, c1, k1 = time.perf_counter(), time.process_time(), os.times()
     children = (k1.children_user - k0.children_user) + (k1.children_system - k0.children_system)
-    return (t1 - t0) / n * 1e6, ((c1 - c0) + children) / n * 1e6
+    return (t1 - t0) / n * 1e6, ((c1 - c0) + children) / n * 1e6, (c1 - c0) / n * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,24 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     for ref in args.ref:
         contenders[f"rbit @ {ref}"] = _rbit_loop(_shell_module(ref))
 
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in contenders}
     _raw_loop(50)  # warm-up: page cache, first fork
     for rnd in range(args.rounds):
         for name, loop in contenders.items():
-            wall, cpu = _measure(loop, args.n)
-            results[name].append((wall, cpu))
-            print(f"round {rnd + 1}: {name:20s} wall {wall:7.1f} us/job  cpu {cpu:7.1f} us/job",
-                  flush=True)
+            wall, cpu, parent = _measure(loop, args.n)
+            results[name].append((wall, cpu, parent))
+            print(f"round {rnd + 1}: {name:20s} wall {wall:7.1f}  cpu {cpu:7.1f}  "
+                  f"parent {parent:7.1f} us/job", flush=True)
 
     print(f"\nN={args.n}, {args.rounds} interleaved rounds, medians; load average "
           f"{os.getloadavg()[0]:.2f}; log level {args.log_level}")
-    ref_wall = statistics.median(w for w, _ in results["subprocess.run"])
-    ref_cpu = statistics.median(c for _, c in results["subprocess.run"])
-    print(f"{'contender':20s} {'wall us':>8s} {'cpu us':>8s} {'wall x':>7s} {'cpu x':>7s}")
-    for name, runs in results.items():
-        wall = statistics.median(w for w, _ in runs)
-        cpu = statistics.median(c for _, c in runs)
-        print(f"{name:20s} {wall:8.1f} {cpu:8.1f} {ref_wall / wall:6.2f}x {ref_cpu / cpu:6.2f}x")
+    medians = {name: [statistics.median(column) for column in zip(*runs)]
+               for name, runs in results.items()}
+    ref = medians["subprocess.run"]
+    print(f"{'contender':20s} {'wall us':>8s} {'cpu us':>8s} {'parent':>8s} "
+          f"{'wall x':>7s} {'cpu x':>7s} {'parent x':>8s}")
+    for name, (wall, cpu, parent) in medians.items():
+        print(f"{name:20s} {wall:8.1f} {cpu:8.1f} {parent:8.1f} {ref[0] / wall:6.2f}x "
+              f"{ref[1] / cpu:6.2f}x {ref[2] / parent:7.2f}x")
     os.unlink(log_file.name)
     return 0
 

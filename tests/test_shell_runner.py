@@ -170,7 +170,7 @@ def test_environment_names_job_queue_body_attempt_and_status_fd(tmp_path: Path) 
     assert env["RBIT_JOB_ID"] == "job-42"
     assert env["RBIT_QUEUE"] == "q"
     assert env["RBIT_ATTEMPT"] == "2"
-    assert os.path.dirname(env["RBIT_BODY_FILE"]) == tempfile.gettempdir()
+    assert Path(env["RBIT_BODY_FILE"]).parent.parent == Path(tempfile.gettempdir())
     assert env["RBIT_STATUS_FD"].isdigit()
     assert seen["cwd"] == str(tmp_path)
 

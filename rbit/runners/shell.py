@@ -19,8 +19,9 @@ Placeholders:
 
 * ``%ID`` -- the job id (:attr:`rbit.message.Message.job_id`);
 * ``%QUEUE`` -- the queue the job was consumed from;
-* ``%BODY`` -- path of a private file (mode 0600) holding the body, removed once the
-  command and everything it started have ended;
+* ``%BODY`` -- path of a private file (mode 0600, in a directory of the runner's own,
+  mode 0700) holding the body, removed once the command and everything it started
+  have ended;
 * ``%ATTEMPT`` -- which try of the job this is, counting from 1;
 * ``%%`` -- a literal ``%``;
 * ``{key}`` -- the value of ``key`` in the runner's section. An unknown key is an error
@@ -32,7 +33,9 @@ substituted text *would* be read as shell syntax. A script reads the job from it
 environment instead (``sh -c 'make -C /src JOB="$RBIT_JOB_ID"'``).
 
 The command gets the body on stdin, runs in a process group (and session) of its own,
-and finds in its environment everything the worker has plus:
+and finds in its environment everything the worker had when the runner was loaded
+(the environment is copied once, so later changes to ``os.environ`` in the worker are
+not seen) plus:
 
 * ``RBIT_JOB_ID``, ``RBIT_QUEUE``, ``RBIT_BODY_FILE``, ``RBIT_ATTEMPT``;
 * ``RBIT_STATUS_FD`` -- a file descriptor, open for writing, for progress reports.
@@ -56,7 +59,8 @@ How the command ends decides the job's :class:`~rbit.outcome.Outcome`:
 * the program cannot be started (missing, not executable): failed,
   ``cannot run <program>: <reason>``; the retry policy decides what happens next.
 
-Only the last 4 KiB of stderr (and of stdout, logged at DEBUG) are kept.
+Only the last 4 KiB of stderr are kept. stdout goes to ``/dev/null``, except when the
+module's logger is enabled for DEBUG: then its last 4 KiB are logged at DEBUG.
 
 ``timeout = SECONDS`` in the section bounds a run. On expiry the whole process group
 gets SIGTERM; whatever is left of it ``kill_grace`` seconds later (default 5) gets
@@ -72,17 +76,22 @@ are tried again later, and the runner starts no further commands.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import errno
+import itertools
 import logging
 import os
 import re
 import selectors
 import shlex
+import shutil
 import signal
 import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Callable
 
@@ -126,7 +135,8 @@ class ShellRunner:
     """Runs a ``shell!`` command template for each job (see the module docs).
 
     One instance serves every worker thread of its runner section; :meth:`run` may be
-    called from several threads at once.
+    called from several threads at once. Each call supervises its command from the
+    calling thread; no thread is started per job.
 
     Args:
         runner: The runner section; ``runner.target`` is the command template.
@@ -135,6 +145,7 @@ class ShellRunner:
     Raises:
         RunnerLoadError: The template is empty, has unbalanced quotes or names an
             unknown ``{setting}``, or ``kill_grace`` is not a number of seconds.
+        OSError: The private directory for body files cannot be created.
     """
 
     def __init__(self, runner: RunnerSettings, *, workdir: str | None = None) -> None:
@@ -142,7 +153,10 @@ class ShellRunner:
         self._timeout = runner.timeout
         self._grace = _kill_grace(runner.settings, runner.queue)
         self._workdir = workdir
-        self._jobs = _Registry()
+        # Copied and encoded once: doing it per job was a large share of a short job.
+        self._env = dict(os.environb)
+        self._bodies = _BodyFiles()
+        self._stop = _StopSignal()
 
     def run(self, message: Message, set_status: SetStatus) -> Outcome:
         """Runs the command for one job and waits for its end.
@@ -156,26 +170,41 @@ class ShellRunner:
             How the try ended.
         """
         job_id = message.job_id
-        if self._jobs.closed:
-            return Outcome.blocked("cancelled: the worker is stopping")
+        if self._stop.is_set():
+            return Outcome.blocked(self._stop.reason)
         try:
-            body_path = _write_body(message.body)
+            body_path = self._bodies.write(message.body)
         except OSError as exc:
             log.error("job %s: cannot write the body file: %s", job_id, exc)
             return Outcome.failed(f"cannot write the body file: {exc}")
         try:
             return self._run_command(message, body_path, set_status)
         finally:
-            _remove(body_path, job_id)
+            self._bodies.remove(body_path, job_id)
+            if self._stop.is_set():
+                self._bodies.remove_dir()  # the last job out takes the directory along
 
     def cancel(self) -> None:
         """Stops the commands of all running jobs; starts no new ones.
 
         Returns at once and is safe to call from any thread. Each job's process group
         gets SIGTERM, then SIGKILL after the grace; the :meth:`run` calls return as
-        soon as their groups are gone.
+        soon as their groups are gone. The body file directory goes with the last job.
         """
-        self._jobs.cancel_all()
+        self._stop.set("cancelled: the worker is stopping", wake=True)
+        self._bodies.remove_dir()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Starts no new commands and removes the body file directory.
+
+        Running commands are left alone; the directory goes when the last of them
+        ends. Safe to call more than once.
+
+        Args:
+            timeout: Unused; accepted for the runners' common ``close(timeout)``.
+        """
+        self._stop.set("the runner is closed", wake=False)
+        self._bodies.remove_dir()
 
     def _run_command(self, message: Message, body_path: str, set_status: SetStatus) -> Outcome:
         values = {
@@ -187,7 +216,7 @@ class ShellRunner:
         argv = [_render(arg, values) for arg in self._template]
         status_r, status_w = os.pipe()
         try:
-            proc = self._start(argv, _child_env(values, status_w), body_path, status_w)
+            proc = self._start(argv, values, body_path, status_w)
         except ValueError as exc:  # e.g. a NUL byte in the job id: the job itself is bad
             os.close(status_r)
             log.error("job %s: cannot pass the job to %s: %s", message.job_id, argv[0], exc)
@@ -198,18 +227,22 @@ class ShellRunner:
             return Outcome.failed(f"cannot run {argv[0]}: {exc}")
         finally:
             os.close(status_w)  # the child holds its own copy; EOF comes when it is gone
-        log.info("job %s: started %s (pid %d)", message.job_id, argv[0], proc.pid)
+        log.debug("job %s: started %s (pid %d)", message.job_id, argv[0], proc.pid)
         return self._supervise(proc, status_r, message.job_id, set_status)
 
     def _start(
-        self, argv: list[str], env: dict[str, str], body_path: str, status_w: int
+        self, argv: list[str], values: Mapping[_Slot, str], body_path: str, status_w: int
     ) -> subprocess.Popen:
-        with open(body_path, "rb") as stdin:
+        env = _child_env(self._env, values, status_w)
+        # Only read at DEBUG, so otherwise not worth a pipe and a read per chunk.
+        stdout = subprocess.PIPE if log.isEnabledFor(logging.DEBUG) else subprocess.DEVNULL
+        stdin = os.open(body_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
             # An argument list and no shell: job content cannot become shell syntax.
             return subprocess.Popen(  # noqa: S603
                 argv,
                 stdin=stdin,
-                stdout=subprocess.PIPE,
+                stdout=stdout,
                 stderr=subprocess.PIPE,
                 bufsize=0,
                 close_fds=True,
@@ -218,102 +251,304 @@ class ShellRunner:
                 cwd=self._workdir,
                 env=env,
             )
+        finally:
+            os.close(stdin)
 
     def _supervise(
         self, proc: subprocess.Popen, status_r: int, job_id: str, set_status: SetStatus
     ) -> Outcome:
-        job = _Job(proc)
-        output = _Output(job_id, proc, status_r, set_status)
-        self._jobs.add(job)
         try:
-            stopped = self._wait(job, job_id)
+            run = _Run(proc, status_r, self._stop.fd, job_id, set_status)
         except BaseException:
-            _signal_group(job.pgid, signal.SIGKILL, job_id)
+            os.close(status_r)
+            _signal_group(proc.pid, signal.SIGKILL, job_id)
+            proc.wait()
+            raise
+        try:
+            stopped = self._wait(run)
+            run.drain()
+        except BaseException:
+            _signal_group(run.pgid, signal.SIGKILL, job_id)
             raise
         finally:
-            self._jobs.remove(job)
-            output.finish()
-        if output.stdout.text():
-            log.debug("job %s: stdout tail: %s", job_id, output.stdout.text())
-        outcome = _outcome(proc.returncode, stopped, output.stderr.text(), self._timeout)
-        log.info("job %s: %s %s", job_id, outcome.kind.value, outcome.reason)
+            run.close()
+        if run.stdout.text():
+            log.debug("job %s: stdout tail: %s", job_id, run.stdout.text())
+        outcome = _outcome(proc.returncode, stopped, run.stderr.text(), self._timeout)
+        log.debug("job %s: %s %s", job_id, outcome.kind.value, outcome.reason)
         return outcome
 
-    def _wait(self, job: _Job, job_id: str) -> str | None:
+    def _wait(self, run: _Run) -> str | None:
         """Waits for the command's end; returns why rbit stopped it, if it did."""
-        job.wake.wait(self._timeout)
-        if job.exited.is_set():
-            _kill_leftovers(job.pgid, job_id)
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        run.wait_exit(deadline, until_stopped=True)
+        if run.exited:
+            _kill_leftovers(run.pgid, run.job_id)
             return None
-        why = _CANCELLED if job.cancelled else _TIMED_OUT
-        log.warning("job %s: %s; terminating process group %d", job_id, why, job.pgid)
-        self._terminate(job, job_id)
+        why = _CANCELLED if run.stopped else _TIMED_OUT
+        log.warning("job %s: %s; terminating process group %d", run.job_id, why, run.pgid)
+        self._terminate(run)
         return why
 
-    def _terminate(self, job: _Job, job_id: str) -> None:
-        _signal_group(job.pgid, signal.SIGTERM, job_id)
+    def _terminate(self, run: _Run) -> None:
+        _signal_group(run.pgid, signal.SIGTERM, run.job_id)
         deadline = time.monotonic() + self._grace
-        job.exited.wait(self._grace)
+        run.wait_exit(deadline)
         # Members that catch SIGTERM may still be cleaning up after the leader is gone.
-        while _group_alive(job.pgid) and time.monotonic() < deadline:
-            time.sleep(_GROUP_POLL)
-        if _group_alive(job.pgid):
-            log.warning(
-                "job %s: process group %d outlived SIGTERM; sending SIGKILL", job_id, job.pgid
-            )
-            _signal_group(job.pgid, signal.SIGKILL, job_id)
-        if not job.exited.wait(_REAP_TIMEOUT):
-            log.error("job %s: process %d survived SIGKILL", job_id, job.pgid)
+        if _wait_group_gone(run, deadline):
+            return
+        log.warning(
+            "job %s: process group %d outlived SIGTERM; sending SIGKILL", run.job_id, run.pgid
+        )
+        _signal_group(run.pgid, signal.SIGKILL, run.job_id)
+        run.wait_exit(time.monotonic() + _REAP_TIMEOUT)
+        if not run.exited:
+            log.error("job %s: process %d survived SIGKILL", run.job_id, run.pgid)
 
 
-class _Job:
-    """One running command: its process, and events for its end and for cancellation."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
-        self.pgid = proc.pid  # start_new_session makes the child its group's leader
-        self.exited = threading.Event()
-        self.wake = threading.Event()
-        self.cancelled = False
-        # A blocking waitpid in a thread of its own lets the worker thread wait on an
-        # event with a timeout instead of polling the child.
-        threading.Thread(target=self._reap, name=f"rbit-shell-wait-{proc.pid}", daemon=True).start()
-
-    def _reap(self) -> None:
-        self.proc.wait()
-        self.exited.set()
-        self.wake.set()
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self.wake.set()
+def _wait_group_gone(run: _Run, deadline: float) -> bool:
+    """Keeps reading the output until the group is gone or ``deadline``; True if gone."""
+    while _group_alive(run.pgid):
+        now = time.monotonic()
+        if now >= deadline:
+            return False
+        run.pump(min(deadline, now + _GROUP_POLL))
+    return True
 
 
-class _Registry:
-    """The running jobs of one runner, for :meth:`ShellRunner.cancel`."""
+class _StopSignal:
+    """A runner's "no more commands" flag, with a pipe that wakes every running job.
+
+    The pipe is written once and never read, so it stays readable: each job's loop
+    sees it however late it starts watching, and no list of running jobs is needed.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._jobs: set[_Job] = set()
-        self.closed = False
+        self.reason = ""
+        self._woken = False
+        self._read, self._write = os.pipe()
+        self.fd = self._read
+        weakref.finalize(self, _close_fds, self._read, self._write)
 
-    def add(self, job: _Job) -> None:
-        with self._lock:
-            self._jobs.add(job)
-            closed = self.closed
-        if closed:  # cancel() came while this command was being started
-            job.cancel()
+    def is_set(self) -> bool:
+        return bool(self.reason)
 
-    def remove(self, job: _Job) -> None:
+    def set(self, reason: str, *, wake: bool) -> None:
         with self._lock:
-            self._jobs.discard(job)
+            if wake or not self.reason:  # a cancel after close() still stops the jobs
+                self.reason = reason
+            if wake and not self._woken:
+                os.write(self._write, b"x")
+                self._woken = True
 
-    def cancel_all(self) -> None:
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+_EXIT = object()  # selector data of the fd that tells the command has exited
+_STOP = object()  # selector data of the runner's stop pipe
+
+
+class _Run:
+    """One running command, supervised from the calling thread.
+
+    A single selector watches the command's stderr (and stdout at DEBUG), its status
+    pipe, an fd that becomes readable when it exits, and the runner's stop pipe; its
+    timeouts are the job's own deadlines.
+    """
+
+    def __init__(
+        self,
+        proc: subprocess.Popen,
+        status_r: int,
+        stop_fd: int,
+        job_id: str,
+        set_status: SetStatus,
+    ) -> None:
+        self.proc = proc
+        self.pgid = proc.pid  # start_new_session makes the child its group's leader
+        self.job_id = job_id
+        self.stdout = _Tail()
+        self.stderr = _Tail()
+        self.exited = False
+        self.stopped = False
+        self._status_r = status_r
+        self._selector = _new_selector()
+        self._streams = 0
+        self._exit_fd = _exit_fd(proc)
+        self._selector.register(self._exit_fd, selectors.EVENT_READ, _EXIT)
+        self._selector.register(stop_fd, selectors.EVENT_READ, _STOP)
+        self._watch(proc.stderr, self.stderr.feed)
+        self._watch(proc.stdout, self.stdout.feed)
+        self._watch(status_r, _StatusReader(job_id, set_status).feed)
+
+    def wait_exit(self, deadline: float | None, *, until_stopped: bool = False) -> None:
+        """Reads output until the command exits (or is stopped) or ``deadline``."""
+        while not self.exited and not (until_stopped and self.stopped):
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            self.pump(deadline)
+
+    def drain(self) -> None:
+        """Reads the output to its end, unless something outside keeps it open."""
+        deadline = time.monotonic() + _DRAIN_TIMEOUT
+        while self._streams:
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "job %s: output still open after the command ended; no longer reading it",
+                    self.job_id,
+                )
+                return
+            self.pump(deadline)
+
+    def pump(self, deadline: float | None) -> None:
+        """Waits once for events, until ``deadline`` at the latest, and handles them."""
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        for key, _ in self._selector.select(timeout):
+            if key.data is _EXIT:
+                self._selector.unregister(key.fd)
+                self.proc.wait()  # already over: this only collects the status
+                self.exited = True
+            elif key.data is _STOP:
+                self._selector.unregister(key.fd)  # it stays readable: watch it once
+                self.stopped = True
+            else:
+                self._read(key)
+
+    def close(self) -> None:
+        self._selector.close()
+        os.close(self._exit_fd)
+        os.close(self._status_r)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+    def _watch(self, stream: object, feed: Callable[[bytes], None]) -> None:
+        if stream is not None:
+            self._selector.register(stream, selectors.EVENT_READ, feed)
+            self._streams += 1
+
+    def _read(self, key: selectors.SelectorKey) -> None:
+        chunk = os.read(key.fd, _READ_SIZE)
+        key.data(chunk)
+        if not chunk:
+            self._selector.unregister(key.fd)
+            self._streams -= 1
+
+
+def _new_selector() -> selectors.BaseSelector:
+    # A handful of fds watched for milliseconds: poll() costs no extra fd or
+    # registration syscalls, unlike epoll.
+    if hasattr(selectors, "PollSelector"):
+        return selectors.PollSelector()
+    return selectors.DefaultSelector()
+
+
+_pidfd_supported = hasattr(os, "pidfd_open")
+
+
+def _exit_fd(proc: subprocess.Popen) -> int:
+    """An fd that becomes readable when ``proc`` exits (it is not reaped yet)."""
+    global _pidfd_supported
+    if _pidfd_supported:
+        try:
+            return os.pidfd_open(proc.pid)  # Linux >= 5.3
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            _pidfd_supported = False
+    # Elsewhere a thread blocks in waitpid and closes a pipe, which reads as EOF.
+    read_fd, write_fd = os.pipe()
+
+    def reap() -> None:
+        proc.wait()
+        os.close(write_fd)
+
+    threading.Thread(target=reap, name=f"rbit-shell-wait-{proc.pid}", daemon=True).start()
+    return read_fd
+
+
+class _BodyFiles:
+    """Job bodies as files in a private directory (mode 0700) of one runner."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._names = itertools.count(1)  # next() is atomic under the GIL
+        self._dirs = [tempfile.mkdtemp(prefix="rbit-shell-")]
+        # At exit, whatever is left goes too, but never from a forked child.
+        weakref.finalize(self, _remove_trees, self._dirs, os.getpid())
+
+    def write(self, body: bytes) -> str:
+        """Writes ``body`` to a new file (mode 0600); returns its path."""
+        directory = self._dirs[-1]
+        try:
+            fd, path = self._create(directory)
+        except FileNotFoundError:  # removed behind our back, e.g. by a /tmp cleaner
+            fd, path = self._create(self._renew(directory))
+        try:
+            _write_all(fd, body)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        return path
+
+    def remove(self, path: str, job_id: str) -> None:
+        """Removes a body file; one already gone is no error."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass  # the command may remove it itself
+        except OSError as exc:
+            log.warning("job %s: cannot remove the body file %s: %s", job_id, path, exc)
+
+    def remove_dir(self) -> None:
+        """Removes the directory if no body file is left in it."""
+        # Fails while running jobs still have files there: the last of them tries again.
+        with contextlib.suppress(OSError):
+            os.rmdir(self._dirs[-1])
+
+    def _create(self, directory: str) -> tuple[int, str]:
+        path = f"{directory}/{next(self._names)}"
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+        return os.open(path, flags, 0o600), path
+
+    def _renew(self, lost: str) -> str:
+        # A fresh random name: re-creating the lost one in /tmp could meet a
+        # directory or link someone else put there meanwhile.
         with self._lock:
-            self.closed = True
-            jobs = list(self._jobs)
-        for job in jobs:
-            job.cancel()
+            if self._dirs[-1] == lost:
+                self._dirs.append(tempfile.mkdtemp(prefix="rbit-shell-"))
+            return self._dirs[-1]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _remove_trees(paths: list[str], owner_pid: int) -> None:
+    if os.getpid() == owner_pid:
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _child_env(
+    base: Mapping[bytes, bytes], values: Mapping[_Slot, str], status_fd: int
+) -> dict[bytes, bytes]:
+    """The worker's environment and the job's RBIT_* variables, ready for exec."""
+    env = dict(base)
+    env[b"RBIT_JOB_ID"] = os.fsencode(values[_Slot.ID])
+    env[b"RBIT_QUEUE"] = os.fsencode(values[_Slot.QUEUE])
+    env[b"RBIT_BODY_FILE"] = os.fsencode(values[_Slot.BODY])
+    env[b"RBIT_ATTEMPT"] = os.fsencode(values[_Slot.ATTEMPT])
+    env[b"RBIT_STATUS_FD"] = b"%d" % status_fd
+    return env
 
 
 class _Tail:
@@ -377,66 +612,6 @@ class _StatusReader:
             log.exception("job %s: set_status(%s) failed", self._job_id, status.value)
 
 
-class _Output:
-    """Reads a command's stdout, stderr and status pipe in a thread of its own."""
-
-    def __init__(
-        self, job_id: str, proc: subprocess.Popen, status_r: int, set_status: SetStatus
-    ) -> None:
-        self.stdout = _Tail()
-        self.stderr = _Tail()
-        self._job_id = job_id
-        self._proc = proc
-        self._status_r = status_r
-        self._handlers = {
-            proc.stdout.fileno(): self.stdout.feed,
-            proc.stderr.fileno(): self.stderr.feed,
-            status_r: _StatusReader(job_id, set_status).feed,
-        }
-        self._stop_r, self._stop_w = os.pipe()
-        self._thread = threading.Thread(
-            target=self._pump, name=f"rbit-shell-io-{proc.pid}", daemon=True
-        )
-        self._thread.start()
-
-    def finish(self) -> None:
-        """Waits for the pipes' end (briefly), then releases them."""
-        self._thread.join(_DRAIN_TIMEOUT)
-        if self._thread.is_alive():
-            log.warning(
-                "job %s: output still open after the command ended; no longer reading it",
-                self._job_id,
-            )
-            os.write(self._stop_w, b"x")
-            self._thread.join()
-        for fd in (self._stop_r, self._stop_w, self._status_r):
-            os.close(fd)
-        self._proc.stdout.close()
-        self._proc.stderr.close()
-
-    def _pump(self) -> None:
-        try:
-            self._read_until_eof()
-        except Exception:
-            log.exception("job %s: reading the command's output failed", self._job_id)
-
-    def _read_until_eof(self) -> None:
-        with selectors.DefaultSelector() as selector:
-            for fd, handler in self._handlers.items():
-                selector.register(fd, selectors.EVENT_READ, handler)
-            selector.register(self._stop_r, selectors.EVENT_READ, None)
-            open_streams = len(self._handlers)
-            while open_streams:
-                for key, _ in selector.select():
-                    if key.data is None:
-                        return
-                    chunk = os.read(key.fd, _READ_SIZE)
-                    key.data(chunk)
-                    if not chunk:
-                        selector.unregister(key.fd)
-                        open_streams -= 1
-
-
 def _compile_template(template: str, settings: Mapping[str, str], queue: str) -> tuple[_Arg, ...]:
     where = f"runner:{queue}"  # not the template itself: it may carry a secret
     try:
@@ -489,38 +664,6 @@ def _kill_grace(settings: Mapping[str, str], queue: str) -> float:
             f"runner:{queue}: kill_grace must be a number of seconds >= 0, not {raw!r}"
         )
     return grace
-
-
-def _child_env(values: Mapping[_Slot, str], status_fd: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        RBIT_JOB_ID=values[_Slot.ID],
-        RBIT_QUEUE=values[_Slot.QUEUE],
-        RBIT_BODY_FILE=values[_Slot.BODY],
-        RBIT_ATTEMPT=values[_Slot.ATTEMPT],
-        RBIT_STATUS_FD=str(status_fd),
-    )
-    return env
-
-
-def _write_body(body: bytes) -> str:
-    fd, path = tempfile.mkstemp(prefix="rbit-body-")  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(body)
-    except BaseException:
-        os.unlink(path)
-        raise
-    return path
-
-
-def _remove(path: str, job_id: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass  # the command may remove it itself
-    except OSError as exc:
-        log.warning("job %s: cannot remove the body file %s: %s", job_id, path, exc)
 
 
 def _group_alive(pgid: int) -> bool:
