@@ -34,15 +34,17 @@ def out(tmp_path):
 def test_heartbeats_flow_while_a_long_job_runs_and_it_is_acked_once(
         tmp_path, rabbit, vhost, amqp, out):
     # Heartbeat 2 s: the broker drops a silent connection after about 4 s. The job runs
-    # 8 s, past that, yet below the node's 10 s consumer_timeout: only heartbeats matter.
-    runner = {"runner": "python!worker_runners:count_and_sleep", "seconds": 8, "outdir": out}
+    # 10 s, as long as the node's consumer_timeout, which the worker is told about so
+    # that it renews the delivery's lease in time (see test_long_jobs.py).
+    runner = {"runner": "python!worker_runners:count_and_sleep", "seconds": 10,
+              "outdir": out}
     config = write_config(tmp_path, rabbit.url(vhost), {QUEUE: runner},
-                          amqp={"heartbeat": 2})
+                          rbit={"consumer_timeout": 10}, amqp={"heartbeat": 2})
     with running_worker(config, poll_time=30):
         before = connections(rabbit, vhost)
         amqp.publish_jobs(["long"], exchange="", routing_key=QUEUE)
         wait_until(lambda: (out / "runs").exists(), 10, "the job to start")
-        wait_until(lambda: rabbit.list_queues(vhost)[QUEUE] == (0, 0), 20,
+        wait_until(lambda: rabbit.list_queues(vhost)[QUEUE] == (0, 0), 25,
                    "the job to be acked")
         after = connections(rabbit, vhost)
     assert (out / "runs").read_text().split() == ["long"]
