@@ -18,6 +18,7 @@ from rbit.config import RunnerSettings
 from rbit.errors import RunnerLoadError
 from rbit.message import ATTEMPTS_HEADER, Message
 from rbit.outcome import Kind, Outcome
+from rbit.runners import shell
 from rbit.runners.shell import ShellRunner
 
 PROBE = Path(__file__).parent / "data" / "shell_probe.py"
@@ -159,6 +160,54 @@ def test_body_arrives_on_stdin_and_in_a_private_file_removed_afterwards(tmp_path
     assert not os.path.exists(seen["argv"][2])
 
 
+def test_body_files_live_in_a_private_directory_removed_at_close(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    runner = make_runner(PROBE_TEMPLATE, report=str(report))
+
+    runner.run(job(), Statuses())
+    directory = Path(json.loads(report.read_text())["env"]["RBIT_BODY_FILE"]).parent
+    mode = json.loads(report.read_text())["body_dir_mode"]
+    runner.close()
+
+    assert mode == 0o700
+    assert directory.parent == Path(tempfile.gettempdir())
+    assert not directory.exists()
+    assert runner.run(job(), Statuses()).kind is Kind.BLOCKED
+
+
+def test_body_directory_goes_with_the_last_job_after_cancel(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    runner = make_runner("""sh -c 'echo $$ > "$0"; sleep 1000' {pids}""", pids=str(pids))
+    thread, result = run_in_thread(runner, job())
+    (shell_pid,) = read_pids(pids)
+    directory = Path(f"/proc/{shell_pid}/environ").read_bytes().split(b"RBIT_BODY_FILE=")[1]
+    directory = Path(os.fsdecode(directory.split(b"\0")[0])).parent
+
+    runner.cancel()
+    thread.join(10)
+
+    assert result["outcome"].kind is Kind.BLOCKED
+    assert not directory.exists()
+
+
+def test_a_lost_body_directory_is_replaced_by_a_new_private_one(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    runner = make_runner(PROBE_TEMPLATE, report=str(report))
+    runner.run(job(), Statuses())
+    first = Path(json.loads(report.read_text())["env"]["RBIT_BODY_FILE"]).parent
+    first.rmdir()  # as a /tmp cleaner would
+
+    outcome = runner.run(job(b"again"), Statuses())
+
+    seen = json.loads(report.read_text())
+    second = Path(seen["env"]["RBIT_BODY_FILE"]).parent
+    assert outcome == Outcome.done()
+    assert seen["stdin"] == "again"
+    assert second != first
+    assert seen["body_dir_mode"] == 0o700
+    runner.close()
+
+
 def test_environment_names_job_queue_body_attempt_and_status_fd(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     runner = make_runner(PROBE_TEMPLATE, workdir=str(tmp_path), report=str(report))
@@ -173,6 +222,42 @@ def test_environment_names_job_queue_body_attempt_and_status_fd(tmp_path: Path) 
     assert Path(env["RBIT_BODY_FILE"]).parent.parent == Path(tempfile.gettempdir())
     assert env["RBIT_STATUS_FD"].isdigit()
     assert seen["cwd"] == str(tmp_path)
+
+
+def test_environment_is_the_one_the_worker_had_when_the_runner_was_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    report = tmp_path / "report.json"
+    monkeypatch.setenv("PROBE_BEFORE", "seen")
+    monkeypatch.setenv("RBIT_JOB_ID", "stale")
+    runner = make_runner(PROBE_TEMPLATE, report=str(report))
+    monkeypatch.setenv("PROBE_AFTER", "not seen")
+
+    runner.run(job(message_id="job-9"), Statuses())
+
+    env = json.loads(report.read_text())["env"]
+    assert env["PROBE_BEFORE"] == "seen"
+    assert "PROBE_AFTER" not in env
+    assert env["RBIT_JOB_ID"] == "job-9"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+@pytest.mark.parametrize("workdir", [None, "tmp"], ids=["posix_spawn", "popen"])
+def test_command_gets_no_descriptor_but_stdio_and_the_status_pipe(
+    tmp_path: Path, workdir: str | None
+) -> None:
+    report = tmp_path / "report.json"
+    inherited_r, inherited_w = os.pipe()
+    os.set_inheritable(inherited_r, True)
+    try:
+        runner = make_runner(PROBE_TEMPLATE, report=str(report), workdir=workdir and str(tmp_path))
+        runner.run(job(), Statuses())
+    finally:
+        os.close(inherited_r)
+        os.close(inherited_w)
+
+    seen = json.loads(report.read_text())
+    assert seen["fds"] == [int(seen["env"]["RBIT_STATUS_FD"])]
 
 
 def test_nul_byte_in_job_id_rejects_the_job_without_running_it(tmp_path: Path) -> None:
@@ -322,6 +407,69 @@ def test_failing_set_status_does_not_stall_the_command(tmp_path: Path) -> None:
     lines = ["Building step %d %s" % (i, "x" * 1000) for i in range(200)]
 
     assert runner.run(job({"status": lines}), broken) == Outcome.done()
+
+
+def test_stdout_tail_is_logged_at_debug_only(caplog) -> None:
+    runner = make_runner("sh -c 'seq 100000; echo last line'")
+
+    with caplog.at_level(logging.INFO, logger="rbit.runners.shell"):
+        assert runner.run(job(message_id="job-q"), Statuses()) == Outcome.done()
+    with caplog.at_level(logging.DEBUG, logger="rbit.runners.shell"):
+        assert runner.run(job(message_id="job-d"), Statuses()) == Outcome.done()
+
+    tails = [r.getMessage() for r in caplog.records if "stdout tail" in r.getMessage()]
+    assert len(tails) == 1
+    assert tails[0].startswith("job job-d: stdout tail: ...")
+    assert tails[0].endswith("100000\nlast line")
+
+
+def test_no_thread_is_started_per_job(tmp_path: Path) -> None:
+    if not shell._pidfd_supported:
+        pytest.skip("without pidfd_open a thread waits for each command")
+    seen: list[list[str]] = []
+
+    def record_threads(status: str, message: str = "") -> None:
+        seen.append([t.name for t in threading.enumerate()])
+
+    runner = make_runner(PROBE_TEMPLATE, report=str(tmp_path / "report.json"))
+    before = {t.name for t in threading.enumerate()}
+
+    outcome = runner.run(job({"status": ["Building"]}), record_threads)
+
+    assert outcome == Outcome.done()
+    assert len(seen) == 1
+    assert set(seen[0]) == before
+
+
+@pytest.fixture
+def without_pidfd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes the runner wait for its commands in a thread, as where pidfd_open is missing."""
+    monkeypatch.setattr(shell, "_pidfd_supported", False)
+
+
+@pytest.mark.usefixtures("without_pidfd")
+def test_without_pidfd_outcomes_and_statuses_still_arrive(tmp_path: Path) -> None:
+    runner = make_runner(PROBE_TEMPLATE, report=str(tmp_path / "report.json"))
+    statuses = Statuses()
+
+    outcome = runner.run(job({"status": ["Building 1"], "stderr": "bad", "exit": 2}), statuses)
+
+    assert outcome == Outcome.failed("exit status 2: bad")
+    assert statuses.calls == [("Building", "1")]
+
+
+@pytest.mark.usefixtures("without_pidfd")
+def test_without_pidfd_a_timeout_still_kills_the_group(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    runner = make_runner(
+        """sh -c 'sleep 1000 & echo $$ $! > "$0"; wait' {pids}""", timeout=0.5, pids=str(pids)
+    )
+
+    outcome = runner.run(job(), Statuses())
+
+    assert outcome == Outcome.failed("timed out after 0.5 s")
+    shell_pid, sleeper = read_pids(pids)
+    assert wait_until(lambda: process_gone(shell_pid) and process_gone(sleeper), 5)
 
 
 # -- timeouts, leftovers, cancel -------------------------------------------------------
