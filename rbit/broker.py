@@ -12,10 +12,14 @@ one holds the copies of long jobs (below). Confirms are pipelined: a publish ret
 once and its ``on_confirm`` callback runs when the broker acks or nacks it (or with
 ``False`` when the connection is lost first).
 
-Acks are batched without a timer: every wake-up of the loop handles all completions
-queued since the last one, then acks the longest finished run of delivery tags with
-one ``multiple=True`` ack, and finished tags stuck behind a still-running job one by
-one (so a long job never holds back the prefetch window of the others).
+Acks are batched. A job thread's ack waits in a queue; the loop is woken for it at
+most once per :data:`ACK_DELAY` (5 ms), or at once when half the smallest prefetch
+window is waiting (so with ``prefetch = 1`` every ack goes out at once). Each flush
+acks the longest finished run of delivery tags with one ``multiple=True`` ack, and
+finished tags stuck behind a still-running job one by one (so a long job never holds
+back the prefetch window of the others). Shutdown flushes what is left. A delivery is
+still acked only after its job's outcome was handled: batching delays acks, it never
+sends one early.
 
 Reconnection. The broker reconnects until stopped: the next host of the list at once,
 then, after a whole round failed, with exponential backoff and jitter; it redeclares
@@ -78,6 +82,9 @@ from rbit.topology import QueueDecl, Topology, hold_queue
 log = logging.getLogger(__name__)
 
 ConfirmCallback = Callable[[bool], None]
+
+#: The longest an ack waits to be sent together with later ones, in seconds.
+ACK_DELAY = 0.005
 
 #: RabbitMQ's default delivery-ack timeout (``consumer_timeout``), in seconds.
 DEFAULT_CONSUMER_TIMEOUT = 1800.0
@@ -228,6 +235,9 @@ class Broker:
         self._amqp = amqp
         self._topology = topology or Topology()
         self._consumers = {c.queue: c for c in consumers}
+        self._ack_batch = _ack_batch(consumers)
+        self._acks: collections.deque[Delivery] = collections.deque()
+        self._ack_timer_armed = False
         self._name = name
         self._mode = mode
         self._poll_time = poll_time
@@ -260,6 +270,7 @@ class Broker:
     def set_consumers(self, consumers: Sequence[ConsumerSpec]) -> None:
         """Set the queues to consume (before :meth:`start`)."""
         self._consumers = {c.queue: c for c in consumers}
+        self._ack_batch = _ack_batch(consumers)
 
     def start(self) -> None:
         """Start the I/O thread; it connects and keeps reconnecting."""
@@ -283,8 +294,22 @@ class Broker:
         return delivery.generation == self.generation
 
     def ack(self, delivery: Delivery) -> None:
-        """Ack a delivery (batched; dropped if the delivery is stale)."""
-        self._call_soon(lambda: self._ack(delivery))
+        """Ack a delivery (batched; dropped if the delivery is stale).
+
+        Acks wait up to :data:`ACK_DELAY` to be sent together with later ones, unless
+        half a prefetch window is already waiting: one wake-up of the I/O thread and
+        one ``multiple=True`` ack then serve many jobs.
+        """
+        acks = self._acks
+        acks.append(delivery)
+        if len(acks) >= self._ack_batch:
+            self._call_soon(self._apply_acks)
+            return
+        with self._wake_lock:
+            arm = not self._ack_timer_armed
+            self._ack_timer_armed = True
+        if arm:
+            self._call_soon(self._arm_ack_timer)
 
     def requeue(self, delivery: Delivery) -> None:
         """Give a delivery back to its queue at once (nack with requeue)."""
@@ -355,6 +380,22 @@ class Broker:
             call = self._calls.popleft()
             try:
                 call()
+            except Exception:
+                log.exception("internal error in the AMQP I/O thread")
+        self._apply_acks()
+
+    def _arm_ack_timer(self) -> None:
+        self._ioloop.call_later(ACK_DELAY, self._apply_acks)
+
+    def _apply_acks(self) -> None:
+        """Carry out the acks the job threads queued, then send them."""
+        with self._wake_lock:
+            self._ack_timer_armed = False
+        self._in_drain = True
+        acks = self._acks
+        while acks:
+            try:
+                self._ack(acks.popleft())
             except Exception:
                 log.exception("internal error in the AMQP I/O thread")
         self._in_drain = False
@@ -863,11 +904,17 @@ class Broker:
 
     def _shutdown(self) -> None:
         self._stopping = True
-        self._flush_acks()
+        self._apply_acks()
         if self._connection is None:
             self._ioloop.stop()
             return
         self._close_connection()
+
+
+def _ack_batch(consumers: Sequence[ConsumerSpec]) -> int:
+    # Send acks at once when half the smallest prefetch window waits for them, so a
+    # consumer never starves for want of an ack stuck in the batch.
+    return max(1, min((c.prefetch for c in consumers), default=1) // 2)
 
 
 def _text(value: object) -> str | None:

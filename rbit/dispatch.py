@@ -41,7 +41,7 @@ class JobPool:
     """
 
     def __init__(self, runner: RunnerSettings, job_runner: Any, broker: Broker,
-                 report: ReportFn, *, worker: str) -> None:
+                 report: ReportFn, *, worker: str, count_busy: bool = False) -> None:
         self.settings = runner
         self.runner = job_runner
         self._batching = hasattr(job_runner, "submit")
@@ -52,7 +52,10 @@ class JobPool:
         self._closing = False
         self._cancelled = False
         self._lock = threading.Lock()
-        self._busy = 0  # deliveries taken and not yet settled (poll mode capacity)
+        # Deliveries taken and not yet settled: poll mode's capacity. Consume mode has
+        # the broker's prefetch for that and skips the locking.
+        self._count_busy = count_busy
+        self._busy = 0
         threads = 1 if self._batching else runner.concurrency
         self._threads = [
             threading.Thread(target=self._work, name=f"{runner.queue}-{n}", daemon=True)
@@ -71,8 +74,9 @@ class JobPool:
             # already, so give it back now rather than when the connection closes.
             self._broker.requeue(delivery)
             return
-        with self._lock:
-            self._busy += 1
+        if self._count_busy:
+            with self._lock:
+                self._busy += 1
         self._queue.put(delivery)
 
     def capacity(self) -> int:
@@ -103,9 +107,11 @@ class JobPool:
         return not any(thread.is_alive() for thread in self._threads)
 
     def close(self, timeout: float) -> None:
-        """Let a batch runner send what it holds; what it cannot is redelivered."""
-        if self._batching:
-            self.runner.close(timeout)
+        """Close the runner: a batch runner sends what it holds (what it cannot is
+        redelivered); a shell runner removes its body files' directory."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close(timeout)
 
     @property
     def interruptible(self) -> bool:
@@ -155,17 +161,8 @@ class JobPool:
             outcome = Outcome.failed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         self._settle(delivery, outcome, set_status)
 
-    def _status_callback(self, job_id: str) -> Callable[..., None]:
-        last: list[Status | None] = [None]
-        report, queue_name = self._report, self.settings.queue
-
-        def set_status(status: str | Status, message: str = "") -> None:
-            parsed = Status.parse(status)
-            last[0] = parsed
-            report(job_id, queue_name, parsed, str(message))
-
-        set_status.last = last  # type: ignore[attr-defined]
-        return set_status
+    def _status_callback(self, job_id: str) -> _JobStatus:
+        return _JobStatus(self._report, job_id, self.settings.queue)
 
     def _settle(self, delivery: Delivery, outcome: Outcome, set_status) -> None:
         if self._cancelled:  # cut short by a second signal: left unacked, so redelivered
@@ -175,7 +172,7 @@ class JobPool:
             return
         settlement = fate.decide(outcome, delivery, self.settings, worker=self._worker)
         if settlement.status is not None and (
-            settlement.status is not set_status.last[0] or settlement.note
+            settlement.status is not set_status.last or settlement.note
         ):
             set_status(settlement.status, settlement.note)
         # Free the slot before handing over: in poll mode the I/O thread asks for the
@@ -188,5 +185,22 @@ class JobPool:
             self._broker.publish_then_ack(delivery, settlement.publish)
 
     def _settled(self) -> None:
-        with self._lock:
-            self._busy -= 1
+        if self._count_busy:
+            with self._lock:
+                self._busy -= 1
+
+
+class _JobStatus:
+    """The ``set_status`` of one job: validates, reports, remembers the last status."""
+
+    __slots__ = ("_report", "_job_id", "_queue", "last")
+
+    def __init__(self, report: ReportFn, job_id: str, queue_name: str) -> None:
+        self._report, self._job_id, self._queue = report, job_id, queue_name
+        self.last: Status | None = None
+
+    def __call__(self, status: str | Status, message: str = "") -> None:
+        parsed = status if status.__class__ is Status else Status.parse(status)
+        self.last = parsed
+        self._report(self._job_id, self._queue, parsed,
+                     message if message.__class__ is str else str(message))

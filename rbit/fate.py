@@ -42,6 +42,9 @@ class Settlement:
     note: str
 
 
+_ACK = Settlement(None, Status.DONE, "")
+
+
 def retry_delay(policy: RetryPolicy, attempt: int, rng: Callable[[], float]) -> tuple[int, int]:
     """The base delay of retry number ``attempt`` and the jittered one, in ms."""
     base = min(policy.retry_delay * policy.backoff ** (attempt - 1), policy.max_delay)
@@ -61,7 +64,7 @@ def decide(
 ) -> Settlement:
     """Decide the fate of a delivery whose try ended with ``outcome``."""
     if outcome.kind is Kind.DONE:
-        return Settlement(None, Status.DONE, outcome.reason)
+        return Settlement(None, Status.DONE, outcome.reason) if outcome.reason else _ACK
     if outcome.kind is Kind.REJECTED:
         return _dead(delivery, runner, worker, outcome.reason or "rejected", now)
     attempt = delivery.message.attempt

@@ -63,7 +63,7 @@ class Outcome:
 
     @classmethod
     def done(cls, reason: str = "") -> "Outcome":
-        return cls(Kind.DONE, reason)
+        return cls(Kind.DONE, reason) if reason else _DONE
 
     @classmethod
     def failed(cls, reason: str) -> "Outcome":
@@ -76,3 +76,6 @@ class Outcome:
     @classmethod
     def rejected(cls, reason: str) -> "Outcome":
         return cls(Kind.REJECTED, reason)
+
+
+_DONE = Outcome(Kind.DONE)  # the outcome of nearly every job: built once

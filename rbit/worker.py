@@ -70,7 +70,8 @@ class Worker:
                 log.warning("[runner:%s]: timeout is not enforced for a batch runner, which "
                             "runs in this process and cannot be killed", runner.queue)
         return JobPool(runner, job_runner, self.broker, self.reporter.report,
-                       worker=self.settings.worker.name)
+                       worker=self.settings.worker.name,
+                       count_busy=self.settings.worker.mode == "poll")
 
     def _status_factory(self, queue: str) -> Callable[[str], Callable[..., None]]:
         def factory(job_id: str) -> Callable[..., None]:
