@@ -183,32 +183,47 @@ def _client_process(path: str, deadline: float, number: int) -> tuple[int, int]:
 
 
 def _paced(path: str, rate: float, seconds: float) -> tuple[list[float], int]:
+    # The schedule (line i at start + i / rate) is shared out over PROCESSES processes
+    # of CLIENTS / PROCESSES threads, like the throughput phase.
     total = int(rate * seconds)
-    counter = itertools.count()
-    start = time.monotonic() + 0.5
+    start = time.time() + 0.5
+    args = [(path, rate, total, start, n) for n in range(PROCESSES)]
+    with multiprocessing.Pool(PROCESSES) as pool:
+        results = pool.starmap(_paced_process, args)
+    latencies = [value for result in results for value in result[0]]
+    return latencies, sum(result[1] for result in results)
+
+
+def _paced_process(path: str, rate: float, total: int, start: float,
+                   number: int) -> tuple[list[float], int]:
+    counter = itertools.count(number, PROCESSES)
     lock = threading.Lock()
     latencies: list[float] = []
     failures = [0]
 
     def client() -> None:
-        for index in iter(lambda: next(counter), None):
+        while True:
+            with lock:
+                index = next(counter)
             if index >= total:
                 return
             scheduled = start + index / rate
-            delay = scheduled - time.monotonic()
+            delay = scheduled - time.time()
             if delay > 0:
                 time.sleep(delay)  # pacing: this is the schedule, not a wait for a state
             ok = _one_line(path, _line(index))
-            elapsed = time.monotonic() - scheduled
+            elapsed = time.time() - scheduled
             with lock:
                 if ok:
                     latencies.append(elapsed)
                 else:
                     failures[0] += 1
 
-    with ThreadPoolExecutor(CLIENTS) as pool:
-        for future in [pool.submit(client) for _ in range(CLIENTS)]:
-            future.result()
+    threads = [threading.Thread(target=client) for _ in range(CLIENTS // PROCESSES)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     return latencies, failures[0]
 
 

@@ -58,6 +58,7 @@ dropped and the job runs again (logged).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import random
@@ -72,6 +73,7 @@ from typing import Any, Callable
 import pika
 import pika.exceptions
 from pika import spec
+from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.select_connection import IOLoop
 
 from rbit.config import AmqpSettings
@@ -216,6 +218,10 @@ class Broker:
             default, 30 min). A delivery held for half of it is renewed (see above).
         worker_name: Names this worker in its holding queues and held copies.
         clock: Monotonic time source for lease renewals.
+        loop: Run on this asyncio event loop instead of an I/O thread of its own
+            (for a program that already has one, such as the credit front door):
+            no thread hand-over at all. Then use :meth:`wait_ready_async` and
+            :meth:`stop_async` from the loop.
     """
 
     def __init__(
@@ -231,6 +237,7 @@ class Broker:
         consumer_timeout: float | None = None,
         worker_name: str = "rbit",
         clock: Callable[[], float] = time.monotonic,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self._amqp = amqp
         self._topology = topology or Topology()
@@ -248,7 +255,10 @@ class Broker:
         self._lease_period = min(max(self.lease_renewal / 5, 0.2), 30.0)
         #: Names this worker process in holding queues: name and a per-run instance id.
         self.holder = f"{worker_name}.{uuid.uuid4().hex[:8]}"
-        self._ioloop = IOLoop()
+        self._ioloop: Any = IOLoop() if loop is None else _AsyncioLoop(loop, self)
+        self._pika_loop: Any = self._ioloop if loop is None else loop
+        self._connection_class: Any = (
+            pika.SelectConnection if loop is None else AsyncioConnection)
         self._thread = threading.Thread(target=self._run, name=f"{name}-io", daemon=True)
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_lock = threading.Lock()
@@ -273,8 +283,26 @@ class Broker:
         self._ack_batch = _ack_batch(consumers)
 
     def start(self) -> None:
-        """Start the I/O thread; it connects and keeps reconnecting."""
-        self._thread.start()
+        """Start the I/O thread (or, on an asyncio loop, the connection); it connects
+        and keeps reconnecting."""
+        if isinstance(self._ioloop, _AsyncioLoop):
+            self._ioloop.add_callback_threadsafe(self._connect)
+        else:
+            self._thread.start()
+
+    async def wait_ready_async(self, timeout: float) -> bool:
+        """:meth:`wait_ready` for a broker running on an asyncio loop."""
+        deadline = time.monotonic() + timeout
+        while not self._ready.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return self._ready.is_set() and self.start_error is None
+
+    async def stop_async(self, timeout: float = 10.0) -> None:
+        """:meth:`stop` for a broker running on an asyncio loop."""
+        self._call_soon(self._shutdown)
+        deadline = time.monotonic() + timeout
+        while not self._stopped.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until connected with the topology declared.
@@ -438,12 +466,12 @@ class Broker:
             return
         params = _parameters(self._amqp, self._host_index, self._name, self._heartbeat)
         log.debug("connecting to %s:%s", params.host, params.port)
-        self._connection = pika.SelectConnection(
+        self._connection = self._connection_class(
             parameters=params,
             on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_closed,
-            custom_ioloop=self._ioloop,
+            custom_ioloop=self._pika_loop,
         )
 
     def _on_open_error(self, _connection, error) -> None:
@@ -909,6 +937,28 @@ class Broker:
             self._ioloop.stop()
             return
         self._close_connection()
+
+
+class _AsyncioLoop:
+    """The few I/O loop calls the broker makes, served by an asyncio event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, broker: Broker) -> None:
+        self._loop, self._broker = loop, broker
+        self._thread: int | None = None
+
+    def add_callback_threadsafe(self, callback: Callable[[], None]) -> None:
+        if self._thread is None:
+            self._thread = threading.get_ident()  # start() runs on the loop's thread
+        if threading.get_ident() == self._thread:
+            self._loop.call_soon(callback)  # no self-pipe write on the loop's own thread
+        else:
+            self._loop.call_soon_threadsafe(callback)
+
+    def call_later(self, delay: float, callback: Callable[[], None]):
+        return self._loop.call_later(delay, callback)
+
+    def stop(self) -> None:
+        self._broker._stopped.set()  # the loop belongs to the caller: it keeps running
 
 
 def _ack_batch(consumers: Sequence[ConsumerSpec]) -> int:

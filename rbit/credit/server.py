@@ -187,19 +187,25 @@ class CreditServer:
 
 
 class _ConfirmQueue:
-    """Confirms arrive on the broker's thread; the event loop applies them in batches.
+    """Confirms from a broker on another thread are applied by the loop in batches.
 
     One wake-up of the loop (``call_soon_threadsafe``) serves every confirm queued
-    before it runs, instead of one wake-up per event.
+    before it runs, instead of one wake-up per event. A broker running on the server's
+    own loop (the daemon's case) has its confirms applied at once.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         self._items: collections.deque[tuple[_Reply, bool]] = collections.deque()
         self._lock = threading.Lock()
         self._scheduled = False
 
     def put(self, reply: _Reply, ok: bool) -> None:
+        if threading.get_ident() == self._loop_thread:  # a broker on our own loop
+            reply.settle(ok)
+            reply.owner.flush()
+            return
         self._items.append((reply, ok))
         with self._lock:
             if self._scheduled:
