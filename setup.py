@@ -1,15 +1,18 @@
 """Packaging for rbit, a job runner for RabbitMQ."""
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 README = HERE / "README.rst"
+# One version, kept in rbit/__init__.py (read as text: importing rbit needs pika).
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "rbit" / "__init__.py").read_text())[1]
 
 setup(
     name="rbit",
-    version="0.1.0.dev0",
+    version=VERSION,
     description="A job runner for RabbitMQ: PyBit-compatible queues, python and shell "
     "runners, job statuses, and batched CreditPiggy credits",
     long_description=README.read_text(encoding="utf-8") if README.exists() else "",
@@ -18,7 +21,7 @@ setup(
     license_files=["license.txt"],
     # rbit, rbit.runners, rbit.credit and rbitext, plus any subpackage they grow.
     packages=find_packages(include=["rbit", "rbit.*", "rbitext", "rbitext.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.11",
     install_requires=[
         "pika>=1.3",
         "jsonpickle>=3",
@@ -39,6 +42,7 @@ setup(
         "Intended Audience :: System Administrators",
         "Operating System :: POSIX",
         "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
         "Topic :: System :: Distributed Computing",
     ],
 )
