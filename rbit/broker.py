@@ -283,8 +283,10 @@ class Broker:
         self._ack_batch = _ack_batch(consumers)
 
     def start(self) -> None:
-        """Start the I/O thread (or, on an asyncio loop, the connection); it connects
-        and keeps reconnecting."""
+        """Start the I/O thread, or the connection on an asyncio loop.
+
+        It connects and keeps reconnecting until stopped.
+        """
         if isinstance(self._ioloop, _AsyncioLoop):
             self._ioloop.add_callback_threadsafe(self._connect)
         else:

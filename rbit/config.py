@@ -14,8 +14,8 @@ import re
 import shlex
 import string
 import urllib.parse
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 from rbit.errors import ConfigError
 
@@ -60,8 +60,11 @@ class AmqpSettings:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Delayed retries: try ``n`` waits ``min(retry_delay * backoff**(n-1), max_delay)``
-    seconds, spread by +-``jitter`` (a fraction)."""
+    """Delayed retries of a failed job.
+
+    Try ``n`` waits ``min(retry_delay * backoff**(n-1), max_delay)`` seconds, spread by
+    +-``jitter`` (a fraction).
+    """
 
     max_retries: int = 3
     retry_delay: float = 10.0
@@ -733,7 +736,7 @@ def _allowed_classes(section: _Section, worker: WorkerSettings) -> frozenset[str
 def _runner_options(section: _Section) -> RunnerOptions:
     # Everything rbit does not read itself belongs to the runner, verbatim (interpolated).
     return RunnerOptions(
-        (key, section.raw(key) or "") for key in section.keys() if key not in _RUNNER_KEYS
+        (key, section.raw(key) or "") for key in section.keys() if key not in _RUNNER_KEYS  # noqa: SIM118 - _Section, not a dict
     )
 
 

@@ -107,8 +107,11 @@ class JobPool:
         return not any(thread.is_alive() for thread in self._threads)
 
     def close(self, timeout: float) -> None:
-        """Close the runner: a batch runner sends what it holds (what it cannot is
-        redelivered); a shell runner removes its body files' directory."""
+        """Close the runner.
+
+        A batch runner sends what it holds (what it cannot is redelivered); a shell
+        runner removes its body files' directory.
+        """
         close = getattr(self.runner, "close", None)
         if close is not None:
             close(timeout)
@@ -161,8 +164,8 @@ class JobPool:
             outcome = Outcome.failed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         self._settle(delivery, outcome, set_status)
 
-    def _status_callback(self, job_id: str) -> _JobStatus:
-        return _JobStatus(self._report, job_id, self.settings.queue)
+    def _status_callback(self, job_id: str) -> JobStatus:
+        return JobStatus(self._report, job_id, self.settings.queue)
 
     def _settle(self, delivery: Delivery, outcome: Outcome, set_status) -> None:
         if self._cancelled:  # cut short by a second signal: left unacked, so redelivered
@@ -190,7 +193,7 @@ class JobPool:
                 self._busy -= 1
 
 
-class _JobStatus:
+class JobStatus:
     """The ``set_status`` of one job: validates, reports, remembers the last status."""
 
     __slots__ = ("_report", "_job_id", "_queue", "last")

@@ -7,7 +7,8 @@ runner. It never exposes AMQP delivery tags: settling a delivery is rbit's busin
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from rbit import decoding
 

@@ -22,7 +22,7 @@ class Status(str, enum.Enum):
     UPLOADED = "Uploaded"
 
     @classmethod
-    def parse(cls, value: "str | Status") -> "Status":
+    def parse(cls, value: str | Status) -> Status:
         """The status named by ``value`` (case-insensitive); ``ValueError`` otherwise."""
         if isinstance(value, Status):
             return value
@@ -62,19 +62,19 @@ class Outcome:
     delay: float | None = None
 
     @classmethod
-    def done(cls, reason: str = "") -> "Outcome":
+    def done(cls, reason: str = "") -> Outcome:
         return cls(Kind.DONE, reason) if reason else _DONE
 
     @classmethod
-    def failed(cls, reason: str) -> "Outcome":
+    def failed(cls, reason: str) -> Outcome:
         return cls(Kind.FAILED, reason)
 
     @classmethod
-    def blocked(cls, reason: str = "", delay: float | None = None) -> "Outcome":
+    def blocked(cls, reason: str = "", delay: float | None = None) -> Outcome:
         return cls(Kind.BLOCKED, reason, delay)
 
     @classmethod
-    def rejected(cls, reason: str) -> "Outcome":
+    def rejected(cls, reason: str) -> Outcome:
         return cls(Kind.REJECTED, reason)
 
 

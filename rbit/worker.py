@@ -16,9 +16,8 @@ from typing import Any, Callable
 from rbit import decoding
 from rbit.broker import Broker, ConsumerSpec
 from rbit.config import RunnerSettings, Settings
-from rbit.dispatch import JobPool
+from rbit.dispatch import JobPool, JobStatus
 from rbit.errors import BrokerUnreachable
-from rbit.outcome import Status
 from rbit.runners.python import load_python_runner
 from rbit.runners.shell import ShellRunner
 from rbit.status import StatusReporter
@@ -73,12 +72,8 @@ class Worker:
                        worker=self.settings.worker.name,
                        count_busy=self.settings.worker.mode == "poll")
 
-    def _status_factory(self, queue: str) -> Callable[[str], Callable[..., None]]:
-        def factory(job_id: str) -> Callable[..., None]:
-            def set_status(status: str | Status, message: str = "") -> None:
-                self.reporter.report(job_id, queue, Status.parse(status), str(message))
-            return set_status
-        return factory
+    def _status_factory(self, queue: str) -> Callable[[str], JobStatus]:
+        return lambda job_id: JobStatus(self.reporter.report, job_id, queue)
 
     @staticmethod
     def _consumer(pool: JobPool) -> ConsumerSpec:
