@@ -63,8 +63,9 @@ runner = python!rbitext.examples:hello
 name = demo
 
 [runner:{shell_queue}]
-# %ID and %BODY become whole arguments: the job id and the path of the body's file.
-runner = shell!/bin/sh -c 'echo "job $1 got $(wc -c < "$2") bytes: $(cat "$2")"' demo %ID %BODY
+# %ID and %BODY become whole arguments (the job id and the path of the body's file);
+# a line written to $RBIT_STATUS_FD is reported as a status.
+runner = shell!/bin/sh -c 'echo "Building job $1: $(wc -c < "$2") bytes of body" >/dev/fd/$RBIT_STATUS_FD' demo %ID %BODY
 """
 
 
