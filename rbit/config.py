@@ -189,7 +189,7 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
             missing, a value has the wrong type, or a variable is not set. The message
             names file, section, key and reason, never a secret's value.
     """
-    parser = _read(path)
+    parser = read_ini(path)
     env = os.environ if environ is None else environ
     warnings: list[str] = []
     readers = {name: _Section(path, name, parser[name], env) for name in parser.sections()}
@@ -260,7 +260,13 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def _read(path: str) -> configparser.ConfigParser:
+def read_ini(path: str) -> configparser.ConfigParser:
+    """Parse an ini file, without interpolation.
+
+    Raises:
+        ConfigError: The file cannot be read or parsed; the message names the file
+            (and the line, never its text: it may hold a secret).
+    """
     parser = configparser.ConfigParser(
         interpolation=None, strict=True, default_section=_NO_DEFAULT_SECTION
     )

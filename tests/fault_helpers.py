@@ -11,32 +11,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pika
+from worker_helpers import wait_until  # noqa: F401 - shared by the fault tests
 
 TESTS_DIR = Path(__file__).resolve().parent
 ROOT_DIR = TESTS_DIR.parent
 QUEUE = "faults"
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.1) -> Any:
-    """Poll ``predicate`` until it returns something true; return that value.
-
-    Raises:
-        AssertionError: Not true within ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)  # the polling interval of a bounded wait
 
 
 def write_config(path: Path, amqp: dict[str, Any], runner: dict[str, Any], *,

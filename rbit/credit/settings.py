@@ -16,14 +16,13 @@ A site that ran the old daemon moves by adding ``[amqp]``.
 
 from __future__ import annotations
 
-import configparser
 import logging
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from rbit.config import AmqpSettings, parse_amqp_section
+from rbit.config import AmqpSettings, parse_amqp_section, read_ini
 from rbit.errors import ConfigError
 
 DEFAULT_SOCKET = "/run/rbit/credit.socket"
@@ -85,7 +84,7 @@ def load_credit_config(path: str, environ: Mapping[str, str] | None = None) -> C
             invalid; the message names file, section, key and reason.
     """
     path = os.path.abspath(path)
-    parser = _read(path)
+    parser = read_ini(path)
     if not parser.has_section("amqp"):
         raise ConfigError("required section is missing (where RabbitMQ is)", file=path,
                           section="amqp")
@@ -110,24 +109,6 @@ def load_credit_config(path: str, environ: Mapping[str, str] | None = None) -> C
         credit_queue=_queue(path, amqp_values.get("credit_queue", DEFAULT_QUEUE)),
         warnings=tuple(warnings),
     )
-
-
-def _read(path: str) -> configparser.RawConfigParser:
-    parser = configparser.RawConfigParser(strict=True)
-    try:
-        with open(path, encoding="utf-8") as stream:
-            parser.read_file(stream, source=path)
-    except OSError as exc:
-        raise ConfigError(f"cannot read the file: {exc.strerror or exc}", file=path) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError("the file is not valid UTF-8", file=path) from exc
-    except configparser.Error as exc:
-        # Only the kind of error: the offending line may hold a secret.
-        lineno = getattr(exc, "lineno", None)
-        where = f" (line {lineno})" if lineno else ""
-        raise ConfigError(f"cannot parse the file: {type(exc).__name__}{where}",
-                          file=path) from exc
-    return parser
 
 
 def _error(path: str, section: str, key: str, reason: str) -> ConfigError:
