@@ -8,8 +8,11 @@ Starts ``rbit-credit run`` on a private unix socket, then:
    1,000); prints p50 / p99 / max reply latency, measured from each line's scheduled
    send time (so a stalled server cannot hide queueing delay).
 
-Every ``OK`` is a message confirmed by the broker. The events stay in the credit queue
-(``--queue``, default ``rbit.bench.credits``); delete it afterwards.
+Every ``OK`` is a message confirmed by the broker. The credit queue (``--queue``,
+default ``rbit.bench.credits``) is deleted before the daemon starts and again at the
+end (``--keep-events`` keeps the events of this run): a queue grown to hundreds of
+thousands of messages slows RabbitMQ down and would skew the next run, while a real
+front door's queue is kept short by the credit runner.
 
 Usage::
 
@@ -30,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,6 +42,7 @@ PROCESSES = 4
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _delete_queue(args.amqp_url, args.queue)
     with tempfile.TemporaryDirectory(prefix="rbit-bench-", dir="/tmp") as work:
         socket_path = os.path.join(work, "credit.socket")
         daemon = _start_daemon(Path(work), socket_path, args.amqp_url, args.queue)
@@ -55,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             _print_latency(latencies, failed, args.rate)
         finally:
             _stop_daemon(daemon)
-    print(f"events left in queue {args.queue!r}")
+    if args.keep_events:
+        print(f"events left in queue {args.queue!r}")
+    else:
+        _delete_queue(args.amqp_url, args.queue)
     return 0
 
 
@@ -65,7 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--queue", default="rbit.bench.credits", help="credit queue name")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
     parser.add_argument("--rate", type=float, default=1000.0, help="paced lines per second")
+    parser.add_argument("--keep-events", action="store_true",
+                        help="leave this run's events in the queue")
     return parser
+
+
+def _delete_queue(url: str, queue: str) -> None:
+    import pika  # the bench talks to RabbitMQ directly only to clean up
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        connection.channel().queue_delete(queue)
+    finally:
+        connection.close()
 
 
 # ---------------------------------------------------------------------------------------

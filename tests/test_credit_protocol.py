@@ -14,9 +14,11 @@ from rbit.credit.protocol import MAX_LINE_BYTES, ProtocolError, format_line, par
 from rbit.errors import RbitError
 
 # Text a slot, name or value may hold: printable, no "," (the separator), no control
-# characters, not starting or ending with whitespace (stripped from the line's ends).
+# characters, not starting or ending with whitespace (stripped from the line's ends),
+# not only whitespace of any kind (a blank slot or machine is refused).
 _SAFE = st.characters(blacklist_categories=("Cc", "Cs"), blacklist_characters=",")
-_VALUE = st.text(_SAFE, min_size=1, max_size=30).filter(lambda s: s == s.strip(" \t\r\n"))
+_VALUE = st.text(_SAFE, min_size=1, max_size=30).filter(
+    lambda s: s == s.strip(" \t\r\n") and s.strip())
 _NAME = st.text(
     st.sampled_from(string.ascii_letters + string.digits + "_/.-:"), min_size=1, max_size=20
 )
