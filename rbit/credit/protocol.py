@@ -28,8 +28,8 @@ from rbit.errors import RbitError
 #: Longest accepted line in bytes, line terminator excluded.
 MAX_LINE_BYTES = 4096
 
-_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
-_UNSIGNED = re.compile(r"\+?[0-9]{1,18}")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,18}").fullmatch
+_UNSIGNED = re.compile(r"\+?[0-9]{1,18}").fullmatch
 # Control characters other than tab have no business in a slot id or a value, and
 # a stray CR/NUL usually means the client framed its lines wrongly.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -98,7 +98,7 @@ def reply_for(error: ProtocolError | None) -> bytes:
 def _decode(line: bytes | str) -> str:
     # surrogatepass: a str with lone surrogates becomes bytes that fail to decode below.
     raw = line.encode("utf-8", "surrogatepass") if isinstance(line, str) else bytes(line)
-    if len(raw.rstrip(b"\r\n")) > MAX_LINE_BYTES:
+    if len(raw) > MAX_LINE_BYTES and len(raw.rstrip(b"\r\n")) > MAX_LINE_BYTES:
         raise ProtocolError("line too long")
     try:
         return raw.decode("utf-8")
@@ -145,9 +145,9 @@ def _only(args: Mapping[str, str], allowed: frozenset[str]) -> None:
         raise ProtocolError(f"unknown argument {_shorten(unknown[0])!r}")
 
 
-def _integer(args: Mapping[str, str], key: str, *, signed: bool = False) -> int:
+def _integer(args: Mapping[str, str], key: str, signed: bool = False) -> int:
     value = args[key].strip()
-    if not (_INTEGER if signed else _UNSIGNED).fullmatch(value):
+    if not (_INTEGER if signed else _UNSIGNED)(value):
         kind = "an integer" if signed else "a non-negative integer"
         raise ProtocolError(f"argument {_shorten(key)!r} must be {kind}")
     return int(value)
@@ -182,7 +182,9 @@ def _claim(args: Mapping[str, str]) -> dict[str, Any]:
 
 def _counters(args: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {"slot": _slot(args)}
-    out.update((key, _integer(args, key, signed=True)) for key in args if key != "slot")
+    for key in args:
+        if key != "slot":
+            out[key] = _integer(args, key, True)
     if len(out) == 1:
         raise ProtocolError("COUNTERS needs at least one name=±n")
     return out

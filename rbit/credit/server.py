@@ -172,13 +172,16 @@ class CreditServer:
                 # a Python-level socket object, which costs more than the accept itself.
                 fd, _ = listener._accept()
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
                 self._accept_failed(listener, exc)
-                return
+                break
             _Connection(_socket.socket(family, kind, proto, fd), shared).open()
+        # Most lines arrive with their connection: publish this batch now rather than
+        # on the next pass of the loop.
+        shared.outbox.flush()
 
     def _accept_failed(self, listener: socket.socket, exc: OSError) -> None:
         # Out of descriptors or memory: the listener stays readable, so retrying at
@@ -312,7 +315,10 @@ class _Outbox:
         self._items.append((body, event_id, reply))
 
     def flush(self) -> None:
-        items, self._items = self._items, []
+        items = self._items
+        if not items:
+            return  # already published by an earlier flush in this pass
+        self._items = []
         if self._many is not None:
             try:
                 self._many(items)
