@@ -7,14 +7,17 @@ the end with the session's RabbitMQ node.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import queue
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -151,6 +154,11 @@ def read_replies(sock: socket.socket, count: int) -> list[str]:
     return data.decode().splitlines()
 
 
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes waiting in ``sock``'s receive queue."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
+
+
 def exchange(path: str, payload: bytes, replies: int = 1, *, half_close: bool = True) -> list[str]:
     """Send ``payload`` on a fresh connection (like ``nc -U``) and read the replies."""
     with connect(path) as sock:
@@ -243,6 +251,44 @@ def test_garbage_and_mid_line_disconnects_do_not_stall_the_server(
         sock.sendall(b"ALLOC,slot=x\n" * 50)  # gone before the replies
     assert exchange(socket_path, b"ALLOC,slot=after\n") == ["OK"]
     assert "after" in publisher.slots()
+
+
+def test_a_client_reading_its_replies_late_gets_them_all_in_order(
+    running, publisher, socket_path
+) -> None:
+    # More reply bytes than a socket buffer holds: the server has to keep the rest and
+    # stop reading that client meanwhile, while other clients are served as usual.
+    count = 20000
+    lines = [f"BOGUS{i:06d}{'x' * 30}\n".encode() for i in range(count)]
+    with connect(socket_path) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(b"".join(lines),))
+        sender.start()
+        deadline = time.monotonic() + TIMEOUT
+        while unread_bytes(sock) < 100_000 and time.monotonic() < deadline:
+            time.sleep(0.01)  # until our receive queue is (nearly) full
+        assert sender.is_alive()  # the server stopped reading us meanwhile
+        assert exchange(socket_path, b"ALLOC,slot=other\n") == ["OK"]
+        replies = read_replies(sock, count)
+        sender.join(TIMEOUT)
+    assert len(replies) == count
+    assert replies[0] == "ER unknown command 'BOGUS000000" + "x" * 29 + "...'"
+    assert replies[-1].startswith(f"ER unknown command 'BOGUS{count - 1:06d}")
+    assert publisher.slots() == ["other"]
+
+
+def test_a_connection_sending_now_and_then_is_not_closed_as_idle(publisher, socket_path):
+    thread = ServerThread(
+        CreditServer(publisher, unix_path=socket_path, limits=Limits(idle_timeout=0.3))
+    )
+    try:
+        with connect(socket_path) as sock:
+            for index in range(6):  # 0.6 s in all, never 0.3 s quiet
+                sock.sendall(f"DISCARD,slot=s{index}\n".encode())
+                assert read_replies(sock, 1) == ["OK"]
+                time.sleep(0.1)  # pacing the client, not waiting for the server
+            assert sock.recv(10) == b""  # then closed once it was quiet long enough
+    finally:
+        thread.stop()
 
 
 def test_broker_refusal_or_failure_answers_broker_unavailable(socket_path) -> None:
