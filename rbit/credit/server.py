@@ -250,7 +250,8 @@ class _Shared:
         self.outbox = _Outbox(loop, publish)
         self.confirms = _ConfirmQueue(loop)
         self.in_flight = limits.in_flight
-        self.idle_timeout = limits.idle_timeout if limits.idle_timeout else None
+        timeout = limits.idle_timeout
+        self.idle_timeout = timeout if timeout is not None and timeout > 0 else None
         self.tcp = tcp
         self.connections: set[_Connection] = set()
         self._kinds: dict[int, tuple[int, int, int]] = {}
@@ -400,8 +401,10 @@ class _Connection:
         shared.connections.add(self)
         if shared.tcp:
             # Replies are tiny: without this a pipelining client's second reply waits
-            # for the first one's (delayed) ACK.
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # for the first one's (delayed) ACK. (A client already gone is found out
+            # by the first read.)
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._receive()
         self.flush()
         if not (self._eof or self._closed) and shared.idle_timeout is not None:
