@@ -740,8 +740,14 @@ class Broker:
         method = frame.method
         ok = isinstance(method, spec.Basic.Ack)
         if method.multiple:
+            # Sequence numbers grow with each publish and the dict keeps them in that
+            # order: stop at the first one past the confirmed tag.
             unconfirmed = self._unconfirmed
-            tags = [tag for tag in unconfirmed if tag <= method.delivery_tag]
+            tags = []
+            for tag in unconfirmed:
+                if tag > method.delivery_tag:
+                    break
+                tags.append(tag)
             for tag in tags:
                 _confirm(unconfirmed.pop(tag), ok)
         else:
