@@ -384,6 +384,9 @@ def contenders() -> dict[str, Contender]:
                   lambda run: [sys.executable, "-m", "bench.baselines", "spawn",
                                run.url, QUEUE], detect="poll"),
         rbit_contender("rbit-shell-true", spawn, "shell!/bin/true", "", 1, detect="poll"),
+        # The same runner told to keep one more job at hand (prefetch = 2, still one
+        # job at a time): the next job waits locally instead of an AMQP round trip.
+        rbit_contender("rbit-shell-true-p2", spawn, "shell!/bin/true", "", 2, detect="poll"),
         Contender("celery-solo", baseline, _framework_fill("bench.celery_app"),
                   _celery_command, needs="celery"),
         Contender("dramatiq-t1", baseline, _framework_fill("bench.dramatiq_app"),
