@@ -138,3 +138,29 @@ def test_worker_killed_mid_post_delivers_every_credit_exactly_once(rabbit, vhost
     finally:
         release.set()
         worker.stop()
+
+
+def test_credit_server_down_for_ten_seconds_then_every_event_arrives_once(
+        rabbit, vhost, server, tmp_path):
+    amqp_url = rabbit.url(vhost)
+    config = write_config(tmp_path / "rbit.ini", amqp_url, server, tmp_path / "seen.sqlite3")
+    worker = Worker(config, tmp_path / "worker.log")
+    server.ledger.alloc({"slot": "job"})
+    events = [CreditEvent("counters", {"slot": "job", f"c{i}": 1}) for i in range(30)]
+    try:
+        worker.start()
+        wait_until(lambda: QUEUE in rabbit.list_queues(vhost))
+        server.stop()
+        publish(amqp_url, events)
+        time.sleep(10)  # the outage itself: its length is the point of the test
+        ready, unacked = rabbit.list_queues(vhost)[QUEUE]
+        assert ready + unacked == len(events)  # kept by the broker, none acked
+        assert server.ledger.slots["job"].counters == {}
+        server.start()  # same port
+
+        wait_until(lambda: rabbit.list_queues(vhost).get(QUEUE) == (0, 0))
+        assert server.ledger.slots["job"].counters == {f"c{i}": 1 for i in range(30)}
+        assert all(server.times_applied("counters", dict(ev.args)) == 1 for ev in events)
+        assert worker.stop() == 0
+    finally:
+        worker.stop()
