@@ -376,7 +376,11 @@ class Broker:
         def publish_all() -> None:
             for message, on_confirm in messages:
                 self._publish(message, on_confirm)
-        self._call_soon(publish_all)
+
+        if isinstance(self._ioloop, _AsyncioLoop) and self._ioloop.on_loop_thread():
+            publish_all()  # already on the connection's thread: no need to wait a pass
+        else:
+            self._call_soon(publish_all)
 
     def stop_consuming(self) -> None:
         """Cancel the consumers: no new deliveries; unacked ones stay ours to settle."""
@@ -953,6 +957,9 @@ class _AsyncioLoop:
     def __init__(self, loop: asyncio.AbstractEventLoop, broker: Broker) -> None:
         self._loop, self._broker = loop, broker
         self._thread: int | None = None
+
+    def on_loop_thread(self) -> bool:
+        return threading.get_ident() == self._thread
 
     def add_callback_threadsafe(self, callback: Callable[[], None]) -> None:
         if self._thread is None:
