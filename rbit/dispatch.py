@@ -174,8 +174,12 @@ class JobPool:
             self._settled()
             return
         settlement = fate.decide(outcome, delivery, self.settings, worker=self._worker)
-        if settlement.status is not None and (
-            settlement.status is not set_status.last or settlement.note
+        last = set_status.last
+        # A runner that ended on Done, Uploaded or Cancelled itself has said it all: a
+        # Done from rbit after its Uploaded would move the job backwards.
+        said = settlement.status is Status.DONE and last is not None and last.terminal
+        if settlement.status is not None and not said and (
+            settlement.status is not last or settlement.note
         ):
             set_status(settlement.status, settlement.note)
         # Free the slot before handing over: in poll mode the I/O thread asks for the

@@ -100,3 +100,17 @@ def test_unknown_status_name_fails_the_job_with_a_clear_message(
     assert "unknown status 'Exploded'" in failed["message"]
     assert "Building" in failed["message"]  # the valid names are listed
     assert rabbit.list_queues(vhost)[QUEUE] == (0, 0)
+
+
+def test_a_runner_that_ends_on_uploaded_is_not_moved_back_to_done(
+        tmp_path, rabbit, vhost, amqp, out):
+    watcher = amqp.watch("rbit.status", "#")
+    config = _config(tmp_path, rabbit, vhost, out, func="upload")
+    with running_worker(config):
+        amqp.publish_jobs(["job-u"], exchange="", routing_key=QUEUE)
+        watcher.wait_for("job-u", "Uploaded")
+        wait_until(lambda: rabbit.list_queues(vhost)[QUEUE] == (0, 0), 10, "the ack")
+
+    # The worker has stopped and flushed its statuses: everything it said is here.
+    statuses = [e["status"] for e in watcher.wait_for("job-u", "Uploaded")]
+    assert statuses == ["Building", "Done", "Uploaded"]

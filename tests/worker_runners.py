@@ -97,3 +97,8 @@ def sleep_then_finish(message, set_status, settings):
     _append(settings, "started", message.job_id)
     time.sleep(float(settings["seconds"]))
     _write(settings, f"{message.job_id}.finished", "finished")
+
+
+def upload(message, set_status, settings):
+    set_status("Done", "built")
+    set_status("Uploaded", "copied to the archive")
