@@ -54,7 +54,9 @@ def _configure_logging(settings: Settings | None, debug: bool) -> None:
     else:
         logging.basicConfig(level=logging.INFO, force=True,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        logging.getLogger("pika").setLevel(logging.WARNING)
+        # rbit logs every connection failure and loss itself, in one line; pika's own
+        # account of the same event is several ERROR lines with tracebacks.
+        logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
