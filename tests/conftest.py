@@ -75,3 +75,21 @@ def http_server() -> Iterator[HttpServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def amqp(rabbit, vhost):
+    """A plain pika client on the test's vhost (publish jobs, watch statuses)."""
+    from worker_helpers import Amqp
+
+    client = Amqp(rabbit.url(vhost))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def out(tmp_path):
+    """A directory where test runners record what they did."""
+    path = tmp_path / "out"
+    path.mkdir()
+    return path

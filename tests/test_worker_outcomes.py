@@ -5,24 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from worker_helpers import Amqp, running_worker, wait_until, write_config
+from worker_helpers import running_worker, wait_until, write_config
 
 QUEUE = "outcomes"
 DEAD = f"{QUEUE}.dead"
-
-
-@pytest.fixture
-def amqp(rabbit, vhost):
-    client = Amqp(rabbit.url(vhost))
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def out(tmp_path):
-    path = tmp_path / "out"
-    path.mkdir()
-    return path
 
 
 def _config(tmp_path, rabbit, vhost, out, runner, mode="consume", **keys):

@@ -7,20 +7,12 @@ import json
 import pytest
 from worker_helpers import (
     QUEUE,
-    Amqp,
     connections,
     pybit_body,
     running_worker,
     wait_until,
     write_config,
 )
-
-
-@pytest.fixture
-def amqp(rabbit, vhost):
-    client = Amqp(rabbit.url(vhost))
-    yield client
-    client.close()
 
 
 def _pybit_config(tmp_path, rabbit, vhost, **rbit):

@@ -7,25 +7,11 @@ import socket
 import time
 
 import pytest
-from worker_helpers import Amqp, WorkerProcess, pid_alive, wait_until, write_config
+from worker_helpers import WorkerProcess, pid_alive, wait_until, write_config
 
 from rbit.cli import ExitCode
 
 QUEUE = "shutdown"
-
-
-@pytest.fixture
-def amqp(rabbit, vhost):
-    client = Amqp(rabbit.url(vhost))
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def out(tmp_path):
-    path = tmp_path / "out"
-    path.mkdir()
-    return path
 
 
 @pytest.fixture

@@ -7,24 +7,9 @@ import socket
 import urllib.parse
 from datetime import datetime
 
-import pytest
-from worker_helpers import Amqp, running_worker, wait_until, write_config
+from worker_helpers import running_worker, wait_until, write_config
 
 QUEUE = "statuses"
-
-
-@pytest.fixture
-def amqp(rabbit, vhost):
-    client = Amqp(rabbit.url(vhost))
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def out(tmp_path):
-    path = tmp_path / "out"
-    path.mkdir()
-    return path
 
 
 def _config(tmp_path, rabbit, vhost, out, func="succeed", status=None, **keys):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from worker_helpers import (
-    Amqp,
     connections,
     consumer_prefetch,
     running_worker,
@@ -15,20 +13,6 @@ from worker_helpers import (
 )
 
 QUEUE = "threads"
-
-
-@pytest.fixture
-def amqp(rabbit, vhost):
-    client = Amqp(rabbit.url(vhost))
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def out(tmp_path):
-    path = tmp_path / "out"
-    path.mkdir()
-    return path
 
 
 def test_heartbeats_flow_while_a_long_job_runs_and_it_is_acked_once(
