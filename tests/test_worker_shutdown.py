@@ -28,6 +28,22 @@ def _start(processes, config, *args) -> WorkerProcess:
     return proc
 
 
+def _run_long_shell_job(tmp_path, rabbit, vhost, amqp, out, processes, grace):
+    """A worker running the SCRIPT job; returns it and the job's (child, grandchild)."""
+    script = tmp_path / "long.sh"
+    script.write_text(SCRIPT)
+    script.chmod(0o755)
+    runner = {"runner": f"shell!{script} {{outdir}}", "kill_grace": 2, "outdir": out}
+    config = write_config(tmp_path, rabbit.url(vhost), {QUEUE: runner},
+                          rbit={"shutdown_grace": grace})
+    worker = _start(processes, config)
+    _wait_for_queue(rabbit, vhost, worker)
+    amqp.publish_jobs(["long"], exchange="", routing_key=QUEUE)
+    pids = wait_until(lambda: (out / "pids").exists() and (out / "pids").read_text().split(),
+                      10, "the job's processes")
+    return worker, tuple(int(pid) for pid in pids)
+
+
 def _wait_for_queue(rabbit, vhost, proc):
     def declared():
         assert proc.proc.poll() is None, f"the worker exited early:\n{proc.output}"
@@ -70,18 +86,8 @@ wait
 
 def test_second_signal_stops_a_long_job_and_leaves_it_for_redelivery(
         tmp_path, rabbit, vhost, amqp, out, processes):
-    script = tmp_path / "long.sh"
-    script.write_text(SCRIPT)
-    script.chmod(0o755)
-    runner = {"runner": f"shell!{script} {{outdir}}", "kill_grace": 2, "outdir": out}
-    config = write_config(tmp_path, rabbit.url(vhost), {QUEUE: runner},
-                          rbit={"shutdown_grace": 30})
-    worker = _start(processes, config)
-    _wait_for_queue(rabbit, vhost, worker)
-    amqp.publish_jobs(["long"], exchange="", routing_key=QUEUE)
-    pids = wait_until(lambda: (out / "pids").exists() and (out / "pids").read_text().split(),
-                      10, "the job's processes")
-    child, grandchild = (int(pid) for pid in pids)
+    worker, (child, grandchild) = _run_long_shell_job(
+        tmp_path, rabbit, vhost, amqp, out, processes, grace=30)
 
     worker.signal(signal.SIGTERM)
     time.sleep(0.5)  # two separate signals; the grace period is 30 s, not this
@@ -127,23 +133,13 @@ def test_second_signal_does_not_wait_for_a_job_running_in_a_worker_thread(
 
 def test_grace_period_over_stops_the_job_and_leaves_it_for_redelivery(
         tmp_path, rabbit, vhost, amqp, out, processes):
-    script = tmp_path / "long.sh"
-    script.write_text(SCRIPT)
-    script.chmod(0o755)
-    runner = {"runner": f"shell!{script} {{outdir}}", "kill_grace": 2, "outdir": out}
-    config = write_config(tmp_path, rabbit.url(vhost), {QUEUE: runner},
-                          rbit={"shutdown_grace": 1})
-    worker = _start(processes, config)
-    _wait_for_queue(rabbit, vhost, worker)
-    amqp.publish_jobs(["long"], exchange="", routing_key=QUEUE)
-    pids = wait_until(lambda: (out / "pids").exists() and (out / "pids").read_text().split(),
-                      10, "the job's processes")
+    worker, pids = _run_long_shell_job(tmp_path, rabbit, vhost, amqp, out, processes, grace=1)
 
     worker.signal(signal.SIGTERM)
     code = worker.wait(timeout=15)
 
     assert code == ExitCode.FORCED, worker.output
-    assert not any(pid_alive(int(pid)) for pid in pids)
+    assert not any(pid_alive(pid) for pid in pids)
     assert rabbit.list_queues(vhost)[QUEUE] == (1, 0)
 
 
