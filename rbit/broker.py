@@ -78,6 +78,7 @@ from pika.adapters.select_connection import IOLoop
 
 from rbit.config import AmqpSettings
 from rbit.errors import BrokerError, BrokerUnreachable
+from rbit.fdloop import FdLoop, Timer
 from rbit.message import Message
 from rbit.topology import QueueDecl, Topology, hold_queue
 
@@ -259,6 +260,8 @@ class Broker:
         self._pika_loop: Any = self._ioloop if loop is None else loop
         self._connection_class: Any = (
             pika.SelectConnection if loop is None else AsyncioConnection)
+        self._fd_loop: FdLoop = (
+            _PikaFdLoop(self._ioloop) if loop is None else _AsyncioFdLoop(loop))
         self._thread = threading.Thread(target=self._run, name=f"{name}-io", daemon=True)
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_lock = threading.Lock()
@@ -323,6 +326,14 @@ class Broker:
         """False when the delivery's connection is gone (the broker requeued it)."""
         return delivery.generation == self.generation
 
+    def fd_loop(self) -> FdLoop:
+        """The connection's own loop, for fds and timers (used on its thread only).
+
+        Deliveries arrive on this thread; a job supervised from here is started,
+        watched and settled without handing anything to another thread.
+        """
+        return self._fd_loop
+
     def ack(self, delivery: Delivery) -> None:
         """Ack a delivery (batched; dropped if the delivery is stale).
 
@@ -332,14 +343,22 @@ class Broker:
         """
         acks = self._acks
         acks.append(delivery)
+        here = self._on_io_thread()
         if len(acks) >= self._ack_batch:
-            self._call_soon(self._apply_acks)
+            if here:
+                if not self._in_drain:  # else the running drain sends it
+                    self._apply_acks()
+            else:
+                self._call_soon(self._apply_acks)
             return
         with self._wake_lock:
             arm = not self._ack_timer_armed
             self._ack_timer_armed = True
         if arm:
-            self._call_soon(self._arm_ack_timer)
+            if here:
+                self._arm_ack_timer()
+            else:
+                self._call_soon(self._arm_ack_timer)
 
     def requeue(self, delivery: Delivery) -> None:
         """Give a delivery back to its queue at once (nack with requeue)."""
@@ -394,6 +413,11 @@ class Broker:
             self._thread.join(timeout)
 
     # ------------------------------------------------------------ cross-thread wake
+
+    def _on_io_thread(self) -> bool:
+        if isinstance(self._ioloop, _AsyncioLoop):
+            return self._ioloop.on_loop_thread()
+        return threading.current_thread() is self._thread
 
     def _call_soon(self, call: Callable[[], None]) -> None:
         self._calls.append(call)
@@ -949,6 +973,46 @@ class Broker:
             self._ioloop.stop()
             return
         self._close_connection()
+
+
+class _PikaFdLoop:
+    """:class:`~rbit.fdloop.FdLoop` on pika's I/O loop."""
+
+    def __init__(self, ioloop: IOLoop) -> None:
+        self._ioloop = ioloop
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        self._ioloop.add_handler(fd, lambda _fd, _events: callback(), IOLoop.READ)
+
+    def unwatch(self, fd: int) -> None:
+        self._ioloop.remove_handler(fd)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return _PikaTimer(self._ioloop, self._ioloop.call_later(delay, callback))
+
+
+class _PikaTimer:
+    def __init__(self, ioloop: IOLoop, handle: object) -> None:
+        self._ioloop, self._handle = ioloop, handle
+
+    def cancel(self) -> None:
+        self._ioloop.remove_timeout(self._handle)
+
+
+class _AsyncioFdLoop:
+    """:class:`~rbit.fdloop.FdLoop` on an asyncio loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        self._loop.add_reader(fd, callback)
+
+    def unwatch(self, fd: int) -> None:
+        self._loop.remove_reader(fd)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return self._loop.call_later(delay, callback)
 
 
 class _AsyncioLoop:

@@ -1,14 +1,21 @@
-"""Worker threads: deliveries in, outcomes out.
+"""Job pools: deliveries in, outcomes out.
 
 A :class:`JobPool` serves one runner section. The broker's I/O thread hands it
-deliveries (:meth:`JobPool.on_delivery`, which never blocks); ``concurrency`` threads,
-created once at start, take them, run the runner and carry out the fate that
-:func:`rbit.fate.decide` chose. No thread does network I/O itself: acks and publishes
-go back to the I/O thread through the broker.
+deliveries (:meth:`JobPool.on_delivery`, which never blocks) and the pool carries out
+the fate that :func:`rbit.fate.decide` chose for each outcome. How jobs run depends on
+the runner:
+
+* a runner with ``start_job`` (``shell!``) supervises child processes from an event
+  loop: the pool starts up to ``concurrency`` jobs on the I/O thread itself, and
+  settles them there when they end, with no thread per job or per slot;
+* any other runner (``python!``) runs in ``concurrency`` threads, created once at
+  start, which take deliveries from a queue. No thread does network I/O itself: acks
+  and publishes go back to the I/O thread through the broker.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -45,6 +52,7 @@ class JobPool:
         self.settings = runner
         self.runner = job_runner
         self._batching = hasattr(job_runner, "submit")
+        self._evented = hasattr(job_runner, "start_job")
         self._broker = broker
         self._report = report
         self._worker = worker
@@ -56,11 +64,17 @@ class JobPool:
         # the broker's prefetch for that and skips the locking.
         self._count_busy = count_busy
         self._busy = 0
-        threads = 1 if self._batching else runner.concurrency
+        threads = 0 if self._evented else 1 if self._batching else runner.concurrency
         self._threads = [
             threading.Thread(target=self._work, name=f"{runner.queue}-{n}", daemon=True)
             for n in range(threads)
         ]
+        # Evented runners: deliveries waiting for a free slot, and jobs running.
+        self._waiting: collections.deque[Delivery] = collections.deque()
+        self._running = 0
+        self._starting = False
+        self._idle = threading.Event()
+        self._idle.set()
 
     def start(self) -> None:
         for thread in self._threads:
@@ -77,7 +91,11 @@ class JobPool:
         if self._count_busy:
             with self._lock:
                 self._busy += 1
-        self._queue.put(delivery)
+        if self._evented:
+            self._waiting.append(delivery)
+            self._start_waiting()
+        else:
+            self._queue.put(delivery)
 
     def capacity(self) -> int:
         """How many more deliveries to take (poll mode keeps one per thread)."""
@@ -97,11 +115,20 @@ class JobPool:
             if item is not _STOP:
                 self._broker.requeue(item)
                 self._settled()
+        while True:  # popleft is atomic: each waiting delivery goes one way only
+            try:
+                delivery = self._waiting.popleft()
+            except IndexError:
+                break
+            self._broker.requeue(delivery)
+            self._settled()
         for _ in self._threads:
             self._queue.put(_STOP)
 
     def wait(self, deadline: float) -> bool:
         """Wait for running jobs until ``deadline`` (monotonic); True if all ended."""
+        if self._evented:
+            return self._idle.wait(max(0.0, deadline - time.monotonic()))
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for thread in self._threads)
@@ -133,6 +160,56 @@ class JobPool:
         cancel = getattr(self.runner, "cancel", None)
         if cancel is not None:
             cancel()
+
+    # ------------------------------------------------------------- evented runners
+
+    def _start_waiting(self) -> None:
+        """Start waiting deliveries while slots are free (on the I/O thread)."""
+        if self._starting:  # a job that ended at once, inside the loop below
+            return
+        self._starting = True
+        try:
+            waiting = self._waiting
+            while waiting and self._running < self.settings.concurrency:
+                try:
+                    delivery = waiting.popleft()
+                except IndexError:  # taken back by stop_taking meanwhile
+                    return
+                if self._closing:
+                    self._broker.requeue(delivery)
+                    self._settled()
+                elif not self._broker.is_current(delivery):
+                    self._settled()  # its connection is gone: the broker redelivers it
+                else:
+                    self._running += 1
+                    self._idle.clear()
+                    self._start_evented(delivery)
+        finally:
+            self._starting = False
+
+    def _start_evented(self, delivery: Delivery) -> None:
+        set_status = self._status_callback(delivery.message.job_id)
+        ended = False
+
+        def done(outcome: Outcome) -> None:
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            try:
+                self._settle(delivery, outcome, set_status)
+            finally:
+                self._running -= 1
+                if not self._running:
+                    self._idle.set()
+            self._start_waiting()
+
+        set_status(Status.BUILDING, "")
+        try:
+            self.runner.start_job(delivery.message, set_status, done, self._broker.fd_loop())
+        except Exception as exc:  # a runner must not take the I/O thread down
+            log.exception("job %s: cannot start", delivery.message.job_id)
+            done(Outcome.failed(f"{type(exc).__name__}: {exc}"))
 
     # ------------------------------------------------------------- worker threads
 

@@ -41,6 +41,13 @@ def make_runner(
     return ShellRunner(runner, workdir=workdir)
 
 
+def body_root() -> Path:
+    """Where body directories go by default: memory when writable, else the temp dir."""
+    if not os.environ.get("TMPDIR") and os.access("/dev/shm", os.W_OK | os.X_OK):
+        return Path("/dev/shm")
+    return Path(tempfile.gettempdir())
+
+
 def job(body: bytes | dict = b"", message_id: str = "job-1", **kwargs) -> Message:
     if isinstance(body, dict):
         body = json.dumps(body).encode()
@@ -170,9 +177,51 @@ def test_body_files_live_in_a_private_directory_removed_at_close(tmp_path: Path)
     runner.close()
 
     assert mode == 0o700
-    assert directory.parent == Path(tempfile.gettempdir())
+    assert directory.parent == body_root()
     assert not directory.exists()
     assert runner.run(job(), Statuses()).kind is Kind.BLOCKED
+
+
+def test_tmpdir_names_where_body_files_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    report = tmp_path / "report.json"
+    place = tmp_path / "bodies"
+    place.mkdir()
+    monkeypatch.setenv("TMPDIR", str(place))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    runner = make_runner(PROBE_TEMPLATE + " %BODY", report=str(report))
+
+    runner.run(job(b"in tmpdir"), Statuses())
+
+    seen = json.loads(report.read_text())
+    assert Path(seen["argv"][2]).parent.parent == place
+    assert seen["body_file"] == "in tmpdir"
+    runner.close()
+    assert list(place.iterdir()) == []
+
+
+def test_a_body_too_big_for_memory_goes_to_the_temp_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not os.access("/dev/shm", os.W_OK | os.X_OK):
+        pytest.fail("this machine has no writable /dev/shm to run the test with")
+    monkeypatch.delenv("TMPDIR", raising=False)
+    report = tmp_path / "report.json"
+    runner = make_runner(PROBE_TEMPLATE + " %BODY", report=str(report))
+    write_all = shell._write_all
+
+    def full_in_memory(fd: int, data: bytes) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith("/dev/shm/"):
+            raise OSError(28, "No space left on device")  # as a 64 MB /dev/shm would
+        write_all(fd, data)
+
+    monkeypatch.setattr(shell, "_write_all", full_in_memory)
+    outcome = runner.run(job(b"spilled"), Statuses())
+
+    seen = json.loads(report.read_text())
+    assert outcome == Outcome.done()
+    assert seen["stdin"] == "spilled"
+    assert Path(seen["argv"][2]).parent.parent == Path(tempfile.gettempdir())
+    runner.close()
 
 
 def test_body_directory_goes_with_the_last_job_after_cancel(tmp_path: Path) -> None:
@@ -219,7 +268,7 @@ def test_environment_names_job_queue_body_attempt_and_status_fd(tmp_path: Path) 
     assert env["RBIT_JOB_ID"] == "job-42"
     assert env["RBIT_QUEUE"] == "q"
     assert env["RBIT_ATTEMPT"] == "2"
-    assert Path(env["RBIT_BODY_FILE"]).parent.parent == Path(tempfile.gettempdir())
+    assert Path(env["RBIT_BODY_FILE"]).parent.parent == body_root()
     assert env["RBIT_STATUS_FD"].isdigit()
     assert seen["cwd"] == str(tmp_path)
 

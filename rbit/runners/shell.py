@@ -84,10 +84,8 @@ import enum
 import errno
 import itertools
 import logging
-import math
 import os
 import re
-import select
 import shlex
 import shutil
 import signal
@@ -101,6 +99,7 @@ from typing import Callable, Protocol
 
 from rbit.config import RunnerSettings
 from rbit.errors import RunnerLoadError
+from rbit.fdloop import FdLoop, PollLoop, Timer
 from rbit.message import Message
 from rbit.outcome import Outcome, Status
 
@@ -123,24 +122,30 @@ _TIMED_OUT = "timed out"
 SetStatus = Callable[[str, str], None]
 
 
-class _Slot(enum.Enum):
-    """A placeholder filled per job."""
+class _Slot(enum.IntEnum):
+    """A placeholder filled per job: its index in the job's values."""
 
-    ID = "%ID"
-    QUEUE = "%QUEUE"
-    BODY = "%BODY"
-    ATTEMPT = "%ATTEMPT"
+    ID = 0
+    QUEUE = 1
+    BODY = 2
+    ATTEMPT = 3
 
 
-_Arg = tuple["str | _Slot", ...]
+_SLOTS = {"%ID": _Slot.ID, "%QUEUE": _Slot.QUEUE, "%BODY": _Slot.BODY, "%ATTEMPT": _Slot.ATTEMPT}
+
+# A compiled argument: its literal text, or its parts (literal text and slots).
+_Arg = str | tuple[str | _Slot, ...]
+_Values = tuple[str, str, str, str]  # indexed by _Slot
 
 
 class ShellRunner:
     """Runs a ``shell!`` command template for each job (see the module docs).
 
-    One instance serves every worker thread of its runner section; :meth:`run` may be
-    called from several threads at once. Each call supervises its command from the
-    calling thread; no thread is started per job.
+    A job is a child process and a few pipes, supervised by callbacks from an event
+    loop (:class:`rbit.fdloop.FdLoop`): the worker starts jobs with :meth:`start_job` on the
+    AMQP connection's loop, so no thread is used per job or per worker slot;
+    :meth:`run` runs one job to its end from the calling thread, and may be called
+    from several threads at once.
 
     Args:
         runner: The runner section; ``runner.target`` is the command template.
@@ -154,13 +159,13 @@ class ShellRunner:
 
     def __init__(self, runner: RunnerSettings, *, workdir: str | None = None) -> None:
         self._template = _compile_template(runner.target, runner.settings, runner.queue)
-        self._timeout = runner.timeout
-        self._grace = _kill_grace(runner.settings, runner.queue)
+        self.timeout = runner.timeout
+        self.grace = _kill_grace(runner.settings, runner.queue)
         self._workdir = workdir
         # Copied and encoded once: doing it per job was a large share of a short job.
         self._env = dict(os.environb)
         self._bodies = _BodyFiles()
-        self._stop = _StopSignal()
+        self.stop = _StopSignal()
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         weakref.finalize(self, os.close, self._devnull)
         self._spawner = _Spawner.create() if workdir is None else None
@@ -176,29 +181,83 @@ class ShellRunner:
         Returns:
             How the try ended.
         """
-        job_id = message.job_id
-        if self._stop.is_set():
-            return Outcome.blocked(self._stop.reason)
+        ended: list[Outcome] = []
+        loop = PollLoop()
+        job = self.start_job(message, set_status, ended.append, loop)
         try:
-            body_path = self._bodies.write(message.body)
+            loop.run_until(lambda: bool(ended))
+        except BaseException:  # e.g. KeyboardInterrupt: the command must not outlive us
+            if job is not None:
+                job.abort()
+            raise
+        return ended[0]
+
+    def start_job(
+        self, message: Message, set_status: SetStatus, done: Callable[[Outcome], None], loop: FdLoop
+    ) -> _Job | None:
+        """Starts the command for one job; ``done(outcome)`` follows on ``loop``.
+
+        When the command cannot be started, ``done`` is called before this returns
+        and the result is None.
+
+        Args:
+            message: The job.
+            set_status: Receives ``(status, message)`` for each line the command
+                writes to ``RBIT_STATUS_FD``; called on the loop's thread.
+            done: Receives how the try ended, once, on the loop's thread.
+            loop: Where the job's fds and deadlines are watched.
+        """
+        job_id = message.job_id
+        if self.stop.is_set():
+            done(Outcome.blocked(self.stop.reason))
+            return None
+        try:
+            body_fd, body_path = self._bodies.write(message.body)
         except OSError as exc:
             log.error("job %s: cannot write the body file: %s", job_id, exc)
-            return Outcome.failed(f"cannot write the body file: {exc}")
+            done(Outcome.failed(f"cannot write the body file: {exc}"))
+            return None
+        values = (job_id, message.queue, body_path, str(message.attempt))
+        argv = [_render(arg, values) for arg in self._template]
         try:
-            return self._run_command(message, body_path, set_status)
+            # stdout is only read at DEBUG: otherwise not worth a pipe and its reads.
+            pipes = _Pipes(stdout=log.isEnabledFor(logging.DEBUG))
+        except BaseException:
+            os.close(body_fd)
+            self.job_ended(body_path, job_id)
+            raise
+        try:
+            proc = self._start(argv, values, body_fd, pipes)
+        except (ValueError, OSError) as exc:
+            pipes.close_read_ends()
+            self.job_ended(body_path, job_id)
+            if isinstance(exc, ValueError):  # e.g. a NUL byte in the job id: a bad job
+                log.error("job %s: cannot pass the job to %s: %s", job_id, argv[0], exc)
+                done(Outcome.rejected(f"cannot pass the job to {argv[0]}: {exc}"))
+            else:
+                log.error("job %s: cannot run %s: %s", job_id, argv[0], exc)
+                done(Outcome.failed(f"cannot run {argv[0]}: {exc}"))
+            return None
         finally:
-            self._bodies.remove(body_path, job_id)
-            if self._stop.is_set():
-                self._bodies.remove_dir()  # the last job out takes the directory along
+            pipes.close_write_ends()  # the child holds its copies; EOF comes when it is gone
+        log.debug("job %s: started %s (pid %d)", job_id, argv[0], proc.pid)
+        try:
+            return _Job(self, proc, pipes, body_path, job_id, set_status, loop, done)
+        except BaseException:
+            pipes.close_read_ends()
+            _signal_group(proc.pid, signal.SIGKILL, job_id)
+            proc.wait()
+            self.job_ended(body_path, job_id)
+            raise
 
     def cancel(self) -> None:
         """Stops the commands of all running jobs; starts no new ones.
 
         Returns at once and is safe to call from any thread. Each job's process group
-        gets SIGTERM, then SIGKILL after the grace; the :meth:`run` calls return as
-        soon as their groups are gone. The body file directory goes with the last job.
+        gets SIGTERM, then SIGKILL after the grace; the jobs end (blocked) as soon as
+        their groups are gone. The body file directory goes with the last job.
         """
-        self._stop.set("cancelled: the worker is stopping", wake=True)
+        self.stop.set("cancelled: the worker is stopping", wake=True)
         self._bodies.remove_dir()
 
     def close(self, timeout: float | None = None) -> None:
@@ -210,38 +269,17 @@ class ShellRunner:
         Args:
             timeout: Unused; accepted for the runners' common ``close(timeout)``.
         """
-        self._stop.set("the runner is closed", wake=False)
+        self.stop.set("the runner is closed", wake=False)
         self._bodies.remove_dir()
 
-    def _run_command(self, message: Message, body_path: str, set_status: SetStatus) -> Outcome:
-        values = {
-            _Slot.ID: message.job_id,
-            _Slot.QUEUE: message.queue,
-            _Slot.BODY: body_path,
-            _Slot.ATTEMPT: str(message.attempt),
-        }
-        argv = [_render(arg, values) for arg in self._template]
-        # stdout is only read at DEBUG: otherwise not worth a pipe and its reads.
-        pipes = _Pipes(stdout=log.isEnabledFor(logging.DEBUG))
-        try:
-            proc = self._start(argv, values, body_path, pipes)
-        except ValueError as exc:  # e.g. a NUL byte in the job id: the job itself is bad
-            pipes.close_read_ends()
-            log.error("job %s: cannot pass the job to %s: %s", message.job_id, argv[0], exc)
-            return Outcome.rejected(f"cannot pass the job to {argv[0]}: {exc}")
-        except OSError as exc:
-            pipes.close_read_ends()
-            log.error("job %s: cannot run %s: %s", message.job_id, argv[0], exc)
-            return Outcome.failed(f"cannot run {argv[0]}: {exc}")
-        finally:
-            pipes.close_write_ends()  # the child holds its copies; EOF comes when it is gone
-        log.debug("job %s: started %s (pid %d)", message.job_id, argv[0], proc.pid)
-        return self._supervise(proc, pipes, message.job_id, set_status)
+    def job_ended(self, body_path: str, job_id: str) -> None:
+        """Removes a job's body file (and the directory, after the last job)."""
+        self._bodies.remove(body_path, job_id)
+        if self.stop.is_set():
+            self._bodies.remove_dir()  # the last job out takes the directory along
 
-    def _start(
-        self, argv: list[str], values: Mapping[_Slot, str], body_path: str, pipes: _Pipes
-    ) -> _Child:
-        stdin = os.open(body_path, os.O_RDONLY | os.O_CLOEXEC)
+    def _start(self, argv: list[str], values: _Values, stdin: int, pipes: _Pipes) -> _Child:
+        """Starts the command with the body file ``stdin`` (closed here) as its stdin."""
         try:
             stdout = self._devnull if pipes.stdout_w is None else pipes.stdout_w
             fds = (stdin, stdout, pipes.stderr_w, pipes.status_w)
@@ -266,66 +304,235 @@ class ShellRunner:
         finally:
             os.close(stdin)
 
-    def _supervise(
-        self, proc: _Child, pipes: _Pipes, job_id: str, set_status: SetStatus
-    ) -> Outcome:
+
+class _Job:
+    """One running command, moved along by callbacks from its loop.
+
+    The loop watches the command's stderr (and stdout at DEBUG), its status pipe, an
+    fd that becomes readable when it exits, and the runner's stop pipe; timers stand
+    for the job's deadlines. The normal course is: exit, leftovers killed, output read
+    to its end, done. A timeout or a cancel sends SIGTERM to the process group, waits
+    for it to be gone until the grace runs out, then sends SIGKILL.
+    """
+
+    def __init__(
+        self,
+        runner: ShellRunner,
+        proc: _Child,
+        pipes: _Pipes,
+        body_path: str,
+        job_id: str,
+        set_status: SetStatus,
+        loop: FdLoop,
+        done: Callable[[Outcome], None],
+    ) -> None:
+        self._runner = runner
+        self._proc = proc
+        self._pgid = proc.pid  # start_new_session makes the child its group's leader
+        self._pipes = pipes
+        self._body_path = body_path
+        self._job_id = job_id
+        self._loop = loop
+        self._done = done
+        self._stdout = _Tail()
+        self._stderr = _Tail()
+        self._watched: list[int] = []
+        self._streams = 0
+        self._exited = False
+        self._draining = False
+        self._killed = False
+        self._finished = False
+        self._why: str | None = None  # _CANCELLED or _TIMED_OUT once rbit stops it
+        self._grace_end = 0.0
+        self._timer: Timer | None = None
+        self._exit_fd = _exit_fd(proc)
         try:
-            run = _Run(proc, pipes, self._stop.fd, job_id, set_status)
+            # A copy of the stop pipe per job: one loop may watch an fd only once.
+            self._stop_fd = os.dup(runner.stop.fd)
         except BaseException:
-            pipes.close_read_ends()
-            _signal_group(proc.pid, signal.SIGKILL, job_id)
-            proc.wait()
+            os.close(self._exit_fd)
             raise
         try:
-            stopped = self._wait(run)
-            run.drain()
+            self._watch(self._exit_fd, self._on_exit)
+            self._watch(self._stop_fd, self._on_stop)
+            self._watch_stream(pipes.stderr_r, self._stderr.feed)
+            self._watch_stream(pipes.status_r, _StatusReader(job_id, set_status).feed)
+            if pipes.stdout_r is not None:
+                self._watch_stream(pipes.stdout_r, self._stdout.feed)
+            if runner.timeout is not None:
+                self._set_timer(runner.timeout, self._on_timeout)
         except BaseException:
-            _signal_group(run.pgid, signal.SIGKILL, job_id)
+            self._leave_loop()  # the caller takes care of the pipes and the command
             raise
-        finally:
-            run.close()
-        if run.stdout.text():
-            log.debug("job %s: stdout tail: %s", job_id, run.stdout.text())
-        outcome = _outcome(proc.returncode, stopped, run.stderr.text(), self._timeout)
-        log.debug("job %s: %s %s", job_id, outcome.kind.value, outcome.reason)
-        return outcome
 
-    def _wait(self, run: _Run) -> str | None:
-        """Waits for the command's end; returns why rbit stopped it, if it did."""
-        deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        run.wait_exit(deadline, until_stopped=True)
-        if run.exited:
-            _kill_leftovers(run.pgid, run.job_id)
-            return None
-        why = _CANCELLED if run.stopped else _TIMED_OUT
-        log.warning("job %s: %s; terminating process group %d", run.job_id, why, run.pgid)
-        self._terminate(run)
-        return why
-
-    def _terminate(self, run: _Run) -> None:
-        _signal_group(run.pgid, signal.SIGTERM, run.job_id)
-        deadline = time.monotonic() + self._grace
-        run.wait_exit(deadline)
-        # Members that catch SIGTERM may still be cleaning up after the leader is gone.
-        if _wait_group_gone(run, deadline):
+    def abort(self) -> None:
+        """Kills the process group and lets go of everything, without an outcome."""
+        if self._finished:
             return
+        self._finished = True
+        _signal_group(self._pgid, signal.SIGKILL, self._job_id)
+        if not self._exited:
+            self._proc.wait()
+        self._release()
+
+    # ------------------------------------------------------------------ events
+
+    def _on_exit(self) -> None:
+        self._unwatch(self._exit_fd)
+        self._proc.wait()  # already over: this only collects the status
+        self._exited = True
+        if self._why is not None:
+            self._check_group()
+            return
+        self._cancel_timer()
+        self._unwatch(self._stop_fd)
+        _kill_leftovers(self._pgid, self._job_id)
+        self._drain()
+
+    def _on_stop(self) -> None:
+        self._unwatch(self._stop_fd)  # it stays readable: watch it once
+        self._stop_command(_CANCELLED)
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        self._stop_command(_TIMED_OUT)
+
+    def _on_stream(self, fd: int, feed: Callable[[bytes], None]) -> None:
+        chunk = os.read(fd, _READ_SIZE)
+        feed(chunk)
+        if chunk:
+            return
+        self._unwatch(fd)  # EOF, also after POLLHUP: every writer is gone
+        self._streams -= 1
+        if self._draining and not self._streams:
+            self._finish()
+
+    # ----------------------------------------------------------- stopping it
+
+    def _stop_command(self, why: str) -> None:
+        self._cancel_timer()
+        self._unwatch(self._stop_fd)
+        self._why = why
+        log.warning("job %s: %s; terminating process group %d", self._job_id, why, self._pgid)
+        _signal_group(self._pgid, signal.SIGTERM, self._job_id)
+        self._grace_end = time.monotonic() + self._runner.grace
+        self._set_timer(self._runner.grace, self._on_grace_over)
+
+    def _on_grace_over(self) -> None:
+        self._timer = None
+        if self._exited:
+            self._check_group()
+        else:
+            self._kill()
+
+    def _check_group(self) -> None:
+        """The leader is gone; members that catch SIGTERM may still be cleaning up."""
+        self._cancel_timer()
+        if self._killed or not _group_alive(self._pgid):
+            self._drain()
+            return
+        left = self._grace_end - time.monotonic()
+        if left <= 0:
+            self._kill()
+        else:
+            self._set_timer(min(left, _GROUP_POLL), self._check_group)
+
+    def _kill(self) -> None:
         log.warning(
-            "job %s: process group %d outlived SIGTERM; sending SIGKILL", run.job_id, run.pgid
+            "job %s: process group %d outlived SIGTERM; sending SIGKILL", self._job_id, self._pgid
         )
-        _signal_group(run.pgid, signal.SIGKILL, run.job_id)
-        run.wait_exit(time.monotonic() + _REAP_TIMEOUT)
-        if not run.exited:
-            log.error("job %s: process %d survived SIGKILL", run.job_id, run.pgid)
+        self._killed = True
+        _signal_group(self._pgid, signal.SIGKILL, self._job_id)
+        if self._exited:
+            self._drain()
+        else:
+            self._set_timer(_REAP_TIMEOUT, self._on_reap_timeout)
 
+    def _on_reap_timeout(self) -> None:
+        self._timer = None
+        log.error("job %s: process %d survived SIGKILL", self._job_id, self._pgid)
+        self._finish()
 
-def _wait_group_gone(run: _Run, deadline: float) -> bool:
-    """Keeps reading the output until the group is gone or ``deadline``; True if gone."""
-    while _group_alive(run.pgid):
-        now = time.monotonic()
-        if now >= deadline:
-            return False
-        run.pump(min(deadline, now + _GROUP_POLL))
-    return True
+    # ---------------------------------------------------------------- the end
+
+    def _drain(self) -> None:
+        """Reads the output to its end, unless something outside keeps it open."""
+        if not self._streams:
+            self._finish()
+            return
+        self._draining = True
+        self._set_timer(_DRAIN_TIMEOUT, self._on_drain_timeout)
+
+    def _on_drain_timeout(self) -> None:
+        self._timer = None
+        log.warning(
+            "job %s: output still open after the command ended; no longer reading it",
+            self._job_id,
+        )
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._release()
+        stdout = self._stdout.text()
+        if stdout:
+            log.debug("job %s: stdout tail: %s", self._job_id, stdout)
+        code = self._proc.returncode if self._exited else None
+        outcome = _outcome(code, self._why, self._stderr.text(), self._runner.timeout)
+        log.debug("job %s: %s %s", self._job_id, outcome.kind.value, outcome.reason)
+        self._done(outcome)
+
+    def _release(self) -> None:
+        self._leave_loop()
+        self._pipes.close_read_ends()
+        self._runner.job_ended(self._body_path, self._job_id)
+
+    def _leave_loop(self) -> None:
+        self._cancel_timer()
+        for fd in self._watched:
+            self._loop.unwatch(fd)
+        self._watched.clear()
+        _close_fds(self._exit_fd, self._stop_fd)
+
+    # ------------------------------------------------------------ the loop
+
+    def _watch(self, fd: int, callback: Callable[[], None]) -> None:
+        self._loop.watch(fd, self._guard(callback))
+        self._watched.append(fd)
+
+    def _watch_stream(self, fd: int, feed: Callable[[bytes], None]) -> None:
+        self._watch(fd, lambda: self._on_stream(fd, feed))
+        self._streams += 1
+
+    def _unwatch(self, fd: int) -> None:
+        if fd in self._watched:
+            self._watched.remove(fd)
+            self._loop.unwatch(fd)
+
+    def _set_timer(self, delay: float, callback: Callable[[], None]) -> None:
+        self._timer = self._loop.call_later(delay, self._guard(callback))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _guard(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """``callback``, but a failure ends the job instead of the loop."""
+
+        def guarded() -> None:
+            if self._finished:
+                return
+            try:
+                callback()
+            except Exception as exc:
+                log.exception("job %s: internal error while supervising the command", self._job_id)
+                self.abort()
+                self._done(Outcome.failed(f"internal error while supervising the command: {exc}"))
+
+        return guarded
 
 
 class _StopSignal:
@@ -476,105 +683,6 @@ class _Pipes:
         return read_fd, write_fd
 
 
-_EXIT = object()  # handler of the fd that tells the command has exited
-_STOP = object()  # handler of the runner's stop pipe
-
-
-class _Run:
-    """One running command, supervised from the calling thread.
-
-    A single ``poll`` watches the command's stderr (and stdout at DEBUG), its status
-    pipe, an fd that becomes readable when it exits, and the runner's stop pipe; its
-    timeouts are the job's own deadlines.
-    """
-
-    def __init__(
-        self,
-        proc: _Child,
-        pipes: _Pipes,
-        stop_fd: int,
-        job_id: str,
-        set_status: SetStatus,
-    ) -> None:
-        self.proc = proc
-        self.pgid = proc.pid  # start_new_session makes the child its group's leader
-        self.job_id = job_id
-        self.stdout = _Tail()
-        self.stderr = _Tail()
-        self.exited = False
-        self.stopped = False
-        self._pipes = pipes
-        # select.poll, not a selectors object: a few fds for a few milliseconds, where
-        # epoll's extra fd and the selectors bookkeeping would cost more than they save.
-        self._poll = select.poll()
-        self._handlers: dict[int, object] = {}
-        self._streams = 0
-        self._exit_fd = _exit_fd(proc)
-        self._watch(self._exit_fd, _EXIT)
-        self._watch(stop_fd, _STOP)
-        self._watch(pipes.stderr_r, self.stderr.feed)
-        self._watch(pipes.status_r, _StatusReader(job_id, set_status).feed)
-        if pipes.stdout_r is not None:
-            self._watch(pipes.stdout_r, self.stdout.feed)
-
-    def wait_exit(self, deadline: float | None, *, until_stopped: bool = False) -> None:
-        """Reads output until the command exits (or is stopped) or ``deadline``."""
-        while not self.exited and not (until_stopped and self.stopped):
-            if deadline is not None and time.monotonic() >= deadline:
-                return
-            self.pump(deadline)
-
-    def drain(self) -> None:
-        """Reads the output to its end, unless something outside keeps it open."""
-        deadline = time.monotonic() + _DRAIN_TIMEOUT
-        while self._streams:
-            if time.monotonic() >= deadline:
-                log.warning(
-                    "job %s: output still open after the command ended; no longer reading it",
-                    self.job_id,
-                )
-                return
-            self.pump(deadline)
-
-    def pump(self, deadline: float | None) -> None:
-        """Waits once for events, until ``deadline`` at the latest, and handles them."""
-        timeout = None
-        if deadline is not None:
-            timeout = max(0, math.ceil((deadline - time.monotonic()) * 1000))
-        for fd, _ in self._poll.poll(timeout):
-            handler = self._handlers[fd]
-            if handler is _EXIT:
-                self._unwatch(fd)
-                self.proc.wait()  # already over: this only collects the status
-                self.exited = True
-            elif handler is _STOP:
-                self._unwatch(fd)  # it stays readable: watch it once
-                self.stopped = True
-            else:
-                self._read(fd, handler)
-
-    def close(self) -> None:
-        os.close(self._exit_fd)
-        self._pipes.close_read_ends()
-
-    def _watch(self, fd: int, handler: object) -> None:
-        self._poll.register(fd, select.POLLIN)
-        self._handlers[fd] = handler
-        if callable(handler):
-            self._streams += 1
-
-    def _unwatch(self, fd: int) -> None:
-        self._poll.unregister(fd)
-        del self._handlers[fd]
-
-    def _read(self, fd: int, feed: Callable[[bytes], None]) -> None:
-        chunk = os.read(fd, _READ_SIZE)
-        feed(chunk)
-        if not chunk:  # also after POLLHUP: every writer is gone
-            self._unwatch(fd)
-            self._streams -= 1
-
-
 _pidfd_supported = hasattr(os, "pidfd_open")
 
 
@@ -600,30 +708,33 @@ def _exit_fd(proc: _Child) -> int:
 
 
 class _BodyFiles:
-    """Job bodies as files in a private directory (mode 0700) of one runner."""
+    """Job bodies as files in a private directory (mode 0700) of one runner.
+
+    The directory is in memory (under ``/dev/shm``) when that is writable and
+    ``TMPDIR`` names no other place: a body file is written, read once or twice and
+    removed within a job, and on a disk file system creating and removing it cost
+    more than running a short command. A body that does not fit there (a container's
+    small ``/dev/shm``) goes to a second private directory under the temp directory.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._names = itertools.count(1)  # next() is atomic under the GIL
-        self._dirs = [tempfile.mkdtemp(prefix="rbit-shell-")]
-        # At exit, whatever is left goes too, but never from a forked child.
-        weakref.finalize(self, _remove_trees, self._dirs, os.getpid())
+        memory = _memory_dir()
+        self._main = _BodyDir(memory or tempfile.gettempdir())
+        self._main.make()  # now: a directory that cannot be made is a load error
+        self._spill = _BodyDir(tempfile.gettempdir()) if memory else None
 
-    def write(self, body: bytes) -> str:
-        """Writes ``body`` to a new file (mode 0600); returns its path."""
-        directory = self._dirs[-1]
+    def write(self, body: bytes) -> tuple[int, str]:
+        """Writes ``body`` to a new file (mode 0600); returns an fd open on it and its path.
+
+        The fd is positioned at the start of the file, ready to be a command's stdin.
+        """
         try:
-            fd, path = self._create(directory)
-        except FileNotFoundError:  # removed behind our back, e.g. by a /tmp cleaner
-            fd, path = self._create(self._renew(directory))
-        try:
-            _write_all(fd, body)
-        except BaseException:
-            os.unlink(path)
-            raise
-        finally:
-            os.close(fd)
-        return path
+            return self._write_in(self._main, body)
+        except OSError as exc:
+            if self._spill is None or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            return self._write_in(self._spill, body)
 
     def remove(self, path: str, job_id: str) -> None:
         """Removes a body file; one already gone is no error."""
@@ -635,29 +746,82 @@ class _BodyFiles:
             log.warning("job %s: cannot remove the body file %s: %s", job_id, path, exc)
 
     def remove_dir(self) -> None:
-        """Removes the directory if no body file is left in it."""
-        # Fails while running jobs still have files there: the last of them tries again.
-        with contextlib.suppress(OSError):
-            os.rmdir(self._dirs[-1])
+        """Removes the directories if no body file is left in them."""
+        for place in (self._main, self._spill):
+            if place is not None:
+                place.remove()
 
-    def _create(self, directory: str) -> tuple[int, str]:
-        path = f"{directory}/{next(self._names)}"
-        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+    def _write_in(self, place: _BodyDir, body: bytes) -> tuple[int, str]:
+        name = str(next(self._names))
+        fd, path = place.create(name)
+        try:
+            _write_all(fd, body)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        return fd, path
+
+
+class _BodyDir:
+    """One private directory for body files, made under ``root`` when first needed."""
+
+    def __init__(self, root: str) -> None:
+        self._root = root
+        self._lock = threading.Lock()
+        self._made: list[str] = []
+        self.path: str | None = None
+        # At exit, whatever is left goes too, but never from a forked child.
+        weakref.finalize(self, _remove_trees, self._made, os.getpid())
+
+    def create(self, name: str) -> tuple[int, str]:
+        directory = self.path or self._renew(None)
+        try:
+            return self._open(f"{directory}/{name}")
+        except FileNotFoundError:  # removed behind our back, e.g. by a /tmp cleaner
+            return self._open(f"{self._renew(directory)}/{name}")
+
+    def make(self) -> None:
+        self._renew(None)
+
+    def remove(self) -> None:
+        # Fails while running jobs still have files there: the last of them tries again.
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path)
+
+    @staticmethod
+    def _open(path: str) -> tuple[int, str]:
+        flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC
         return os.open(path, flags, 0o600), path
 
-    def _renew(self, lost: str) -> str:
-        # A fresh random name: re-creating the lost one in /tmp could meet a
-        # directory or link someone else put there meanwhile.
+    def _renew(self, lost: str | None) -> str:
+        # Always a fresh random name: re-creating a lost one in a shared directory
+        # could meet a directory or link someone else put there meanwhile.
         with self._lock:
-            if self._dirs[-1] == lost:
-                self._dirs.append(tempfile.mkdtemp(prefix="rbit-shell-"))
-            return self._dirs[-1]
+            if self.path == lost:
+                self.path = tempfile.mkdtemp(prefix="rbit-shell-", dir=self._root)
+                self._made.append(self.path)
+            return self.path
+
+
+def _memory_dir() -> str | None:
+    """``/dev/shm`` if body files may go there (no ``TMPDIR`` says otherwise)."""
+    if os.environ.get("TMPDIR"):
+        return None
+    shm = "/dev/shm"  # noqa: S108 -- only the parent of a mkdtemp directory
+    if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    return None
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    """Writes ``data`` at the start of ``fd`` without moving its offset."""
+    done = os.pwrite(fd, data, 0)
+    if done < len(data):
+        view = memoryview(data)
+        while done < len(data):
+            done += os.pwrite(fd, view[done:], done)
 
 
 def _remove_trees(paths: list[str], owner_pid: int) -> None:
@@ -666,9 +830,7 @@ def _remove_trees(paths: list[str], owner_pid: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _child_env(
-    base: Mapping[bytes, bytes], values: Mapping[_Slot, str], status_fd: int
-) -> dict[bytes, bytes]:
+def _child_env(base: Mapping[bytes, bytes], values: _Values, status_fd: int) -> dict[bytes, bytes]:
     """The worker's environment and the job's RBIT_* variables, ready for exec."""
     env = dict(base)
     env[b"RBIT_JOB_ID"] = os.fsencode(values[_Slot.ID])
@@ -752,7 +914,10 @@ def _compile_template(template: str, settings: Mapping[str, str], queue: str) ->
 
 
 def _compile_word(word: str, settings: Mapping[str, str], where: str) -> _Arg:
-    """Splits a word into literal text and job slots; settings become literal text."""
+    """Splits a word into literal text and job slots; settings become literal text.
+
+    A word without slots becomes its text, used as it is for every job.
+    """
     parts: list[str | _Slot] = []
     pos = 0
     for match in _PLACEHOLDER.finditer(word):
@@ -760,6 +925,8 @@ def _compile_word(word: str, settings: Mapping[str, str], where: str) -> _Arg:
         parts.append(_resolve(match, settings, where))
         pos = match.end()
     parts.append(word[pos:])
+    if all(part.__class__ is str for part in parts):
+        return "".join(parts)
     return tuple(part for part in parts if part != "")
 
 
@@ -772,11 +939,13 @@ def _resolve(match: re.Match[str], settings: Mapping[str, str], where: str) -> s
         return str(settings[key])
     if match.group(0) == "%%":
         return "%"
-    return _Slot(match.group(0))
+    return _SLOTS[match.group(0)]
 
 
-def _render(arg: _Arg, values: Mapping[_Slot, str]) -> str:
-    return "".join(values[part] if isinstance(part, _Slot) else part for part in arg)
+def _render(arg: _Arg, values: _Values) -> str:
+    if arg.__class__ is str:
+        return arg
+    return "".join(values[part] if part.__class__ is _Slot else part for part in arg)
 
 
 def _kill_grace(settings: Mapping[str, str], queue: str) -> float:

@@ -1,0 +1,86 @@
+"""The few event-loop calls a job needs to be supervised without a thread of its own.
+
+A shell job is a child process and a few pipes: it needs to hear when an fd becomes
+readable and when a deadline passes, nothing more. :class:`FdLoop` names those calls.
+The worker serves them from the AMQP connection's own loop
+(:meth:`rbit.broker.Broker.fd_loop`), so a job starts, runs and is acked on the I/O
+thread with no hand-over between threads; :class:`PollLoop` serves them from a single
+blocking ``poll`` for a caller that waits for its job (``ShellRunner.run``).
+
+Callbacks run on the loop's thread, one at a time, and must not block.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import select
+import time
+from typing import Callable, Protocol
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
+class FdLoop(Protocol):
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` whenever ``fd`` is readable (or at EOF or hang-up)."""
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching ``fd``; must be called before it is closed."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Call ``callback()`` once, ``delay`` seconds from now, unless cancelled."""
+
+
+class _PollTimer:
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[[], None] | None) -> None:
+        self.callback = callback
+
+    def cancel(self) -> None:
+        self.callback = None
+
+
+class PollLoop:
+    """An :class:`FdLoop` run by its caller's thread until a condition holds."""
+
+    def __init__(self) -> None:
+        # select.poll, not a selectors object: a few fds for a few milliseconds, where
+        # epoll's extra fd and the selectors bookkeeping would cost more than they save.
+        self._poll = select.poll()
+        self._handlers: dict[int, Callable[[], None]] = {}
+        self._timers: list[tuple[float, int, _PollTimer]] = []
+        self._order = itertools.count()
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        self._poll.register(fd, select.POLLIN)
+        self._handlers[fd] = callback
+
+    def unwatch(self, fd: int) -> None:
+        self._poll.unregister(fd)
+        del self._handlers[fd]
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        timer = _PollTimer(callback)
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._order), timer))
+        return timer
+
+    def run_until(self, done: Callable[[], bool]) -> None:
+        """Dispatch events and timers until ``done()`` is true."""
+        timers = self._timers
+        while not done():
+            timeout = None
+            if timers:
+                timeout = max(0, math.ceil((timers[0][0] - time.monotonic()) * 1000))
+            for fd, _ in self._poll.poll(timeout):
+                handler = self._handlers.get(fd)  # None: unwatched by an earlier handler
+                if handler is not None:
+                    handler()
+            while timers and timers[0][0] <= time.monotonic():
+                callback = heapq.heappop(timers)[2].callback
+                if callback is not None:
+                    callback()
