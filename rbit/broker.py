@@ -5,7 +5,9 @@ A :class:`Broker` owns one AMQP connection and the thread that runs its I/O loop
 thread; other threads hand work over with :meth:`Broker.ack`, :meth:`Broker.publish`
 and friends, which queue a call and wake the loop through
 ``add_callback_threadsafe``. Heartbeats therefore keep flowing however long a job runs;
-the heartbeat is at most the poll time, so a dead peer is noticed within it.
+the heartbeat is at most the poll time, so a dead peer is noticed within it. Jobs that
+are child processes (``shell!``) are supervised on the I/O thread itself, through
+:meth:`Broker.fd_loop`; their acks need no wake-up.
 
 Three channels per connection: one consumes (and acks), one publishes in confirm mode,
 one holds the copies of long jobs (below). Confirms are pipelined: a publish returns at
@@ -261,8 +263,7 @@ class Broker:
         self._pika_loop: Any = self._ioloop if loop is None else loop
         self._connection_class: Any = (
             pika.SelectConnection if loop is None else AsyncioConnection)
-        self._fd_loop: FdLoop = (
-            _PikaFdLoop(self._ioloop) if loop is None else _AsyncioFdLoop(loop))
+        self._fd_loop = _PikaFdLoop(self._ioloop) if loop is None else None
         self._thread = threading.Thread(target=self._run, name=f"{name}-io", daemon=True)
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_lock = threading.Lock()
@@ -328,11 +329,14 @@ class Broker:
         return delivery.generation == self.generation
 
     def fd_loop(self) -> FdLoop:
-        """The connection's own loop, for fds and timers (used on its thread only).
+        """The I/O thread's loop, for fds and timers (to be used on that thread only).
 
         Deliveries arrive on this thread; a job supervised from here is started,
-        watched and settled without handing anything to another thread.
+        watched and settled without handing anything to another thread. A broker on
+        an asyncio loop (the credit daemon's) runs no jobs and has none to offer.
         """
+        if self._fd_loop is None:
+            raise RuntimeError("a broker on an asyncio loop offers no fd loop")
         return self._fd_loop
 
     def ack(self, delivery: Delivery) -> None:
@@ -1018,22 +1022,6 @@ class _PikaTimer:
 
     def cancel(self) -> None:
         self._ioloop.remove_timeout(self._handle)
-
-
-class _AsyncioFdLoop:
-    """:class:`~rbit.fdloop.FdLoop` on an asyncio loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-
-    def watch(self, fd: int, callback: Callable[[], None]) -> None:
-        self._loop.add_reader(fd, callback)
-
-    def unwatch(self, fd: int) -> None:
-        self._loop.remove_reader(fd)
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        return self._loop.call_later(delay, callback)
 
 
 class _AsyncioLoop:
