@@ -20,8 +20,8 @@ Placeholders:
 * ``%ID`` -- the job id (:attr:`rbit.message.Message.job_id`);
 * ``%QUEUE`` -- the queue the job was consumed from;
 * ``%BODY`` -- path of a private file (mode 0600, in a directory of the runner's own,
-  mode 0700) holding the body, removed once the command and everything it started
-  have ended;
+  mode 0700, under ``/dev/shm`` unless ``TMPDIR`` is set) holding the body, removed
+  once the command and everything it started have ended;
 * ``%ATTEMPT`` -- which try of the job this is, counting from 1;
 * ``%%`` -- a literal ``%``;
 * ``{key}`` -- the value of ``key`` in the runner's section. An unknown key is an error
@@ -75,6 +75,12 @@ moved to a session of its own escapes this, like any daemon would.
 :meth:`ShellRunner.cancel` (the worker's answer to a second shutdown signal) stops the
 process groups of all running jobs the same way; their runs end as blocked, so the jobs
 are tried again later, and the runner starts no further commands.
+
+No thread waits for a command: each job is a small state machine (:class:`_Job`)
+moved along by an event loop that watches the command's exit (a pidfd), its pipes and
+its deadlines. In the worker that loop is the AMQP connection's own
+(:meth:`ShellRunner.start_job`), so a job is started, watched and acked on one thread;
+:meth:`ShellRunner.run` runs one job with a private ``poll`` loop.
 """
 
 from __future__ import annotations
