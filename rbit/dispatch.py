@@ -175,17 +175,26 @@ class JobPool:
                     delivery = waiting.popleft()
                 except IndexError:  # taken back by stop_taking meanwhile
                     return
+                # Busy before looking at _closing: a shutdown that finds the pool idle
+                # must not see a job start after it.
+                self._running += 1
+                self._idle.clear()
                 if self._closing:
                     self._broker.requeue(delivery)
                     self._settled()
+                    self._slot_freed()
                 elif not self._broker.is_current(delivery):
                     self._settled()  # its connection is gone: the broker redelivers it
+                    self._slot_freed()
                 else:
-                    self._running += 1
-                    self._idle.clear()
                     self._start_evented(delivery)
         finally:
             self._starting = False
+
+    def _slot_freed(self) -> None:
+        self._running -= 1
+        if not self._running:
+            self._idle.set()
 
     def _start_evented(self, delivery: Delivery) -> None:
         set_status = self._status_callback(delivery.message.job_id)
@@ -199,9 +208,7 @@ class JobPool:
             try:
                 self._settle(delivery, outcome, set_status)
             finally:
-                self._running -= 1
-                if not self._running:
-                    self._idle.set()
+                self._slot_freed()
             self._start_waiting()
 
         set_status(Status.BUILDING, "")
