@@ -348,19 +348,17 @@ class Broker:
         """
         acks = self._acks
         acks.append(delivery)
-        here = self._on_io_thread()
         if len(acks) >= self._ack_batch:
-            if here:
-                if not self._in_drain:  # else the running drain sends it
-                    self._apply_acks()
-            else:
+            if not self._on_io_thread():
                 self._call_soon(self._apply_acks)
+            elif not self._in_drain:  # else the running drain sends it
+                self._apply_acks()
             return
         with self._wake_lock:
             arm = not self._ack_timer_armed
             self._ack_timer_armed = True
         if arm:
-            if here:
+            if self._on_io_thread():
                 self._arm_ack_timer()
             else:
                 self._call_soon(self._arm_ack_timer)
