@@ -436,7 +436,7 @@ def measure(contender: Contender, broker: BrokerHandle, n: int, *, marks: tuple[
         load = os.getloadavg()[0]
         result = _watch(contender, broker, run, proc, t_spawn, log_path)
         result["loadavg_1m_at_start"] = load
-        result["marks"] = _progress(workdir)
+        result["marks"] = result.pop("sampled_marks") or _progress(workdir)
         result["log_bytes"] = log_path.stat().st_size
         _stop(proc, result["pid"] if stop_worker_pid else proc.pid)
         if keep_dir is not None:
@@ -458,6 +458,7 @@ def _watch(contender: Contender, broker: BrokerHandle, run: Run, proc: subproces
     first = done = None
     pid = proc.pid
     cpu0 = bcpu0 = 0.0
+    sampled: list[dict[str, float]] = []  # marks of "poll" workers, which do not tick()
     try:
         while done is None:
             if proc.poll() is not None:
@@ -472,6 +473,8 @@ def _watch(contender: Contender, broker: BrokerHandle, run: Run, proc: subproces
                     cpu0, bcpu0 = cpu_seconds(pid, True), cpu_seconds(broker.pid)
                     own0 = cpu_seconds(pid)
             else:
+                if watch is not None and run.marks:
+                    _sample_marks(run, watch, pid, sampled)
                 done = _done(contender, run, watch)
             if done is None:
                 time.sleep(POLL)
@@ -498,7 +501,16 @@ def _watch(contender: Contender, broker: BrokerHandle, run: Run, proc: subproces
         "broker_cpu_us_per_job": (bcpu1 - bcpu0) / jobs * 1e6 if broker.pid else None,
         "peak_rss_mb": hwm / 1024,
         "rss_mb": rss / 1024,
+        "sampled_marks": sampled,
     }
+
+
+def _sample_marks(run: Run, watch: QueueWatch, pid: int, sampled: list) -> None:
+    """VmRSS of the worker when the jobs handed out pass the next mark."""
+    taken = run.n - watch.ready()
+    while len(sampled) < len(run.marks) and taken >= run.marks[len(sampled)]:
+        sampled.append({"count": run.marks[len(sampled)], "time": time.time(),
+                        "vmrss_mb": status_kb(pid, "VmRSS") / 1024})
 
 
 def _first(contender: Contender, run: Run, watch: QueueWatch | None,
@@ -694,7 +706,7 @@ def run_rss_long(broker: BrokerHandle, table: dict[str, Contender], n: int) -> s
     marks = (1000, 20_000, 50_000, 100_000, 150_000, n)
     lines = ["rbit python! noop (statuses off), %d jobs; VmRSS when the count passed:" % n]
     data = {}
-    for name in ("rbit-python-nostatus", "rbit-python-logsink"):
+    for name in ("rbit-python-nostatus", "rbit-python-logsink", "rbit-shell-true"):
         print("rss-long: %s with %d jobs ..." % (name, n), flush=True)
         result = measure(table[name], broker, n, marks=marks)
         data[name] = result
