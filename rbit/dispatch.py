@@ -179,12 +179,7 @@ class JobPool:
                 # must not see a job start after it.
                 self._running += 1
                 self._idle.clear()
-                if self._closing:
-                    self._broker.requeue(delivery)
-                    self._settled()
-                    self._slot_freed()
-                elif not self._broker.is_current(delivery):
-                    self._settled()  # its connection is gone: the broker redelivers it
+                if self._dismissed(delivery):
                     self._slot_freed()
                 else:
                     self._start_evented(delivery)
@@ -226,13 +221,21 @@ class JobPool:
             delivery = get()
             if delivery is _STOP:
                 return
-            if self._closing:
-                self._broker.requeue(delivery)
-                self._settled()
-            elif not self._broker.is_current(delivery):
-                self._settled()  # its connection is gone: the broker redelivers it
-            else:
+            if not self._dismissed(delivery):
                 self._start(delivery)
+
+    def _dismissed(self, delivery: Delivery) -> bool:
+        """Settle a delivery that must not start now; True if it was one.
+
+        When the pool is closing it goes back to its queue; when its connection is
+        gone the broker redelivers it anyway.
+        """
+        if self._closing:
+            self._broker.requeue(delivery)
+        elif self._broker.is_current(delivery):
+            return False
+        self._settled()
+        return True
 
     def _start(self, delivery: Delivery) -> None:
         job_id = delivery.message.job_id
