@@ -79,6 +79,11 @@ from pika import spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.select_connection import IOLoop
 
+try:  # pika's transport for plain TCP: its buffered output can be sent at once
+    from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
+except ImportError:  # another pika layout: acks go out on the loop's next pass
+    _AsyncPlaintextTransport = None
+
 from rbit.config import AmqpSettings
 from rbit.errors import BrokerError, BrokerUnreachable
 from rbit.fdloop import FdLoop, Timer
@@ -711,6 +716,24 @@ class Broker:
             channel.basic_ack(tag, multiple=False)
             settled.add(tag)
         done.clear()
+        self._send_now()
+
+    def _send_now(self) -> None:
+        """Write pika's buffered output to the socket now (on the I/O thread).
+
+        pika only buffers a frame and watches the socket for writability, so an ack
+        would wait for the next pass of the loop. With one job at a time (prefetch
+        1) the broker sends the next job only once the ack arrived: that pass was a
+        share of every short job. What the socket does not take now still goes on
+        the next writable event. Plain TCP only; TLS keeps pika's own course.
+        """
+        transport = getattr(self._connection, "_transport", None)
+        if (
+            _AsyncPlaintextTransport is not None
+            and transport.__class__ is _AsyncPlaintextTransport
+            and transport.get_write_buffer_size()
+        ):
+            transport._on_socket_writable()  # noqa: SLF001 -- what the loop would call
 
     def _publish_then_ack(self, delivery: Delivery, publish: Publish,
                           on_done: ConfirmCallback | None) -> None:

@@ -481,14 +481,18 @@ class _Job:
         if self._finished:
             return
         self._finished = True
-        self._release()
         stdout = self._stdout.text()
         if stdout:
             log.debug("job %s: stdout tail: %s", self._job_id, stdout)
         code = self._proc.returncode if self._exited else None
         outcome = _outcome(code, self._why, self._stderr.text(), self._runner.timeout)
         log.debug("job %s: %s %s", self._job_id, outcome.kind.value, outcome.reason)
-        self._done(outcome)
+        try:
+            # First the outcome (in the worker its ack goes out at once), then the
+            # fds and the body file: closing them is no part of the job's wait.
+            self._done(outcome)
+        finally:
+            self._release()
 
     def _release(self) -> None:
         self._leave_loop()
