@@ -79,9 +79,9 @@ from pika import spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.select_connection import IOLoop
 
-try:  # pika's transport for plain TCP: its buffered output can be sent at once
+try:  # pika's transport for plain TCP, to which _Connection writes directly
     from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
-except ImportError:  # another pika layout: acks go out on the loop's next pass
+except ImportError:  # another pika layout: frames go out on the loop's next pass
     _AsyncPlaintextTransport = None
 
 from rbit.config import AmqpSettings
@@ -267,7 +267,7 @@ class Broker:
         self._ioloop: Any = IOLoop() if loop is None else _AsyncioLoop(loop, self)
         self._pika_loop: Any = self._ioloop if loop is None else loop
         self._connection_class: Any = (
-            pika.SelectConnection if loop is None else AsyncioConnection)
+            _Connection if loop is None else AsyncioConnection)
         self._fd_loop = _PikaFdLoop(self._ioloop) if loop is None else None
         self._thread = threading.Thread(target=self._run, name=f"{name}-io", daemon=True)
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
@@ -716,24 +716,6 @@ class Broker:
             channel.basic_ack(tag, multiple=False)
             settled.add(tag)
         done.clear()
-        self._send_now()
-
-    def _send_now(self) -> None:
-        """Write pika's buffered output to the socket now (on the I/O thread).
-
-        pika only buffers a frame and watches the socket for writability, so an ack
-        would wait for the next pass of the loop. With one job at a time (prefetch
-        1) the broker sends the next job only once the ack arrived: that pass was a
-        share of every short job. What the socket does not take now still goes on
-        the next writable event. Plain TCP only; TLS keeps pika's own course.
-        """
-        transport = getattr(self._connection, "_transport", None)
-        if (
-            _AsyncPlaintextTransport is not None
-            and transport.__class__ is _AsyncPlaintextTransport
-            and transport.get_write_buffer_size()
-        ):
-            transport._on_socket_writable()  # noqa: SLF001 -- what the loop would call
 
     def _publish_then_ack(self, delivery: Delivery, publish: Publish,
                           on_done: ConfirmCallback | None) -> None:
@@ -999,6 +981,33 @@ class Broker:
             self._ioloop.stop()
             return
         self._close_connection()
+
+
+class _Connection(pika.SelectConnection):
+    """pika's ``SelectConnection``, sending a frame at once when nothing waits before it.
+
+    pika buffers every outgoing frame and watches the socket for writability: each
+    ack cost a pass of the loop and two ``epoll_ctl`` calls before it left. With one
+    job at a time the broker sends the next job only once the ack arrived, so that
+    pass was a share of every short job. Whatever the socket does not take at once
+    (or any error) goes pika's way. Plain TCP only; TLS keeps pika's own course.
+    """
+
+    def _adapter_emit_data(self, data: bytes) -> None:
+        transport = self._transport
+        if (
+            transport.__class__ is _AsyncPlaintextTransport
+            and transport._state == transport._STATE_ACTIVE  # noqa: SLF001
+            and not transport.get_write_buffer_size()
+        ):
+            try:
+                sent = transport._sock.send(data)  # noqa: SLF001 -- non-blocking socket
+            except OSError:  # EAGAIN, or a fault pika's own write will meet and report
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        super()._adapter_emit_data(data)
 
 
 class _PikaFdLoop:
