@@ -16,6 +16,7 @@ import pytest
 
 from rbit.config import RunnerSettings
 from rbit.errors import RunnerLoadError
+from rbit.fdloop import PollLoop
 from rbit.message import ATTEMPTS_HEADER, Message
 from rbit.outcome import Kind, Outcome
 from rbit.runners import shell
@@ -237,6 +238,72 @@ def test_body_directory_goes_with_the_last_job_after_cancel(tmp_path: Path) -> N
 
     assert result["outcome"].kind is Kind.BLOCKED
     assert not directory.exists()
+
+
+def start_on(loop: PollLoop, runner: ShellRunner, message: Message) -> Outcome:
+    """Runs one job the worker's way: started with start_job, moved along by ``loop``."""
+    ended: list[Outcome] = []
+    runner.start_job(message, Statuses(), ended.append, loop)
+    loop.run_until(lambda: bool(ended))
+    return ended[0]
+
+
+def run_loop_until(loop: PollLoop, condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    loop.call_later(timeout, lambda: None)  # wakes the loop even when nothing else does
+    loop.run_until(lambda: condition() or time.monotonic() >= deadline)
+    return condition()
+
+
+def test_jobs_started_on_a_loop_leave_no_body_file_or_fd_behind(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    runner = make_runner(PROBE_TEMPLATE + " %BODY", report=str(report))
+    fds_before = sorted(os.listdir("/proc/self/fd"))
+    loop = PollLoop()
+    bodies = []
+    for n in range(3):
+        outcome = start_on(loop, runner, job(f"body {n}".encode(), message_id=f"job{n}"))
+        seen = json.loads(report.read_text())
+        assert outcome == Outcome.done()
+        assert seen["stdin"] == seen["body_file"] == f"body {n}"
+        bodies.append(Path(seen["argv"][2]))
+    directory = bodies[0].parent
+
+    # Each job's file goes when the next job has started, the last one's soon after.
+    assert run_loop_until(loop, lambda: not any(body.exists() for body in bodies))
+    runner.close()
+
+    assert not directory.exists()  # with the file made ahead for a next job
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_a_job_on_a_loop_spills_a_body_too_big_for_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not os.access("/dev/shm", os.W_OK | os.X_OK):
+        pytest.fail("this machine has no writable /dev/shm to run the test with")
+    monkeypatch.delenv("TMPDIR", raising=False)
+    report = tmp_path / "report.json"
+    runner = make_runner(PROBE_TEMPLATE + " %BODY", report=str(report))
+    loop = PollLoop()
+    assert start_on(loop, runner, job(b"first")) == Outcome.done()  # leaves a file made ahead
+    in_memory = Path(json.loads(report.read_text())["argv"][2]).parent
+    write_all = shell._write_all
+
+    def full_in_memory(fd: int, data: bytes) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith("/dev/shm/"):
+            raise OSError(28, "No space left on device")
+        write_all(fd, data)
+
+    monkeypatch.setattr(shell, "_write_all", full_in_memory)
+    outcome = start_on(loop, runner, job(b"spilled"))
+
+    seen = json.loads(report.read_text())
+    assert outcome == Outcome.done()
+    assert seen["stdin"] == "spilled"
+    assert Path(seen["argv"][2]).parent.parent == Path(tempfile.gettempdir())
+    runner.close()
+    assert not in_memory.exists()  # the file made ahead, which did not fit, is gone too
 
 
 def test_a_lost_body_directory_is_replaced_by_a_new_private_one(tmp_path: Path) -> None:
