@@ -478,6 +478,8 @@ def _watch(contender: Contender, broker: BrokerHandle, run: Run, proc: subproces
                 done = _done(contender, run, watch)
             if done is None:
                 time.sleep(POLL)
+        if watch is not None and run.marks:  # the last mark, passed within the last poll
+            _sample_marks(run, watch, pid, sampled)
         cpu1, bcpu1, own1 = cpu_seconds(pid, True), cpu_seconds(broker.pid), cpu_seconds(pid)
         hwm, rss = status_kb(pid, "VmHWM"), status_kb(pid, "VmRSS")
     finally:
