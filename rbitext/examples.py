@@ -9,6 +9,7 @@ Configure one with, e.g.::
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -60,3 +61,35 @@ def block(message: Message, set_status: SetStatus, settings: Mapping[str, str]) 
     """Ask for the job to be retried later (``delay`` setting, seconds)."""
     delay = settings.get("delay")
     raise Blocked(settings.get("reason", "example: not now"), float(delay) if delay else None)
+
+
+def build_request_body(job_id: int, package: str = "col10001", version: str = "1.0", *,
+                       web_host: str = "localhost:8080", timestamp: int = 1357000000) -> bytes:
+    """A PyBit BuildRequest as PyBit's jsonpickle writes it, to try the examples with.
+
+    Written by hand: no pybit needed. :func:`hello` describes it as
+    ``build <package> <version>``, and rbit takes the job id from ``job.id``.
+    """
+
+    def obj(cls: str, **fields: Any) -> dict[str, Any]:
+        return {"py/object": f"pybit.models.{cls}", **fields}
+
+    instance = obj(
+        "PackageInstance", id=3,
+        package=obj("Package", id=7, version=version, name=package),
+        arch=obj("Arch", id=1, name="any"),
+        suite=obj("Suite", id=2, name="latex"),
+        distribution=obj("Dist", id=1, name="cnx"),
+        format=obj("Format", id=4, name="pdf"),
+        master=True,
+    )
+    request = obj(
+        "BuildRequest",
+        job=obj("Job", id=job_id, packageinstance=instance, buildclient=None),
+        transport=obj("Transport", id=1, method="git", uri=f"https://git.example/{package}",
+                      vcs_id=None),
+        web_host=web_host,
+        commands=None,
+        timestamp=timestamp,
+    )
+    return json.dumps(request).encode()

@@ -27,6 +27,8 @@ from pathlib import Path
 import pika
 import pika.exceptions
 
+from rbitext.examples import build_request_body
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / ".rbit-demo"
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -71,36 +73,6 @@ runner = shell!/bin/sh -c 'echo "Building job $1: $(wc -c < "$2") bytes of body"
 
 def log(text: str) -> None:
     print("[demo] %s" % text, flush=True)
-
-
-def build_request_body(job_id: str) -> bytes:
-    """A PyBit BuildRequest as jsonpickle writes it (written by hand: no pybit needed)."""
-
-    def obj(cls: str, **fields: object) -> dict:
-        return {"py/object": "pybit.models." + cls, **fields}
-
-    arch = obj("Arch", id=1, name="any")
-    instance = obj(
-        "PackageInstance",
-        id=3,
-        package=obj("Package", id=7, version="1.0", name="col10001"),
-        arch=arch,
-        suite=obj("Suite", id=2, name="latex"),
-        distribution=obj("Dist", id=1, name="cnx"),
-        format=obj("Format", id=4, name="pdf"),
-        master=True,
-    )
-    request = obj(
-        "BuildRequest",
-        job=obj("Job", id=int(job_id), packageinstance=instance, buildclient=None),
-        transport=obj(
-            "Transport", id=1, method="git", uri="https://git.example/col10001", vcs_id=None
-        ),
-        web_host="localhost:8080",
-        commands=None,
-        timestamp=int(time.time()),
-    )
-    return json.dumps(request).encode()
 
 
 def reachable(url: str) -> bool:
@@ -217,7 +189,7 @@ class Watcher:
         # PyBit's way: the direct exchange "pybit", the dotted route, a jsonpickle body.
         self._publish(
             "cnx.any.latex.pdf",
-            build_request_body(PDF_JOB_ID),
+            build_request_body(int(PDF_JOB_ID), timestamp=int(time.time())),
             pika.BasicProperties(content_type="application/json", delivery_mode=2),
         )
         log("published PyBit BuildRequest job %s (route cnx.any.latex.pdf)" % PDF_JOB_ID)

@@ -23,6 +23,7 @@ import pika
 
 from rbit.config import load_config
 from rbit.worker import Worker
+from rbitext.examples import build_request_body
 
 TESTS_DIR = Path(__file__).resolve().parent
 ROOT_DIR = TESTS_DIR.parent
@@ -154,29 +155,7 @@ class StatusWatcher:
 
 def pybit_body(job_id: int, package: str = "col10001", version: str = "1.0") -> bytes:
     """A BuildRequest as PyBit's jsonpickle writes it (classes ``pybit.models.*``)."""
-    def obj(cls: str, **fields: Any) -> dict[str, Any]:
-        return {"py/object": f"pybit.models.{cls}", **fields}
-
-    arch = obj("Arch", id=1, name="any")
-    instance = obj(
-        "PackageInstance", id=3,
-        package=obj("Package", id=7, version=version, name=package),
-        arch=arch,
-        suite=obj("Suite", id=2, name="latex"),
-        distribution=obj("Dist", id=1, name="cnx"),
-        format=obj("Format", id=4, name="pdf"),
-        master=True,
-    )
-    request = obj(
-        "BuildRequest",
-        job=obj("Job", id=job_id, packageinstance=instance, buildclient=None),
-        transport=obj("Transport", id=1, method="git", uri=f"https://git.example/{package}",
-                      vcs_id=None),
-        web_host="pybit.example:8080",
-        commands=None,
-        timestamp=1357000000,
-    )
-    return json.dumps(request).encode()
+    return build_request_body(job_id, package, version, web_host="pybit.example:8080")
 
 
 def connections(rabbit: Any, vhost: str) -> list[str]:
