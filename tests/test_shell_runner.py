@@ -200,22 +200,33 @@ def test_tmpdir_names_where_body_files_go(tmp_path: Path, monkeypatch: pytest.Mo
     assert list(place.iterdir()) == []
 
 
-def test_a_body_too_big_for_memory_goes_to_the_temp_dir(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if not os.access("/dev/shm", os.W_OK | os.X_OK):
-        pytest.fail("this machine has no writable /dev/shm to run the test with")
-    monkeypatch.delenv("TMPDIR", raising=False)
-    report = tmp_path / "report.json"
-    runner = make_runner(PROBE_TEMPLATE + " %BODY", report=str(report))
+def fill_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on a body file in /dev/shm cannot be written: as a 64 MB /dev/shm would."""
     write_all = shell._write_all
 
     def full_in_memory(fd: int, data: bytes) -> None:
         if os.readlink(f"/proc/self/fd/{fd}").startswith("/dev/shm/"):
-            raise OSError(28, "No space left on device")  # as a 64 MB /dev/shm would
+            raise OSError(28, "No space left on device")
         write_all(fd, data)
 
     monkeypatch.setattr(shell, "_write_all", full_in_memory)
+
+
+@pytest.fixture
+def memory_bodies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Body files go to /dev/shm (no TMPDIR); fails where there is no writable /dev/shm."""
+    if not os.access("/dev/shm", os.W_OK | os.X_OK):
+        pytest.fail("this machine has no writable /dev/shm to run the test with")
+    monkeypatch.delenv("TMPDIR", raising=False)
+
+
+@pytest.mark.usefixtures("memory_bodies")
+def test_a_body_too_big_for_memory_goes_to_the_temp_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    report = tmp_path / "report.json"
+    runner = make_runner(PROBE_TEMPLATE + " %BODY", report=str(report))
+    fill_memory(monkeypatch)
     outcome = runner.run(job(b"spilled"), Statuses())
 
     seen = json.loads(report.read_text())
@@ -277,25 +288,16 @@ def test_jobs_started_on_a_loop_leave_no_body_file_or_fd_behind(tmp_path: Path) 
     assert sorted(os.listdir("/proc/self/fd")) == fds_before
 
 
+@pytest.mark.usefixtures("memory_bodies")
 def test_a_job_on_a_loop_spills_a_body_too_big_for_memory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not os.access("/dev/shm", os.W_OK | os.X_OK):
-        pytest.fail("this machine has no writable /dev/shm to run the test with")
-    monkeypatch.delenv("TMPDIR", raising=False)
     report = tmp_path / "report.json"
     runner = make_runner(PROBE_TEMPLATE + " %BODY", report=str(report))
     loop = PollLoop()
     assert start_on(loop, runner, job(b"first")) == Outcome.done()  # leaves a file made ahead
     in_memory = Path(json.loads(report.read_text())["argv"][2]).parent
-    write_all = shell._write_all
-
-    def full_in_memory(fd: int, data: bytes) -> None:
-        if os.readlink(f"/proc/self/fd/{fd}").startswith("/dev/shm/"):
-            raise OSError(28, "No space left on device")
-        write_all(fd, data)
-
-    monkeypatch.setattr(shell, "_write_all", full_in_memory)
+    fill_memory(monkeypatch)
     outcome = start_on(loop, runner, job(b"spilled"))
 
     seen = json.loads(report.read_text())
