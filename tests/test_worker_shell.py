@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import threading
 
-from worker_helpers import connections, running_worker, wait_until, write_config
+from worker_helpers import (
+    run_long_job_on_one_connection,
+    running_worker,
+    wait_until,
+    write_config,
+)
 
 QUEUE = "shelljobs"
 
@@ -63,13 +68,5 @@ def test_connection_lives_while_a_long_command_runs_and_the_job_is_acked_once(
     runner = {"runner": RECORD, "seconds": 8, "outdir": out}
     config = write_config(tmp_path, rabbit.url(vhost), {QUEUE: runner},
                           amqp={"heartbeat": 2})
-    with running_worker(config, poll_time=30):
-        before = connections(rabbit, vhost)
-        amqp.publish_jobs(["long"], exchange="", routing_key=QUEUE)
-        wait_until(lambda: (out / "long.start").exists(), 10, "the command to start")
-        wait_until(lambda: rabbit.list_queues(vhost)[QUEUE] == (0, 0), 20,
-                   "the job to be acked")
-        after = connections(rabbit, vhost)
+    run_long_job_on_one_connection(config, rabbit, vhost, amqp, QUEUE, out / "long.start", 20)
     assert (out / "long.end").exists()
-    assert len(before) == 2  # ours and the worker's
-    assert after == before  # the very same connection throughout

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from worker_helpers import (
-    connections,
     consumer_prefetch,
+    run_long_job_on_one_connection,
     running_worker,
     wait_until,
     write_config,
@@ -24,16 +24,8 @@ def test_heartbeats_flow_while_a_long_job_runs_and_it_is_acked_once(
               "outdir": out}
     config = write_config(tmp_path, rabbit.url(vhost), {QUEUE: runner},
                           rbit={"consumer_timeout": 10}, amqp={"heartbeat": 2})
-    with running_worker(config, poll_time=30):
-        before = connections(rabbit, vhost)
-        amqp.publish_jobs(["long"], exchange="", routing_key=QUEUE)
-        wait_until(lambda: (out / "runs").exists(), 10, "the job to start")
-        wait_until(lambda: rabbit.list_queues(vhost)[QUEUE] == (0, 0), 25,
-                   "the job to be acked")
-        after = connections(rabbit, vhost)
+    run_long_job_on_one_connection(config, rabbit, vhost, amqp, QUEUE, out / "runs", 25)
     assert (out / "runs").read_text().split() == ["long"]
-    assert len(before) == 2  # ours and the worker's
-    assert after == before  # the very same connection throughout
 
 
 def test_concurrency_runs_jobs_at_once_and_prefetch_follows_it(

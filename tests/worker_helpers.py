@@ -169,6 +169,24 @@ def connections(rabbit: Any, vhost: str) -> list[str]:
     return pids
 
 
+def run_long_job_on_one_connection(config: Path, rabbit: Any, vhost: str, amqp: Any,
+                                   queue: str, started: Path, ack_timeout: float) -> None:
+    """Runs job ``long`` (``started`` appears when it starts) until it is acked.
+
+    Asserts that the worker kept the very same connection throughout: its I/O thread
+    answered the heartbeats while the job ran.
+    """
+    with running_worker(config, poll_time=30):
+        before = connections(rabbit, vhost)
+        amqp.publish_jobs(["long"], exchange="", routing_key=queue)
+        wait_until(started.exists, 10, "the job to start")
+        wait_until(lambda: rabbit.list_queues(vhost)[queue] == (0, 0), ack_timeout,
+                   "the job to be acked")
+        after = connections(rabbit, vhost)
+    assert len(before) == 2  # ours and the worker's
+    assert after == before
+
+
 def consumer_prefetch(rabbit: Any, vhost: str, queue: str) -> list[int]:
     """The prefetch counts of the consumers of ``queue``."""
     out = rabbit.ctl("list_consumers", "-p", vhost, "-q", "--no-table-headers",
