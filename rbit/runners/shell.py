@@ -785,18 +785,11 @@ class _BodyFiles:
         command's stdin, and the file's path.
         """
         try:
-            if made is None:
-                return self._write_in(self._main, body)
-            try:
-                _write_all(made[0], body)
-            except BaseException:
-                self.discard(made)
-                raise
-            return made
+            return self._fill(made or self.create(), body)
         except OSError as exc:
             if self._spill is None or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            return self._write_in(self._spill, body)
+            return self._fill(self._spill.create(str(next(self._names))), body)
 
     def remove(self, path: str, job_id: str | None = None) -> None:
         """Removes a body file; one already gone is no error."""
@@ -819,16 +812,13 @@ class _BodyFiles:
             if place is not None:
                 place.remove()
 
-    def _write_in(self, place: _BodyDir, body: bytes) -> tuple[int, str]:
-        name = str(next(self._names))
-        fd, path = place.create(name)
+    def _fill(self, made: tuple[int, str], body: bytes) -> tuple[int, str]:
         try:
-            _write_all(fd, body)
+            _write_all(made[0], body)
         except BaseException:
-            os.close(fd)
-            os.unlink(path)
+            self.discard(made)
             raise
-        return fd, path
+        return made
 
 
 class _Spare:
