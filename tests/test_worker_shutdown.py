@@ -143,10 +143,14 @@ def test_grace_period_over_stops_the_job_and_leaves_it_for_redelivery(
     assert rabbit.list_queues(vhost)[QUEUE] == (1, 0)
 
 
-def test_runner_that_cannot_load_exits_with_the_config_code(tmp_path, processes):
+def _port_nobody_listens_on() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def test_runner_that_cannot_load_exits_with_the_config_code(tmp_path, processes):
+    port = _port_nobody_listens_on()
     runner = {"runner": "python!no_such_module_here:run"}
     config = write_config(tmp_path, f"amqp://guest:guest@127.0.0.1:{port}/", {QUEUE: runner})
     worker = _start(processes, config)
@@ -173,9 +177,7 @@ def test_bad_config_exits_before_connecting_and_names_the_key(tmp_path, processe
 
 
 def test_unreachable_broker_exits_with_its_own_code(tmp_path, processes):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _port_nobody_listens_on()
     runner = {"runner": "python!worker_runners:succeed"}
     config = write_config(tmp_path, f"amqp://guest:guest@127.0.0.1:{port}/", {QUEUE: runner})
     worker = _start(processes, config)
