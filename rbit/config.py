@@ -84,6 +84,9 @@ class RunnerSettings:
     routing_key: str  # binding on the pybit exchange
     concurrency: int = 1
     prefetch: int = 1
+    # Whether prefetch was written in the section or [rbit]; if not, a batching runner's
+    # batch size may raise it (rbit.worker), so that a default section batches.
+    prefetch_set: bool = False
     timeout: float | None = None
     python: str | None = None  # interpreter for a child-process python! runner
     queue_type: str = "classic"  # or "quorum"
@@ -705,11 +708,16 @@ _RUNNER_KEYS = frozenset({
 })
 
 
+#: How alike an unknown runner key must be to a known one to be reported as a typo.
+_TYPO_CUTOFF = 0.8
+
+
 def _runner(section: _Section, worker: WorkerSettings, warnings: list[str]) -> RunnerSettings:
     queue = _queue_name(section)
     spec = section.text("runner", required=True)
     kind, target = _runner_spec(section, spec)
     concurrency = section.integer("concurrency", worker.concurrency, 1)
+    prefetch = _prefetch(section, worker, concurrency, warnings)
     queue_type = section.choice("queue_type", worker.queue_type, _QUEUE_TYPES)
     delivery_limit = section.integer("delivery_limit", None, 1)
     if delivery_limit is not None and queue_type != "quorum":
@@ -724,26 +732,65 @@ def _runner(section: _Section, worker: WorkerSettings, warnings: list[str]) -> R
         target=target,
         routing_key=section.nonempty("routing_key", default_routing_key(queue)),
         concurrency=concurrency,
-        prefetch=section.integer("prefetch", worker.prefetch or concurrency, 1),
+        prefetch=prefetch,
+        prefetch_set=section.has("prefetch") or worker.prefetch is not None,
         timeout=section.number("timeout", None),
         python=_python(section, kind),
         queue_type=queue_type,
         delivery_limit=delivery_limit,
         retry=_retry(section),
         allowed_classes=_allowed_classes(section, worker),
-        settings=_runner_options(section),
+        settings=_runner_options(section, warnings),
     )
+
+
+def _prefetch(section: _Section, worker: WorkerSettings, concurrency: int,
+              warnings: list[str]) -> int:
+    """The section's prefetch: as written, else [rbit]'s, else ``concurrency``.
+
+    A section that sets ``batch_size`` (a batching runner's key) takes at least a whole
+    batch ahead by default: with less, every batch would be cut at the prefetch.
+    """
+    prefetch = section.integer("prefetch", worker.prefetch or concurrency, 1)
+    batch = _batch_size(section)
+    if batch is None or batch <= prefetch:
+        return prefetch
+    if section.has("prefetch") or worker.prefetch is not None:
+        warnings.append(
+            f"file {section.file}, section [{section.name}], key 'prefetch': {prefetch} is "
+            f"below batch_size ({batch}), so no batch can hold more than {prefetch} events"
+        )
+        return prefetch
+    return batch
+
+
+def _batch_size(section: _Section) -> int | None:
+    # The runner's own key (it stays in its settings); rbit only looks at it.
+    try:
+        return int(section.raw("batch_size") or "")
+    except ValueError:
+        return None  # absent, or a bad value the runner reports itself
 
 
 def _allowed_classes(section: _Section, worker: WorkerSettings) -> frozenset[str]:
     return frozenset(worker.jsonpickle_classes + section.class_names("jsonpickle_classes"))
 
 
-def _runner_options(section: _Section) -> RunnerOptions:
-    # Everything rbit does not read itself belongs to the runner, verbatim (interpolated).
-    return RunnerOptions(
-        (key, section.raw(key) or "") for key in section.keys() if key not in _RUNNER_KEYS  # noqa: SIM118 - _Section, not a dict
-    )
+def _runner_options(section: _Section, warnings: list[str]) -> RunnerOptions:
+    # Everything rbit does not read itself belongs to the runner, verbatim (interpolated);
+    # a key one typo away from one of rbit's own is most likely that key, misspelt.
+    options = RunnerOptions()
+    for key in section.keys():
+        if key in _RUNNER_KEYS:
+            continue
+        options[key] = section.raw(key) or ""
+        close = difflib.get_close_matches(key, _RUNNER_KEYS, n=1, cutoff=_TYPO_CUTOFF)
+        if close:
+            warnings.append(
+                f"file {section.file}, section [{section.name}], key {key!r}: not a key rbit "
+                f"reads (did you mean {close[0]!r}?); handed to the runner as a setting"
+            )
+    return options
 
 
 def default_routing_key(queue: str) -> str:

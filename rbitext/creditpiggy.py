@@ -10,11 +10,11 @@ Configure it on the credit queue's runner section::
     batch_size = 100
     flush_interval = 5
     max_requests_per_second = 2
-    prefetch = 100
 
-Give the section a ``prefetch`` of at least ``batch_size``: the broker hands the worker
-only that many unacked events, and events are acked only after their batch was sent,
-so a smaller prefetch caps every batch at ``prefetch`` events.
+The broker hands the worker only ``prefetch`` unacked events, and events are acked
+only after their batch was sent, so a prefetch below ``batch_size`` would cap every
+batch at ``prefetch`` events. rbit therefore gives a batching runner's section a
+default prefetch of ``batch_size``, and warns about a ``prefetch`` set below it.
 
 Each delivered event (see :mod:`rbit.credit.events`) joins the pending batch. A batch is
 sent as one ``POST {api_url}/batch/bulk`` when it holds ``batch_size`` events or when

@@ -471,6 +471,46 @@ def test_prefetch_follows_concurrency_unless_set(tmp_path: Path) -> None:
     assert [(r.concurrency, r.prefetch) for r in settings.runners] == [(3, 3), (5, 5), (5, 8)]
 
 
+def test_a_batching_sections_default_prefetch_is_its_batch_size(tmp_path: Path) -> None:
+    settings = load(tmp_path, runner_section("runner = python!pkg.mod:Batcher\nbatch_size = 50\n"))
+
+    assert settings.warnings == ()
+    assert (settings.runners[0].prefetch, settings.runners[0].prefetch_set) == (50, False)
+
+
+@pytest.mark.parametrize("where", ["runner", "rbit"])
+def test_a_prefetch_set_below_batch_size_is_kept_and_warned_about(tmp_path: Path,
+                                                                    where: str) -> None:
+    text = runner_section("runner = python!pkg.mod:Batcher\nbatch_size = 50\n"
+                          + ("prefetch = 10\n" if where == "runner" else ""))
+    if where == "rbit":
+        text = text.replace("name = box1", "name = box1\nprefetch = 10")
+
+    settings = load(tmp_path, text)
+
+    assert settings.runners[0].prefetch == 10
+    assert len(settings.warnings) == 1
+    assert "section [runner:cnx_any_latex_pdf], key 'prefetch'" in settings.warnings[0]
+    assert "below batch_size (50)" in settings.warnings[0]
+
+
+@pytest.mark.parametrize(("typo", "meant"), [
+    ("concurency", "concurrency"), ("timout", "timeout"), ("max_retry", "max_retries"),
+    ("retry_dely", "retry_delay"), ("prefech", "prefetch"),
+])
+def test_a_runner_key_one_typo_from_rbits_own_is_warned_about(tmp_path: Path, typo: str,
+                                                                meant: str) -> None:
+    settings = load(tmp_path, runner_section(f"runner = shell!true\n{typo} = {SECRET}\n"))
+
+    assert len(settings.warnings) == 1
+    warning = settings.warnings[0]
+    assert f"section [runner:cnx_any_latex_pdf], key {typo!r}" in warning
+    assert f"did you mean {meant!r}" in warning
+    assert SECRET not in warning
+    # Still handed over: the runner may read a key of that name on purpose.
+    assert settings.runners[0].settings[typo] == SECRET
+
+
 def test_a_worker_wide_prefetch_is_the_runners_default(tmp_path: Path) -> None:
     settings = load(
         tmp_path,
