@@ -16,7 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from rbit.broker import HELD_BY_HEADER, HOLD_ID_HEADER, AdminSession, Delivery, Publish
+from rbit.amqp.admin import AdminSession
+from rbit.amqp.records import HELD_BY_HEADER, HOLD_ID_HEADER, Delivery, Publish
 from rbit.config import Settings, load_config
 from rbit.errors import BrokerError, BrokerUnreachable, ConfigError
 from rbit.fate import DEAD_REASON_HEADER, DEAD_TIME_HEADER, DEAD_WORKER_HEADER
