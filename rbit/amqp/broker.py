@@ -316,16 +316,15 @@ class Broker:
 
     def on_closed(self, reason: object) -> None:
         """The connection ended (I/O thread): settle what it leaves, then go on."""
+        self.connection = None
         self._ready.clear()
         self.generation += 1
         self.publisher.connection_lost()
         self.leases.abandon()
-        held = self.publisher.held
         poll_pause = self.poller.closing
-        self.reset()
-        self.publisher.held = held
+        self.reset()  # publishes held for the next connection stay
         if self.stopping:
-            for _message, on_confirm in held:
+            for _message, on_confirm in self.publisher.held:
                 confirm(on_confirm, False)
             self.ioloop.stop()
         elif poll_pause:
