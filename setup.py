@@ -7,7 +7,8 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 README = HERE / "README.rst"
-# One version, kept in rbit/__init__.py (read as text: importing rbit needs pika).
+# One version, kept in rbit/__init__.py (read as text: setup.py runs before the
+# dependencies are installed).
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "rbit" / "__init__.py").read_text())[1]
 
 setup(
@@ -23,7 +24,10 @@ setup(
     packages=find_packages(include=["rbit", "rbit.*", "rbitext", "rbitext.*"]),
     python_requires=">=3.11",
     install_requires=[
-        "pika>=1.3",
+        # rbit.amqp.loops writes frames straight to pika's plain-TCP transport, a
+        # private pika API (_AsyncPlaintextTransport, _adapter_emit_data): bounded to
+        # the minor releases known to have them (tested with pika 1.4.4).
+        "pika>=1.3,<1.5",
         "jsonpickle>=3",
         "setuptools",
     ],

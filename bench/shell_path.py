@@ -61,7 +61,8 @@ def _rbit_worker(out: str, n: int, config: str) -> int:
     import pika.channel
     from pika.adapters.utils import io_services_utils as transports
 
-    from rbit import broker, dispatch
+    from rbit import dispatch
+    from rbit.amqp import loops
     from rbit.runners import shell
 
     _stamp(transports._AsyncPlaintextTransport, "_on_socket_readable", "a. socket readable")
@@ -70,12 +71,12 @@ def _rbit_worker(out: str, n: int, config: str) -> int:
     _stamp(shell._BodyFiles, "write", "d. body file", "e. body written")
     _stamp(shell._Spawner, "start", "f. posix_spawn", "g. spawned")
     _stamp(shell._Spares, "tidy", "h. tidy up", "i. tidied")
-    _stamp(broker._PikaFdLoop, "_dispatch", "j. job fd events", "z. job events done")
+    _stamp(loops.PikaFdLoop, "_dispatch", "j. job fd events", "z. job events done")
     _stamp(shell._Job, "_on_exit", "k. command exited")
     _stamp(shell._Job, "_finish", "l. outcome")
     _stamp(dispatch.JobPool, "_settle", "m. settle")
     _stamp(pika.channel.Channel, "basic_ack", "n. basic_ack")
-    _stamp(broker._Connection, "_adapter_emit_data", "o. send", "p. sent")
+    _stamp(loops.EagerConnection, "_adapter_emit_data", "o. send", "p. sent")
     from rbit.cli import main
 
     try:

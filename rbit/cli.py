@@ -29,6 +29,7 @@ class ExitCode(enum.IntEnum):
     ERROR = 1  # an unexpected error
     USAGE = 2  # bad command line
     FORCED = 3  # a second signal cut running jobs short (they are redelivered)
+    NO_QUEUE = 66  # rbit dead-letters: the queue to read does not exist (EX_NOINPUT)
     BROKER_UNREACHABLE = 69  # no AMQP host accepted a connection at start (EX_UNAVAILABLE)
     CONFIG = 78  # the configuration is invalid (EX_CONFIG)
 

@@ -6,6 +6,9 @@
   one is acked on ``QUEUE.dead`` only after the broker confirmed the copy, so a crash
   in between leaves a duplicate, never a loss.
 * ``purge`` deletes them.
+
+``QUEUE.dead`` is declared by the first job that dies; before that, every verb exits
+with :attr:`rbit.cli.ExitCode.NO_QUEUE` (66) and says so in one line.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from rbit.broker import HELD_BY_HEADER, HOLD_ID_HEADER, AdminSession, Delivery, Publish
+from rbit.amqp.admin import AdminSession
+from rbit.amqp.records import HELD_BY_HEADER, HOLD_ID_HEADER, Delivery, Publish
 from rbit.config import Settings, load_config
-from rbit.errors import BrokerError, BrokerUnreachable, ConfigError
+from rbit.errors import BrokerError, BrokerUnreachable, ConfigError, QueueNotFound
 from rbit.fate import DEAD_REASON_HEADER, DEAD_TIME_HEADER, DEAD_WORKER_HEADER
 from rbit.message import ATTEMPTS_HEADER, LAST_ERROR_HEADER
 from rbit.topology import dead_letter_queue
@@ -65,6 +69,9 @@ def main(argv: Sequence[str]) -> int:
     except BrokerUnreachable as exc:
         print(f"rbit: cannot reach the broker: {exc}", file=sys.stderr)
         return ExitCode.BROKER_UNREACHABLE
+    except QueueNotFound as exc:
+        print(f"rbit: no dead letters for {options.queue!r} yet: {exc}", file=sys.stderr)
+        return ExitCode.NO_QUEUE
     except BrokerError as exc:
         print(f"rbit: {exc}", file=sys.stderr)
         return ExitCode.ERROR

@@ -21,12 +21,15 @@ import queue
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from rbit import fate
-from rbit.broker import Broker, Delivery
+from rbit.amqp.records import Delivery
 from rbit.config import RunnerSettings
 from rbit.outcome import Outcome, Status
+
+if TYPE_CHECKING:
+    from rbit.amqp.broker import Broker
 
 log = logging.getLogger(__name__)
 

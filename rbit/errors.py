@@ -45,6 +45,18 @@ class BrokerUnreachable(BrokerError):
     """No configured host accepted a connection."""
 
 
+class QueueNotFound(BrokerError):
+    """A queue named in a command does not exist on the broker.
+
+    Attributes:
+        queue: The queue's name.
+    """
+
+    def __init__(self, queue: str) -> None:
+        super().__init__(f"queue {queue!r} does not exist")
+        self.queue = queue
+
+
 class DecodeError(RbitError):
     """A message body could not be decoded safely (bad JSON, class not allowed, ...)."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
-from rbit.broker import Delivery, Publish
+from rbit.amqp.records import Delivery, Publish
 from rbit.config import RetryPolicy, RunnerSettings
 from rbit.message import ATTEMPTS_HEADER, LAST_ERROR_HEADER
 from rbit.outcome import Kind, Outcome, Status

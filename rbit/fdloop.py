@@ -3,7 +3,7 @@
 A shell job is a child process and a few pipes: it needs to hear when an fd becomes
 readable and when a deadline passes, nothing more. :class:`FdLoop` names those calls.
 The worker serves them from the AMQP connection's own loop
-(:meth:`rbit.broker.Broker.fd_loop`), so a job starts, runs and is acked on the I/O
+(:meth:`rbit.amqp.broker.Broker.fd_loop`), so a job starts, runs and is acked on the I/O
 thread with no hand-over between threads; :class:`PollLoop` serves them from a single
 blocking ``poll`` for a caller that waits for its job (``ShellRunner.run``).
 

@@ -6,7 +6,7 @@ For a runner section ``[runner:Q]`` rbit uses:
   runner's dotted route (``dist.arch.suite.format``).
 * ``Q.dead`` -- the dead letters: jobs that failed for good, with the reason in headers.
 * ``Q.held.<worker>.<instance>`` -- a worker's holding queue for long jobs (see
-  :mod:`rbit.broker`): declared on first use, deleted by the broker an hour after the
+  :mod:`rbit.amqp.leases`): declared on first use, deleted by the broker an hour after the
   worker is gone.
 * ``Q.retry.<ms>`` -- delay queues. A job to be retried after about ``ms`` milliseconds
   waits there with a per-message expiration; on expiry the broker dead-letters it back

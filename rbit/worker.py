@@ -14,7 +14,8 @@ import time
 from typing import Any, Callable
 
 from rbit import decoding
-from rbit.broker import Broker, ConsumerSpec
+from rbit.amqp.broker import Broker
+from rbit.amqp.records import ConsumerSpec
 from rbit.config import RunnerSettings, Settings
 from rbit.dispatch import JobPool, JobStatus
 from rbit.errors import BrokerUnreachable

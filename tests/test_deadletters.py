@@ -102,3 +102,17 @@ def test_dead_letters_verb_refuses_an_unknown_queue(tmp_path, rabbit, vhost):
     result = _verb(config, "list", "no-such-queue")
     assert result.returncode == 78
     assert "no [runner:no-such-queue] section" in result.stderr
+
+
+@pytest.mark.parametrize("action", ["list", "replay", "purge"])
+def test_dead_letters_verb_on_a_queue_with_no_dead_letters_yet_says_so_in_one_line(
+        tmp_path, rabbit, vhost, action):
+    config = write_config(tmp_path / "worker.ini", amqp_keys(rabbit, vhost), {
+        "runner": "python!fault_runners:record", "record": tmp_path / "record"})
+    assert DEAD not in rabbit.list_queues(vhost)  # no job ever died: no QUEUE.dead
+    result = _verb(config, action, QUEUE)
+    assert result.returncode == 66  # ExitCode.NO_QUEUE, documented in README
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"no dead letters for '{QUEUE}' yet" in result.stderr
+    assert f"'{DEAD}' does not exist" in result.stderr
+    assert result.stdout == ""

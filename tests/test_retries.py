@@ -15,7 +15,7 @@ from fault_helpers import (
     write_config,
 )
 
-from rbit.broker import Delivery
+from rbit.amqp.records import Delivery
 from rbit.config import RetryPolicy, RunnerSettings
 from rbit.fate import DEAD_REASON_HEADER, decide, retry_delay
 from rbit.message import ATTEMPTS_HEADER, LAST_ERROR_HEADER, Message

@@ -305,7 +305,7 @@ async def _serve_with_broker(settings: CreditSettings, ready: Ready | None) -> N
         await broker.stop_async(STOP_GRACE)
 
 
-async def connect_broker_async(settings: CreditSettings):  # -> rbit.broker.Broker
+async def connect_broker_async(settings: CreditSettings):  # -> rbit.amqp.broker.Broker
     """:func:`connect_broker` on the running asyncio loop (no I/O thread)."""
     broker = _broker(settings, asyncio.get_running_loop())
     broker.start()
@@ -321,15 +321,15 @@ def _connect_wait(settings: CreditSettings) -> float:
 
 
 def _broker(settings: CreditSettings, loop: asyncio.AbstractEventLoop | None = None):
-    from rbit.broker import Broker  # imported late: pika is only needed when publishing
+    from rbit.amqp.broker import Broker  # imported late: pika is only needed when publishing
     from rbit.topology import QueueDecl, Topology
 
     return Broker(settings.amqp, Topology(queues=(QueueDecl(settings.credit_queue),)),
                   name="rbit-credit", loop=loop)
 
 
-def connect_broker(settings: CreditSettings):  # -> rbit.broker.Broker
-    """Start a :class:`rbit.broker.Broker` that declares the credit queue.
+def connect_broker(settings: CreditSettings):  # -> rbit.amqp.broker.Broker
+    """Start a :class:`rbit.amqp.broker.Broker` that declares the credit queue.
 
     Raises:
         BrokerUnreachable: No configured host answered within the connect timeout.

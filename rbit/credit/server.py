@@ -9,7 +9,7 @@ the confirms arrive.
 The publisher is any callable ``publish(body, message_id, on_confirm)`` that is safe to
 call from the event loop's thread, does not block, and later calls
 ``on_confirm(True|False)`` from any thread (:func:`broker_publisher` adapts
-:class:`rbit.broker.Broker`).
+:class:`rbit.amqp.broker.Broker`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from rbit.amqp import records
 from rbit.credit.protocol import MAX_LINE_BYTES, ProtocolError, parse_line, reply_for
 from rbit.errors import RbitError
 
@@ -70,7 +71,7 @@ class Limits:
 
 
 class BrokerPublisher:
-    """Adapt :class:`rbit.broker.Broker` to the server's publish function.
+    """Adapt :class:`rbit.amqp.broker.Broker` to the server's publish function.
 
     Events go to the default exchange, routed straight to ``queue``, as JSON with the
     event id as ``message_id`` (the credit runner de-duplicates on it). The server
@@ -79,9 +80,7 @@ class BrokerPublisher:
     """
 
     def __init__(self, broker: Any, queue: str) -> None:
-        from rbit.broker import Publish as Message  # pika only where we publish
-
-        self._broker, self._queue, self._new = broker, queue, Message
+        self._broker, self._queue, self._new = broker, queue, records.Publish
 
     def _message(self, body: bytes, message_id: str):
         return self._new("", self._queue, body, message_id=message_id,

@@ -1,0 +1,105 @@
+"""Consumers: a ``basic_consume`` per queue, and the callback each delivery goes to.
+
+The callback is the head of the job path: it builds the
+:class:`~rbit.message.Message` and the :class:`~rbit.amqp.records.Delivery` and hands
+them to the queue's job pool on the I/O thread, with what it needs bound once per
+connection rather than looked up per delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Callable
+
+from rbit.amqp.records import HELD_BY_HEADER, ConsumerSpec, Delivery
+from rbit.message import Message
+
+if TYPE_CHECKING:
+    from rbit.amqp.broker import Broker
+
+log = logging.getLogger(__name__)
+
+
+class Consumers:
+    """The queues a broker takes deliveries from (I/O thread, but :meth:`set`).
+
+    Args:
+        broker: The hub (consume channel, generation, live deliveries, acks).
+        consumers: The queues and their job pools.
+    """
+
+    def __init__(self, broker: Broker, consumers: Sequence[ConsumerSpec]) -> None:
+        self._broker = broker
+        self.set(consumers)
+
+    def set(self, consumers: Sequence[ConsumerSpec]) -> None:
+        self._specs = {c.queue: c for c in consumers}
+
+    def specs(self) -> Collection[ConsumerSpec]:
+        return self._specs.values()
+
+    def queues(self) -> Collection[str]:
+        return self._specs.keys()
+
+    def reset(self) -> None:
+        self._tags: dict[str, str] = {}
+
+    def start(self, pending: list[ConsumerSpec]) -> None:
+        """Consume each queue in turn, each with its own prefetch window."""
+        broker = self._broker
+        if not pending or broker.stopping:
+            return
+        consumer = pending[0]
+        channel = broker.consume_channel
+
+        def consume(_frame) -> None:
+            # basic_qos without global applies to consumers created after it on this
+            # channel, so each queue gets its own prefetch window.
+            self._tags[consumer.queue] = channel.basic_consume(
+                consumer.queue, self.on_message(consumer))
+            self.start(pending[1:])
+
+        channel.basic_qos(prefetch_count=consumer.prefetch, callback=consume)
+
+    def on_message(self, consumer: ConsumerSpec) -> Callable[..., None]:
+        """The delivery callback of one queue on the current connection."""
+        broker = self._broker
+        generation = broker.generation
+        allowed = consumer.allowed_classes
+        queue = consumer.queue
+        deliver = consumer.on_delivery
+        outstanding = broker.acks.outstanding
+        live = broker.live
+        clock = broker.clock
+
+        def on_message(_channel, method, props, body) -> None:
+            headers = props.headers or {}
+            # A copy that comes back from a holding queue was being run by a worker
+            # that died or lost its connection: as good as redelivered.
+            redelivered = method.redelivered or HELD_BY_HEADER in headers
+            message = Message(body, queue, headers, redelivered,
+                              props.message_id, props.content_type, allowed)
+            outstanding.append(method.delivery_tag)
+            delivery = Delivery(message, method.delivery_tag, generation, props,
+                                received=clock())
+            live[id(delivery)] = delivery
+            deliver(delivery)
+
+        return on_message
+
+    def cancel(self) -> None:
+        """No new deliveries; the unacked ones stay ours to settle."""
+        broker = self._broker
+        if broker.mode == "poll":
+            broker.poller.end_pass()
+        channel = broker.consume_channel
+        if channel is None or not channel.is_open:
+            return
+        for tag in self._tags.values():
+            channel.basic_cancel(tag)
+        self._tags.clear()
+
+    def on_cancelled(self, _frame) -> None:
+        log.warning("the broker cancelled a consumer (queue deleted?); reconnecting")
+        self._broker.connector.close()
