@@ -106,3 +106,11 @@ def sleep_long(message, set_status, settings):
     """Sleeps far beyond any timeout the tests set."""
     _write(settings, "start", message)
     time.sleep(600)
+
+
+def slow_when_redelivered(message, set_status, settings):
+    """Like :func:`long_job`, but sleeps ``sleep_redelivered`` on a redelivery."""
+    _write(settings, "start", message)
+    key = "sleep_redelivered" if message.redelivered else "sleep"
+    time.sleep(float(settings[key]))
+    _write(settings, "end", message)
