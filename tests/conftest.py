@@ -22,6 +22,18 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI a skipped test fails: a skip there may hide a missing feature."""
+    report = yield
+    if _in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = "skipped under CI=%s, which counts as a failure: %s" % (
+            os.environ.get("CI"), reason)
+    return report
+
+
 @pytest.fixture(scope="session")
 def rabbit() -> Iterator[RabbitNode | ExternalBroker]:
     """The session's RabbitMQ node, started once on free loopback ports.

@@ -14,12 +14,14 @@ the CreditPiggy server does, and keeps an in-memory ledger:
 * :attr:`applied` counts, per item (command and canonical JSON args), how many times an
   accepted request carried it, so tests can check exactly-once delivery.
 * :meth:`stop` and :meth:`start` again re-open the same port; :meth:`fail_next` makes
-  the next requests answer an HTTP error.
+  the next requests answer an HTTP error; :meth:`hold_next` holds the next request,
+  unapplied and then dropped, or applied with its reply withheld until released.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import threading
@@ -148,6 +150,7 @@ class FakeCreditPiggy:
         self._failures: list[int] = []
         self.held = threading.Event()  # set when a held request has arrived
         self._hold: threading.Event | None = None
+        self._hold_applies = False
         self._cond = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -185,14 +188,20 @@ class FakeCreditPiggy:
         with self._cond:
             self._failures.extend([status] * count)
 
-    def hold_next(self) -> threading.Event:
-        """Hold the next bulk request unapplied until the returned event is set.
+    def hold_next(self, *, apply: bool = False) -> threading.Event:
+        """Hold the next bulk request until the returned event is set.
 
-        :attr:`held` is set when it arrives; once released, the request is dropped
-        without a reply and without touching the ledger (as if the connection broke
-        before the server committed anything).
+        By default the request is held unapplied: :attr:`held` is set when it arrives;
+        once released, it is dropped without a reply and without touching the ledger
+        (as if the connection broke before the server committed anything).
+
+        With ``apply=True`` the request is applied to the ledger first, :attr:`held` is
+        set, and the reply goes out only once released: the server has committed the
+        batch while its client still waits (the window a client-side crash must not
+        turn into a second application).
         """
         self.held.clear()
+        self._hold_applies = apply
         self._hold = threading.Event()
         return self._hold
 
@@ -263,7 +272,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         hold, self.app._hold = self.app._hold, None
-        if hold is not None:
+        if hold is not None and not self.app._hold_applies:
             self.app.held.set()
             hold.wait(60.0)
             self.close_connection = True
@@ -272,6 +281,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404, {"result": "error", "message": "not found"})
             return
         status, reply = self.app.handle(self.headers.get("Authorization"), body)
+        if hold is not None:  # applied; the reply waits for the test
+            self.app.held.set()
+            hold.wait(60.0)
+            with contextlib.suppress(OSError):  # the client may be dead by now
+                self._reply(status, reply)
+            return
         self._reply(status, reply)
 
     def _reply(self, status: int, doc: dict[str, Any]) -> None:

@@ -64,12 +64,16 @@ def fail_first(message, set_status, settings):
 
 def gated(message, set_status, settings):
     """Records ``start``, waits for the ``gate`` file, then fails a first try (a retry
-    must be republished) or records ``done``."""
+    must be republished) or records ``done``. With ``first_try = reject`` every try is
+    rejected instead (a dead-letter copy must be published)."""
     _write(settings, "start", message)
     gate = Path(settings["gate"])
     deadline = time.monotonic() + 120
     while not gate.exists() and time.monotonic() < deadline:
         time.sleep(0.05)  # polling a file the test creates
+    if settings.get("first_try") == "reject":
+        _write(settings, "failed", message)
+        raise Reject("rejected at the gate")
     if message.attempt == 1:
         _write(settings, "failed", message)
         raise RuntimeError("first try always fails")
@@ -102,3 +106,11 @@ def sleep_long(message, set_status, settings):
     """Sleeps far beyond any timeout the tests set."""
     _write(settings, "start", message)
     time.sleep(600)
+
+
+def slow_when_redelivered(message, set_status, settings):
+    """Like :func:`long_job`, but sleeps ``sleep_redelivered`` on a redelivery."""
+    _write(settings, "start", message)
+    key = "sleep_redelivered" if message.redelivered else "sleep"
+    time.sleep(float(settings[key]))
+    _write(settings, "end", message)

@@ -290,6 +290,48 @@ class RabbitNode:
         self.ctl("start_app")
         self.ctl("await_startup")
 
+    def vm_pid(self) -> int:
+        """The OS pid of the node's Erlang VM (``beam.smp``)."""
+        return int(self.ctl("eval", "os:getpid().").strip().strip('"'))
+
+    def kill_vm(self, timeout: float = 30.0) -> None:
+        """SIGKILL the node's Erlang VM: a broker that dies without a word.
+
+        Call :meth:`restart` to bring it back with its data (durable queues, persistent
+        messages).
+        """
+        pid = self.vm_pid()
+        os.kill(pid, signal.SIGKILL)
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(self._proc)
+                self._proc.wait(timeout=10)
+        self._proc = None
+
+    def restart(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Start the node again after :meth:`kill_vm` (same name, port and data)."""
+        self.start(timeout)
+
+    def freeze(self) -> int:
+        """SIGSTOP the node's VM: a broker that hangs with its sockets open.
+
+        Returns the pid for :meth:`thaw`. While frozen, :meth:`ctl` hangs: thaw first.
+        """
+        pid = self.vm_pid()
+        os.kill(pid, signal.SIGSTOP)
+        return pid
+
+    def thaw(self, pid: int) -> None:
+        """SIGCONT the VM :meth:`freeze` stopped (harmless when it runs)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+    def close_connections(self, vhost: str, why: str = "closed by a test") -> None:
+        """Close every client connection of ``vhost`` from the broker's side."""
+        self.ctl("close_all_connections", "-p", vhost, why)
+
     def set_memory_alarm(self, on: bool) -> None:
         """Raise (``on=True``) or clear a memory alarm; publishers are blocked meanwhile."""
         self.ctl("set_vm_memory_high_watermark", ALARM_WATERMARK if on else NORMAL_WATERMARK)
@@ -430,6 +472,7 @@ class ExternalBroker:
         )
 
     ctl = stop_app = start_app = set_memory_alarm = list_queues = _unsupported  # type: ignore
+    kill_vm = restart = freeze = thaw = close_connections = vm_pid = _unsupported  # type: ignore
 
 
 def _int(text: str) -> int:

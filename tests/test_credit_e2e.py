@@ -1,6 +1,7 @@
 """The credit runner inside a real worker, with a real RabbitMQ and a real HTTP server.
 
-The worker is SIGKILLed while its POST is in flight; after a restart every credit event
+The worker is SIGKILLed while its POST is in flight, or after the server applied a batch
+but before the worker's acks reached the broker; after a restart every credit event
 reaches the credit server exactly once and the queue drains.
 """
 
@@ -14,10 +15,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import quote
 
 import pika
 import pytest
 from creditpiggy_server import FakeCreditPiggy
+from tcp_proxy import BASIC_ACK, Proxy
 
 from rbit.credit.events import CreditEvent
 
@@ -121,7 +124,8 @@ def test_worker_killed_mid_post_delivers_every_credit_exactly_once(rabbit, vhost
         assert server.held.wait(WAIT), (tmp_path / "worker.log").read_text()
         worker.kill()  # the POST is in flight, nothing is acked
         release.set()
-        assert server.ledger.slots["job"].counters == {}
+        # Nothing was acked while the POST was in flight: the broker gives all back.
+        wait_until(lambda: sum(rabbit.list_queues(vhost).get(QUEUE, (0, 0))) == len(events))
 
         worker.start()
         wait_until(lambda: sum(server.ledger.slots["job"].counters.values()) >= 20)
@@ -164,3 +168,42 @@ def test_credit_server_down_for_ten_seconds_then_every_event_arrives_once(
         assert worker.stop() == 0
     finally:
         worker.stop()
+
+
+def test_worker_killed_after_the_server_applied_a_batch_sends_none_of_it_again(
+        rabbit, vhost, server, tmp_path):
+    # The window the durable seen-ids store exists for: the server applied the batch and
+    # the worker remembered that, but its acks never reached the broker. The worker that
+    # gets the redeliveries is a new process, so only ids kept on disk can stop them.
+    proxy = Proxy((rabbit.host, rabbit.port))
+    amqp_url = "amqp://guest:guest@127.0.0.1:%d/%s" % (proxy.port, quote(vhost, safe=""))
+    config = write_config(tmp_path / "rbit.ini", amqp_url, server, tmp_path / "seen.sqlite3")
+    worker = Worker(config, tmp_path / "worker.log")
+    server.ledger.alloc({"slot": "job"})
+    events = [CreditEvent("counters", {"slot": "job", f"c{i}": 1}) for i in range(20)]
+    release = server.hold_next(apply=True)
+    try:
+        worker.start()
+        wait_until(lambda: QUEUE in rabbit.list_queues(vhost))
+        publish(rabbit.url(vhost), events)
+
+        assert server.held.wait(WAIT), (tmp_path / "worker.log").read_text()
+        applied = sum(server.ledger.slots["job"].counters.values())
+        assert applied > 0  # the server committed (part of) the events
+        proxy.hold()  # from now on nothing the worker sends reaches the broker
+        release.set()  # the 200 reply goes out
+        assert proxy.wait_held(BASIC_ACK, WAIT), "the worker never acked the batch"
+        worker.kill()  # its acks die with it
+        proxy.sever()
+        wait_until(lambda: sum(rabbit.list_queues(vhost).get(QUEUE, (0, 0))) == len(events))
+
+        worker = Worker(config, tmp_path / "worker-2.log")
+        worker.start()
+        wait_until(lambda: rabbit.list_queues(vhost).get(QUEUE) == (0, 0))
+        assert server.ledger.slots["job"].counters == {f"c{i}": 1 for i in range(20)}
+        assert [server.times_applied("counters", dict(ev.args)) for ev in events] == [1] * 20
+        assert worker.stop() == 0
+    finally:
+        release.set()
+        worker.stop()
+        proxy.close()

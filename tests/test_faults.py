@@ -142,11 +142,12 @@ def test_poison_job_is_tried_max_retries_plus_one_then_dead(tmp_path, rabbit, vh
 
 
 @pytest.mark.slow
-def test_memory_alarm_pauses_publishing_without_deadlock(tmp_path, rabbit, vhost):
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
+def test_memory_alarm_pauses_publishing_without_deadlock(tmp_path, rabbit, vhost, queue_type):
     gate = tmp_path / "gate"
     config = _config(tmp_path, rabbit, vhost, {
         "runner": "python!fault_runners:gated", "gate": gate, "concurrency": 3,
-        "prefetch": 3, "retry_delay": 0.2, "retry_jitter": 0},
+        "prefetch": 3, "retry_delay": 0.2, "retry_jitter": 0}, queue_type,
         status={"sinks": "amqp, log"})
     worker = _start(tmp_path, config, rabbit, vhost)
     records = Records(tmp_path / "record")
@@ -190,9 +191,11 @@ def _drain(publisher: Publisher, queue: str) -> list[tuple[str, str]]:
     return events
 
 
-def test_other_worker_finishes_everything_when_one_is_killed_mid_job(tmp_path, rabbit, vhost):
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
+def test_other_worker_finishes_everything_when_one_is_killed_mid_job(tmp_path, rabbit, vhost,
+                                                                    queue_type):
     config = _config(tmp_path, rabbit, vhost, {
-        "runner": "python!fault_runners:long_job", "sleep": 0.3, "prefetch": 2})
+        "runner": "python!fault_runners:long_job", "sleep": 0.3, "prefetch": 2}, queue_type)
     first = _start(tmp_path, config, rabbit, vhost, "first")
     second = WorkerProcess(config, tmp_path / "second.log").start()
     records = Records(tmp_path / "record")

@@ -603,7 +603,7 @@ def test_timeout_kills_the_command_and_its_grandchildren(tmp_path: Path) -> None
     outcome = runner.run(job(), Statuses())
 
     assert outcome == Outcome.failed("timed out after 1 s")
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 60  # not the sleeper's 1000 s
     shell, sleeper = read_pids(pids)
     assert wait_until(lambda: process_gone(shell) and process_gone(sleeper), 5)
 
@@ -622,7 +622,7 @@ def test_timeout_sends_sigkill_to_what_ignores_sigterm(tmp_path: Path) -> None:
 
     elapsed = time.monotonic() - started
     assert outcome == Outcome.failed("timed out after 0.5 s")
-    assert 1.0 <= elapsed < 5
+    assert 1.0 <= elapsed < 60  # SIGKILL came; the sleeper would take 1000 s
     shell, sleeper = read_pids(pids)
     assert wait_until(lambda: process_gone(shell) and process_gone(sleeper), 5)
 
@@ -635,7 +635,7 @@ def test_processes_left_behind_by_a_finished_command_are_killed(tmp_path: Path) 
     outcome = runner.run(job(), Statuses())
 
     assert outcome == Outcome.done()
-    assert time.monotonic() - started < 5  # the sleeper held the pipes open: no waiting on it
+    assert time.monotonic() - started < 60  # the sleeper (1000 s) held the pipes: no waiting
     (sleeper,) = read_pids(pids)
     assert wait_until(lambda: process_gone(sleeper), 5)
 

@@ -9,8 +9,6 @@ import time
 import pytest
 from worker_helpers import WorkerProcess, pid_alive, wait_until, write_config
 
-from rbit.cli import ExitCode
-
 QUEUE = "shutdown"
 
 
@@ -69,7 +67,7 @@ def test_sigterm_finishes_the_running_job_and_requeues_the_prefetched(
     assert not (out / "first.finished").exists()
     code = worker.wait(timeout=20)
 
-    assert code == ExitCode.OK, worker.output
+    assert code == 0, worker.output
     assert (out / "first.finished").exists()
     assert (out / "started").read_text().split() == ["first"]  # nothing else was run
     assert rabbit.list_queues(vhost)[QUEUE] == (3, 0)
@@ -96,8 +94,8 @@ def test_second_signal_stops_a_long_job_and_leaves_it_for_redelivery(
     worker.signal(signal.SIGINT)
     code = worker.wait(timeout=15)
 
-    assert code == ExitCode.FORCED, worker.output
-    assert time.monotonic() - started < 10
+    assert code == 3, worker.output
+    assert time.monotonic() - started < 20  # the grace is 30 s
     assert not pid_alive(child)
     assert not pid_alive(grandchild)
     assert rabbit.list_queues(vhost)[QUEUE] == (1, 0)
@@ -125,8 +123,8 @@ def test_second_signal_does_not_wait_for_a_job_running_in_a_worker_thread(
     worker.signal(signal.SIGTERM)
     code = worker.wait(timeout=20)
 
-    assert code == ExitCode.FORCED, worker.output
-    assert time.monotonic() - started < 5
+    assert code == 3, worker.output
+    assert time.monotonic() - started < 20  # the grace is 30 s
     assert rabbit.list_queues(vhost)[QUEUE] == (1, 0)
     assert not (out / "stuck.finished").exists()
 
@@ -138,7 +136,7 @@ def test_grace_period_over_stops_the_job_and_leaves_it_for_redelivery(
     worker.signal(signal.SIGTERM)
     code = worker.wait(timeout=15)
 
-    assert code == ExitCode.FORCED, worker.output
+    assert code == 3, worker.output
     assert not any(pid_alive(pid) for pid in pids)
     assert rabbit.list_queues(vhost)[QUEUE] == (1, 0)
 
@@ -154,7 +152,7 @@ def test_runner_that_cannot_load_exits_with_the_config_code(tmp_path, processes)
     runner = {"runner": "python!no_such_module_here:run"}
     config = write_config(tmp_path, f"amqp://guest:guest@127.0.0.1:{port}/", {QUEUE: runner})
     worker = _start(processes, config)
-    assert worker.wait(timeout=20) == ExitCode.CONFIG, worker.output
+    assert worker.wait(timeout=20) == 78, worker.output
     assert "no_such_module_here" in worker.output
 
 
@@ -170,7 +168,7 @@ def test_bad_config_exits_before_connecting_and_names_the_key(tmp_path, processe
         code = worker.wait(timeout=20)
         with pytest.raises(BlockingIOError):
             listener.accept()  # nobody ever connected
-    assert code == ExitCode.CONFIG
+    assert code == 78
     assert str(config) in worker.output
     assert f"[runner:{QUEUE}]" in worker.output
     assert "'concurrency'" in worker.output
@@ -181,7 +179,7 @@ def test_unreachable_broker_exits_with_its_own_code(tmp_path, processes):
     runner = {"runner": "python!worker_runners:succeed"}
     config = write_config(tmp_path, f"amqp://guest:guest@127.0.0.1:{port}/", {QUEUE: runner})
     worker = _start(processes, config)
-    assert worker.wait(timeout=30) == ExitCode.BROKER_UNREACHABLE, worker.output
+    assert worker.wait(timeout=30) == 69, worker.output
     assert f"127.0.0.1:{port}" in worker.output
 
 
@@ -192,8 +190,8 @@ def test_sigterm_on_an_idle_worker_exits_cleanly_at_once(tmp_path, rabbit, vhost
     _wait_for_queue(rabbit, vhost, worker)
     started = time.monotonic()
     worker.signal(signal.SIGINT)
-    assert worker.wait(timeout=15) == ExitCode.OK, worker.output
-    assert time.monotonic() - started < 5
+    assert worker.wait(timeout=15) == 0, worker.output
+    assert time.monotonic() - started < 10  # at once, not after a grace period
 
 
 
@@ -209,5 +207,5 @@ def test_poll_mode_worker_with_poll_time_option_runs_jobs_and_stops_cleanly(
     wait_until(lambda: (out / "runs").exists()
                and len((out / "runs").read_text().split()) == 3, 15, "three jobs")
     worker.signal(signal.SIGTERM)
-    assert worker.wait(timeout=15) == ExitCode.OK, worker.output
+    assert worker.wait(timeout=15) == 0, worker.output
     assert rabbit.list_queues(vhost)[QUEUE] == (0, 0)
