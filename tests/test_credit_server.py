@@ -1,6 +1,6 @@
 """The front door's socket server, with an in-process publisher confirming from a thread.
 
-The real-broker path (``rbit.amqp.Broker`` behind ``broker_publisher``) is covered at
+The real-broker path (``rbit.amqp.broker.Broker`` behind ``broker_publisher``) is covered at
 the end with the session's RabbitMQ node.
 """
 
