@@ -48,7 +48,8 @@ _ACK = Settlement(None, Status.DONE, "")
 
 def retry_delay(policy: RetryPolicy, attempt: int, rng: Callable[[], float]) -> tuple[int, int]:
     """The base delay of retry number ``attempt`` and the jittered one, in ms."""
-    base_ms = int(backoff.step(attempt, policy.retry_delay, policy.max_delay, policy.backoff) * 1000)
+    base = backoff.step(attempt, policy.retry_delay, policy.max_delay, policy.backoff)
+    base_ms = int(base * 1000)
     spread = (1 - policy.jitter, 1 + policy.jitter)
     return base_ms, max(1, int(backoff.jittered(base_ms, spread, rng)))
 
