@@ -33,6 +33,12 @@ Values = tuple[str, str, str, str]  # indexed by Slot
 
 
 def compile_template(template: str, settings: Mapping[str, str], queue: str) -> tuple[Arg, ...]:
+    """Splits ``template`` into arguments, with ``{setting}`` filled in and job slots kept.
+
+    Raises:
+        RunnerLoadError: The template is empty, has unbalanced quotes or names an
+            unknown setting.
+    """
     where = f"runner:{queue}"  # not the template itself: it may carry a secret
     try:
         words = shlex.split(template)
@@ -73,6 +79,7 @@ def _resolve(match: re.Match[str], settings: Mapping[str, str], where: str) -> s
 
 
 def render(arg: Arg, values: Values) -> str:
+    """One argument of a job's command: ``arg`` with the job's ``values`` put in."""
     if arg.__class__ is str:
         return arg
     return "".join(values[part] if part.__class__ is Slot else part for part in arg)
