@@ -168,9 +168,9 @@ class Supervisor:
 
     def release(self) -> None:
         """Closes the supervisor's own fds, once the process has left the loop."""
-        close_fds(self._exit_fd)
+        os.close(self._exit_fd)
         if self._stop_fd >= 0:
-            close_fds(self._stop_fd)
+            os.close(self._stop_fd)
 
     def watch_stream(self, fd: int, feed: Feed) -> None:
         """Reads ``fd`` into ``feed`` until EOF; the end waits for it."""
