@@ -18,13 +18,14 @@ deployment, logging goes to a file at INFO (``--log-level`` changes it).
 Run from the repository root::
 
     python bench/shell_micro.py                  # N=2000, 3 rounds
-    python bench/shell_micro.py --ref HEAD~1     # also rbit's shell.py as of a commit
+    python bench/shell_micro.py --ref HEAD~1     # also rbit as of a commit (own process)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import functools
+import json
 import logging
 import os
 import statistics
@@ -36,7 +37,8 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# A --ref contender runs this script again, on the rbit tree as of that ref.
+sys.path.insert(0, os.environ.get("RBIT_MICRO_TREE", str(ROOT)))
 
 from rbit.config import RunnerSettings  # noqa: E402
 from rbit.message import Message  # noqa: E402
@@ -51,19 +53,29 @@ def _settings() -> RunnerSettings:
     )
 
 
-def _shell_module(ref: str | None):
-    """rbit.runners.shell, or its text at git ``ref`` loaded under another name."""
-    if ref is None:
-        from rbit.runners import shell
-        return shell
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:rbit/runners/shell.py"],
-                            check=True, capture_output=True).stdout
-    path = Path(tempfile.mkdtemp(prefix="rbit-micro-")) / "shell_at_ref.py"
-    path.write_bytes(source)
-    spec = importlib.util.spec_from_file_location(f"rbit.runners.shell_at_{len(ref)}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _shell_module():
+    from rbit.runners import shell
+    return shell
+
+
+def _tree_at(ref: str) -> str:
+    """A directory holding rbit/ as of git ``ref``."""
+    tree = tempfile.mkdtemp(prefix="rbit-micro-")
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "rbit"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+    return tree
+
+
+def _ref_loop(tree: str, log_level: str) -> Callable[[int], tuple[float, float, float]]:
+    """Measures rbit as of another ref in a process of its own (one rbit per process)."""
+    def measure(n: int) -> tuple[float, float, float]:
+        env = dict(os.environ, RBIT_MICRO_TREE=tree)
+        done = subprocess.run([sys.executable, __file__, "--measure-only", "-n", str(n),
+                               "--log-level", log_level],
+                              env=env, check=True, capture_output=True, text=True)
+        return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
+    return measure
 
 
 def _raw_loop(n: int) -> None:
@@ -99,22 +111,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=2000, help="jobs per run (default 2000)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ref", action="append", default=[],
-                        help="also time rbit/runners/shell.py as of this git ref")
+                        help="also time rbit as of this git ref (in a process of its own)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--measure-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     log_file = tempfile.NamedTemporaryFile(prefix="rbit-micro-", suffix=".log", delete=False)
     logging.basicConfig(filename=log_file.name, level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    contenders = {"subprocess.run": _raw_loop, "rbit (worktree)": _rbit_loop(_shell_module(None))}
+    if args.measure_only:
+        print(json.dumps(_measure(_rbit_loop(_shell_module()), args.n)))
+        os.unlink(log_file.name)
+        return 0
+    contenders = {"subprocess.run": _raw_loop, "rbit (worktree)": _rbit_loop(_shell_module())}
+    measures = {name: functools.partial(_measure, loop) for name, loop in contenders.items()}
     for ref in args.ref:
-        contenders[f"rbit @ {ref}"] = _rbit_loop(_shell_module(ref))
+        measures[f"rbit @ {ref}"] = _ref_loop(_tree_at(ref), args.log_level)
 
-    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in contenders}
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in measures}
     _raw_loop(50)  # warm-up: page cache, first fork
     for rnd in range(args.rounds):
-        for name, loop in contenders.items():
-            wall, cpu, parent = _measure(loop, args.n)
+        for name, measure in measures.items():
+            wall, cpu, parent = measure(args.n)
             results[name].append((wall, cpu, parent))
             print(f"round {rnd + 1}: {name:20s} wall {wall:7.1f}  cpu {cpu:7.1f}  "
                   f"parent {parent:7.1f} us/job", flush=True)

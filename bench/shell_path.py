@@ -64,16 +64,17 @@ def _rbit_worker(out: str, n: int, config: str) -> int:
     from rbit import dispatch
     from rbit.amqp import loops
     from rbit.runners import shell
+    from rbit.runners.shell import bodies, job, spawn
 
     _stamp(transports._AsyncPlaintextTransport, "_on_socket_readable", "a. socket readable")
     _stamp(dispatch.JobPool, "on_delivery", "b. delivery to the pool")
     _stamp(shell.ShellRunner, "start_job", "c. start_job")
-    _stamp(shell._BodyFiles, "write", "d. body file", "e. body written")
-    _stamp(shell._Spawner, "start", "f. posix_spawn", "g. spawned")
-    _stamp(shell._Spares, "tidy", "h. tidy up", "i. tidied")
+    _stamp(bodies.BodyFiles, "write", "d. body file", "e. body written")
+    _stamp(spawn.Spawner, "start", "f. posix_spawn", "g. spawned")
+    _stamp(bodies.Spares, "tidy", "h. tidy up", "i. tidied")
     _stamp(loops.PikaFdLoop, "_dispatch", "j. job fd events", "z. job events done")
-    _stamp(shell._Job, "_on_exit", "k. command exited")
-    _stamp(shell._Job, "_finish", "l. outcome")
+    _stamp(job.Job, "_on_exit", "k. command exited")
+    _stamp(job.Job, "_finish", "l. outcome")
     _stamp(dispatch.JobPool, "_settle", "m. settle")
     _stamp(pika.channel.Channel, "basic_ack", "n. basic_ack")
     _stamp(loops.EagerConnection, "_adapter_emit_data", "o. send", "p. sent")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
+from rbit import backoff
 from rbit.amqp.records import Delivery, Publish
 from rbit.config import RetryPolicy, RunnerSettings
 from rbit.message import ATTEMPTS_HEADER, LAST_ERROR_HEADER
@@ -47,10 +48,10 @@ _ACK = Settlement(None, Status.DONE, "")
 
 def retry_delay(policy: RetryPolicy, attempt: int, rng: Callable[[], float]) -> tuple[int, int]:
     """The base delay of retry number ``attempt`` and the jittered one, in ms."""
-    base = min(policy.retry_delay * policy.backoff ** (attempt - 1), policy.max_delay)
+    base = backoff.step(attempt, policy.retry_delay, policy.max_delay, policy.backoff)
     base_ms = int(base * 1000)
-    jittered = base_ms * (1 + policy.jitter * (2 * rng() - 1))
-    return base_ms, max(1, int(jittered))
+    spread = (1 - policy.jitter, 1 + policy.jitter)
+    return base_ms, max(1, int(backoff.jittered(base_ms, spread, rng)))
 
 
 def decide(

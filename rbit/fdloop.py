@@ -1,11 +1,12 @@
 """The few event-loop calls a job needs to be supervised without a thread of its own.
 
-A shell job is a child process and a few pipes: it needs to hear when an fd becomes
-readable and when a deadline passes, nothing more. :class:`FdLoop` names those calls.
+A supervised child process (:mod:`rbit.supervisor`) and its pipes need to hear when an
+fd becomes readable and when a deadline passes, nothing more. :class:`FdLoop` names those calls.
 The worker serves them from the AMQP connection's own loop
 (:meth:`rbit.amqp.broker.Broker.fd_loop`), so a job starts, runs and is acked on the I/O
 thread with no hand-over between threads; :class:`PollLoop` serves them from a single
-blocking ``poll`` for a caller that waits for its job (``ShellRunner.run``).
+blocking ``poll`` for a caller that waits for its job (``ShellRunner.run``, and
+``python!`` jobs in a child process).
 
 Callbacks run on the loop's thread, one at a time, and must not block.
 """

@@ -43,7 +43,6 @@ import functools
 import http.client
 import json
 import logging
-import random
 import ssl
 import threading
 import time
@@ -53,6 +52,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
+from rbit.backoff import Backoff
 from rbit.config import StatusSettings
 from rbit.errors import ConfigError
 from rbit.outcome import Status
@@ -213,22 +213,12 @@ class _Control:
             self.stop.wait(delay)
 
 
-class _Backoff:
+class _Backoff(Backoff):
     """Exponential delays with jitter: about 0.5, 1, 2, 4 ... seconds up to ``cap``."""
 
     def __init__(self, cap: float, first: float = FIRST_DELAY) -> None:
-        self._cap = max(0.0, cap)
-        self._first = first
-        self._failures = 0
-
-    def next(self) -> float:
-        delay = min(self._cap, self._first * 2 ** min(self._failures, 32))
-        self._failures += 1
         # Jitter in [delay/2, delay]: workers cut off together do not retry together.
-        return delay * (0.5 + random.random() / 2)  # noqa: S311 - not cryptographic
-
-    def reset(self) -> None:
-        self._failures = 0
+        super().__init__(first, cap, spread=(0.5, 1.0))
 
 
 class _Backlog:

@@ -67,6 +67,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from rbit import backoff
 from rbit.credit.events import COMMANDS, CreditEvent
 from rbit.errors import ConfigError, DecodeError
 from rbit.message import Message
@@ -588,9 +589,9 @@ class CreditRunner:
         return delay
 
     def _backoff(self, first: float, cap: float, n: int) -> float:
-        delay = min(cap, first * 2 ** min(n - 1, 30))
         # Jitter spreads the retries of many workers after a shared outage.
-        return max(self._throttle.wait_time(), delay * self._random.uniform(0.75, 1.0))
+        delay = backoff.delay(n, first, cap, spread=(0.75, 1.0), rng=self._random.random)
+        return max(self._throttle.wait_time(), delay)
 
     def _pause(self, seconds: float) -> bool:
         """Wait ``seconds`` between tries; ``False`` if closing began meanwhile."""

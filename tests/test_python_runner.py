@@ -14,7 +14,7 @@ import pytest
 from rbit.config import RunnerSettings
 from rbit.errors import RunnerLoadError
 from rbit.message import Message
-from rbit.outcome import Kind, Status
+from rbit.outcome import Kind, Outcome, Status
 from rbit.runners import python as python_runner
 from rbit.runners.python import PythonRunner, load_python_runner
 
@@ -254,10 +254,59 @@ def test_cancel_stops_a_running_child(child_path, tmp_path):
     runner.cancel()
     thread.join(timeout=30)
 
-    assert result["outcome"].kind is Kind.FAILED
-    assert "cancelled" in result["outcome"].reason
+    assert result["outcome"] == Outcome.blocked("cancelled: the worker is stopping")
     child, grandchild = map(int, pid_file.read_text().split())
     assert _wait_for(lambda: _dead(child) and _dead(grandchild), timeout=10)
+
+
+def test_a_job_after_cancel_is_blocked_without_a_child(child_path, tmp_path):
+    pid_file = tmp_path / "pids"
+    runner = load_python_runner(
+        _settings("sleep_forever", timeout=3600, settings={"pid_file": str(pid_file)})
+    )
+    runner.cancel()
+
+    outcome = runner.run(Message(body=b"", queue="q"), Statuses())
+
+    assert outcome == Outcome.blocked("cancelled: the worker is stopping")
+    assert not pid_file.exists()
+
+
+def _supervised(func: str, **overrides) -> RunnerSettings:
+    target = f"supervised_runners:{func}"
+    return _settings(func, runner=f"python!{target}", target=target, **overrides)
+
+
+def test_kill_grace_bounds_a_child_that_ignores_sigterm(child_path, tmp_path):
+    pid_file = tmp_path / "pid"
+    runner = load_python_runner(
+        _supervised("ignore_sigterm", timeout=0.5,
+                    settings={"pid_file": str(pid_file), "kill_grace": "0.5"})
+    )
+    started = time.monotonic()
+
+    outcome = runner.run(Message(body=b"", queue="q"), Statuses())
+
+    assert outcome == Outcome.failed("timed out after 0.5 s")
+    assert pid_file.exists()
+    assert _dead(int(pid_file.read_text()))
+    # 0.5 s timeout + 0.5 s grace, far below the default grace of 5 s.
+    assert time.monotonic() - started < 4
+
+
+@pytest.mark.parametrize("grace", ["-1", "soon", "nan"])
+def test_bad_kill_grace_fails_at_load_for_child_runners(grace):
+    with pytest.raises(RunnerLoadError, match="kill_grace"):
+        load_python_runner(_settings("succeed", timeout=5, settings={"kill_grace": grace}))
+
+
+def test_a_child_killed_by_a_signal_names_it(child_path):
+    runner = load_python_runner(_supervised("kill_self", timeout=60))
+
+    outcome = runner.run(Message(body=b"", queue="q"), Statuses())
+
+    assert outcome.kind is Kind.FAILED
+    assert outcome.reason.startswith("runner process killed by signal SIGKILL without an outcome")
 
 
 def test_examples_hello_and_noop_run():

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from rbit import supervisor
 from rbit.config import RunnerSettings
 from rbit.errors import RunnerLoadError
 from rbit.fdloop import PollLoop
 from rbit.message import ATTEMPTS_HEADER, Message
 from rbit.outcome import Kind, Outcome
-from rbit.runners import shell
-from rbit.runners.shell import ShellRunner
+from rbit.runners.shell import ShellRunner, bodies
 
 PROBE = Path(__file__).parent / "data" / "shell_probe.py"
 PROBE_TEMPLATE = "{python} {probe} {report}"
@@ -202,14 +202,14 @@ def test_tmpdir_names_where_body_files_go(tmp_path: Path, monkeypatch: pytest.Mo
 
 def fill_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """From now on a body file in /dev/shm cannot be written: as a 64 MB /dev/shm would."""
-    write_all = shell._write_all
+    write_all = bodies.write_all
 
     def full_in_memory(fd: int, data: bytes) -> None:
         if os.readlink(f"/proc/self/fd/{fd}").startswith("/dev/shm/"):
             raise OSError(28, "No space left on device")
         write_all(fd, data)
 
-    monkeypatch.setattr(shell, "_write_all", full_in_memory)
+    monkeypatch.setattr(bodies, "write_all", full_in_memory)
 
 
 @pytest.fixture
@@ -542,7 +542,7 @@ def test_stdout_tail_is_logged_at_debug_only(caplog) -> None:
 
 
 def test_no_thread_is_started_per_job(tmp_path: Path) -> None:
-    if not shell._pidfd_supported:
+    if not supervisor.pidfd_supported():
         pytest.skip("without pidfd_open a thread waits for each command")
     seen: list[list[str]] = []
 
@@ -562,7 +562,7 @@ def test_no_thread_is_started_per_job(tmp_path: Path) -> None:
 @pytest.fixture
 def without_pidfd(monkeypatch: pytest.MonkeyPatch) -> None:
     """Makes the runner wait for its commands in a thread, as where pidfd_open is missing."""
-    monkeypatch.setattr(shell, "_pidfd_supported", False)
+    monkeypatch.setattr(supervisor, "_pidfd_supported", False)
 
 
 @pytest.mark.usefixtures("without_pidfd")

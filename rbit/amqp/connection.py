@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pika
 from pika import spec
 
+from rbit import backoff
 from rbit.config import AmqpSettings
 
 if TYPE_CHECKING:
@@ -100,8 +101,8 @@ class HostRotation:
         if self.index != 0 and hosts != 1:
             return 0.0
         rounds = (self._failures - 1) // hosts
-        base = min(self._amqp.reconnect_delay * 2 ** rounds, self._amqp.reconnect_max_delay)
-        return base * (0.5 + self._rng())  # jitter: 50% to 150% of the step
+        return backoff.delay(rounds + 1, self._amqp.reconnect_delay,
+                             self._amqp.reconnect_max_delay, spread=(0.5, 1.5), rng=self._rng)
 
 
 class Connector:

@@ -21,10 +21,16 @@ How the call ends decides the job's :class:`rbit.outcome.Outcome`:
 
 By default the callable runs in the calling (worker) thread. With ``python = PATH`` or
 ``timeout = SECONDS`` in the section it runs in a child process instead
-(:mod:`rbit.runners.child`), one per job, in its own session: a timeout sends SIGTERM
-to the whole process group, then SIGKILL after :data:`KILL_GRACE` seconds. The child
-talks to rbit over a dedicated pipe in JSON lines, so the runner's own prints on
-stdout/stderr cannot disturb it.
+(:mod:`rbit.runners.child`), one per job, in its own session, supervised like a
+``shell!`` command (:mod:`rbit.supervisor`): on ``timeout`` the whole process group
+gets SIGTERM, then SIGKILL after ``kill_grace`` seconds (default 5), and the job has
+failed with ``timed out after N s``; processes the child leaves running in its group
+are killed once it exits; a cancel (the worker's second shutdown signal) stops it the
+same way and the job ends blocked (``cancelled: the worker is stopping``), to be tried
+again; a child killed by a signal is reported as ``killed by signal SIGNAME``. The
+child talks to rbit over a dedicated pipe in JSON lines, so the runner's own prints
+on stdout/stderr cannot disturb it. The child runs while the worker thread waits for
+it, its pipes and deadlines watched from a private ``poll`` loop.
 
 Batch runners
 -------------
@@ -49,19 +55,16 @@ Batch runners always run in the worker's process (``python =`` does not apply).
 from __future__ import annotations
 
 import base64
-import contextlib
 import importlib
 import inspect
 import json
 import logging
 import os
-import select
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
@@ -69,18 +72,31 @@ from typing import IO, Any, Callable
 
 from rbit.config import RunnerSettings
 from rbit.errors import Blocked, DecodeError, Reject, RunnerLoadError
+from rbit.fdloop import PollLoop
 from rbit.message import Message
 from rbit.outcome import Outcome, Status
+from rbit.supervisor import (
+    CANCEL_REASON,
+    DEFAULT_KILL_GRACE,
+    StopSignal,
+    Supervisor,
+    kill_grace,
+    killed_by,
+    signal_group,
+    stop_outcome,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between SIGTERM and SIGKILL when a child process must stop.
-KILL_GRACE = 5.0
+#: Seconds between SIGTERM and SIGKILL by default (``kill_grace``).
+KILL_GRACE = DEFAULT_KILL_GRACE
 #: Bytes of the child's stderr quoted when it dies without an outcome.
 STDERR_TAIL = 2000
 #: Environment variables naming the child's protocol file descriptors.
 IN_FD_ENV = "RBIT_PROTOCOL_IN_FD"
 OUT_FD_ENV = "RBIT_PROTOCOL_OUT_FD"
+
+_LINGERING = "the runner returned but its process did not exit"
 
 SetStatus = Callable[..., None]
 RunnerFunc = Callable[[Message, SetStatus, dict], Any]
@@ -213,14 +229,19 @@ class StatusTracker:
 
 
 class PythonRunner:
-    """A plain ``python!`` runner, run in the worker thread or in a child process."""
+    """A plain ``python!`` runner, run in the worker thread or in a child process.
+
+    Raises:
+        RunnerLoadError: ``kill_grace`` is not a number of seconds.
+    """
 
     def __init__(self, settings: RunnerSettings, func: RunnerFunc | None) -> None:
         self.settings = settings
         self._func = func
-        self._children: set[subprocess.Popen] = set()
-        self._lock = threading.Lock()
-        self._cancelled = threading.Event()
+        self.stop = StopSignal()
+        self.grace = DEFAULT_KILL_GRACE
+        if self.in_child:
+            self.grace = kill_grace(settings.settings, settings.queue)
 
     @property
     def in_child(self) -> bool:
@@ -235,136 +256,106 @@ class PythonRunner:
             set_status: Receives ``(Status, message)`` for every status reported.
         """
         if self.in_child or self._func is None:
-            return _ChildJob(self, message, set_status).run()
+            return self._run_child(message, set_status)
         return call_runner(self._func, message, set_status, self.settings.settings)
 
     def cancel(self) -> None:
-        """Stop running child processes (SIGTERM now, SIGKILL after the grace period).
+        """Stop running child processes (SIGTERM now, SIGKILL after ``kill_grace``).
 
-        Meant for shutdown: jobs started afterwards are stopped at once too. In-thread
-        runners cannot be interrupted; for them this is a no-op.
+        Meant for shutdown: jobs that would start afterwards end blocked at once, as
+        those stopped do. In-thread runners cannot be interrupted; for them this is a
+        no-op.
         """
-        self._cancelled.set()
-        with self._lock:
-            children = list(self._children)
-        for proc in children:
-            _signal_group(proc.pid, signal.SIGTERM)
+        self.stop.set(CANCEL_REASON, wake=True)
 
-    def _track(self, proc: subprocess.Popen, add: bool) -> None:
-        with self._lock:
-            (self._children.add if add else self._children.discard)(proc)
-
-
-class _ChildJob:
-    """One job in one child process: start, feed, read statuses, enforce the timeout."""
-
-    def __init__(self, runner: PythonRunner, message: Message, set_status: SetStatus) -> None:
-        self.runner = runner
-        self.message = message
-        self.set_status = set_status
-        self.outcome: Outcome | None = None
-        self.timed_out = False
-        self._grace_end: float | None = None
-        self._buffer = b""
-
-    def run(self) -> Outcome:
-        settings = self.runner.settings
-        timeout = settings.timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _run_child(self, message: Message, set_status: SetStatus) -> Outcome:
+        """Runs the job in a child, supervised from this thread on a loop of its own."""
+        if self.stop.is_set():
+            return Outcome.blocked(self.stop.reason)
         with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
             try:
-                proc, proto = self._start(stdout, stderr)
+                proc, proto = _start_child(self.settings, message, stdout, stderr)
             except OSError as exc:
                 return Outcome.failed(f"cannot start runner process: {exc}")
-            self.runner._track(proc, True)
+            loop = PollLoop()
             try:
-                ended = self._pump(proc, proto, deadline)
-            finally:
+                job = _ChildJob(self, proc, proto, message.job_id, set_status, loop)
+            except BaseException:
                 os.close(proto)
-                self.runner._track(proc, False)
-            if not ended:
-                # cancel() already sent SIGTERM and waited out the grace period.
-                _stop_group(proc, 0 if self.runner._cancelled.is_set() else KILL_GRACE)
-            _signal_group(proc.pid, signal.SIGTERM)  # leftovers must not outlive the job
-            _log_output(self.message, stdout)
-            return self._result(proc, ended, timeout, stderr)
-
-    def _start(self, stdout: IO[bytes], stderr: IO[bytes]) -> tuple[subprocess.Popen, int]:
-        req_r, req_w = os.pipe()
-        out_r, out_w = os.pipe()
-        settings = self.runner.settings
-        command = [settings.python or sys.executable, "-m", "rbit.runners.child", settings.target]
-        try:
-            # An argv list from the config, no shell: message content never reaches it.
-            proc = subprocess.Popen(  # noqa: S603
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=stderr,
-                pass_fds=(req_r, out_w),
-                env=_child_env(req_r, out_w),
-                start_new_session=True,
-            )
-        except OSError:
-            os.close(req_w)
-            os.close(out_r)
-            raise
-        finally:
-            # The child's ends: kept open here, EOF would never reach either side.
-            os.close(req_r)
-            os.close(out_w)
-        logger.debug("job %s: runner child %d started", self.message.job_id, proc.pid)
-        self._send_request(req_w)
-        return proc, out_r
-
-    def _send_request(self, fd: int) -> None:
-        line = json.dumps(_request(self.message, self.runner.settings.settings)) + "\n"
-
-        # A writer thread: a huge body must not deadlock against a child that is
-        # already printing statuses we have not read yet.
-        def write() -> None:
+                signal_group(proc.pid, signal.SIGKILL, message.job_id)
+                proc.wait()
+                raise
             try:
-                with os.fdopen(fd, "wb") as pipe:
-                    pipe.write(line.encode())
-            except OSError:  # the child died early; its exit is reported by run()
-                pass
+                loop.run_until(lambda: job.finished)
+            except BaseException:  # e.g. KeyboardInterrupt: the child must not outlive us
+                job.abort()
+                raise
+            _log_output(message, stdout)
+            return job.result(stderr)
 
-        threading.Thread(target=write, name="rbit-child-feed", daemon=True).start()
 
-    def _pump(self, proc: subprocess.Popen, proto: int, deadline: float | None) -> bool:
-        """Read protocol lines until the child exits; False when it must be stopped."""
-        eof = False
-        while not (
-            proc.poll() is not None and (eof or self.outcome is not None or not _readable(proto, 0))
-        ):
-            if self._must_stop(time.monotonic(), deadline):
-                return False
-            if not eof and _readable(proto, 0.1):
-                eof = self._read(proto)
-            else:
-                _wait_briefly(proc, 0.1)
-        return True
+class _ChildJob(Supervisor):
+    """One job in one child process: its protocol pipe read, its end judged."""
 
-    def _must_stop(self, now: float, deadline: float | None) -> bool:
-        if deadline is not None and now >= deadline:
-            self.timed_out = True
-            return True
-        # After cancel(), or once the outcome is in, the child gets a grace period to exit
-        # (a runner may leave non-daemon threads behind).
-        if self.runner._cancelled.is_set() or self.outcome is not None:
-            self._grace_end = self._grace_end or now + KILL_GRACE
-            return now >= self._grace_end
-        return False
+    log = logger
 
-    def _read(self, proto: int) -> bool:
-        chunk = os.read(proto, 65536)
-        if not chunk:
-            return True
+    def __init__(
+        self,
+        runner: PythonRunner,
+        proc: subprocess.Popen,
+        proto: int,
+        job_id: str,
+        set_status: SetStatus,
+        loop: PollLoop,
+    ) -> None:
+        self.set_status = set_status
+        self.outcome: Outcome | None = None
+        self._proto = proto
+        self._buffer = b""
+        self._end: tuple[int | None, str | None] = (None, None)
+        self._error: Exception | None = None
+        super().__init__(
+            proc,
+            loop,
+            ((proto, self._feed),),
+            label=job_id,
+            grace=runner.grace,
+            timeout=runner.settings.timeout,
+            stop_fd=runner.stop.fd,
+        )
+
+    def on_end(self, code: int | None, stopped: str | None) -> None:
+        self._end = (code, stopped)
+        self.release()
+
+    def on_error(self, exc: Exception) -> None:
+        self._error = exc
+
+    def release(self) -> None:
+        super().release()
+        os.close(self._proto)
+
+    def result(self, stderr: IO[bytes]) -> Outcome:
+        """The job's outcome, once the child is gone (``stderr``: what it wrote there)."""
+        if self.outcome is not None:  # the runner's word wins, even if it was slow to exit
+            return self.outcome
+        if self._error is not None:
+            return Outcome.failed(
+                f"internal error while supervising the runner process: {self._error}"
+            )
+        code, stopped = self._end
+        if stopped is not None:
+            return stop_outcome(stopped, self.timeout)
+        if code is None:
+            return Outcome.failed("the runner process could not be stopped")
+        how = killed_by(code) if code < 0 else f"exited with code {code}"
+        return Outcome.failed(f"runner process {how} without an outcome; stderr: {_tail(stderr)}")
+
+    def _feed(self, chunk: bytes) -> None:
         self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
             self._handle(line)
-        return False
 
     def _handle(self, line: bytes) -> None:
         try:
@@ -373,23 +364,57 @@ class _ChildJob:
                 self.set_status(Status.parse(event["status"]), str(event.get("message", "")))
             elif "outcome" in event:
                 self.outcome = _outcome_from(event)
+                # A runner may leave non-daemon threads behind: the child gets
+                # kill_grace seconds to exit by itself.
+                self.set_deadline(self.grace, _LINGERING)
         except (ValueError, TypeError, KeyError) as exc:
             logger.warning(
-                "job %s: bad line from runner child: %r (%s)", self.message.job_id, line[:200], exc
+                "job %s: bad line from runner child: %r (%s)", self.label, line[:200], exc
             )
 
-    def _result(
-        self, proc: subprocess.Popen, ended: bool, timeout: float | None, stderr: IO[bytes]
-    ) -> Outcome:
-        if self.outcome is not None:
-            return self.outcome
-        if self.timed_out:
-            return Outcome.failed(f"timed out after {timeout:g} s")
-        if self.runner._cancelled.is_set():
-            return Outcome.failed("cancelled: runner process stopped")
-        code = proc.returncode
-        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        return Outcome.failed(f"runner process {how} without an outcome; stderr: {_tail(stderr)}")
+
+def _start_child(
+    settings: RunnerSettings, message: Message, stdout: IO[bytes], stderr: IO[bytes]
+) -> tuple[subprocess.Popen, int]:
+    """Starts the child in a session of its own; returns it and its protocol pipe."""
+    req_r, req_w = os.pipe()
+    out_r, out_w = os.pipe()
+    command = [settings.python or sys.executable, "-m", "rbit.runners.child", settings.target]
+    try:
+        # An argv list from the config, no shell: message content never reaches it.
+        proc = subprocess.Popen(  # noqa: S603
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            pass_fds=(req_r, out_w),
+            env=_child_env(req_r, out_w),
+            start_new_session=True,
+        )
+    except OSError:
+        os.close(req_w)
+        os.close(out_r)
+        raise
+    finally:
+        # The child's ends: kept open here, EOF would never reach either side.
+        os.close(req_r)
+        os.close(out_w)
+    logger.debug("job %s: runner child %d started", message.job_id, proc.pid)
+    _send_request(req_w, json.dumps(_request(message, settings.settings)) + "\n")
+    return proc, out_r
+
+
+def _send_request(fd: int, line: str) -> None:
+    # A writer thread: a huge body must not deadlock against a child that is
+    # already printing statuses we have not read yet.
+    def write() -> None:
+        try:
+            with os.fdopen(fd, "wb") as pipe:
+                pipe.write(line.encode())
+        except OSError:  # the child died early; its exit is reported by the job
+            pass
+
+    threading.Thread(target=write, name="rbit-child-feed", daemon=True).start()
 
 
 def _request(message: Message, settings: Mapping[str, str]) -> dict[str, Any]:
@@ -461,31 +486,6 @@ def _check_in_interpreter(python: str, target: str) -> None:
         raise RunnerLoadError(
             f"{target!r} is a batch runner; those cannot run in another interpreter"
         )
-
-
-def _readable(fd: int, timeout: float) -> bool:
-    ready, _, _ = select.select([fd], [], [], timeout)
-    return bool(ready)
-
-
-def _wait_briefly(proc: subprocess.Popen, seconds: float) -> None:
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(seconds)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
-def _stop_group(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the child's process group, SIGKILL it after ``grace`` seconds."""
-    _signal_group(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(grace)
-    # Grandchildren may ignore SIGTERM even when the child itself obeyed.
-    _signal_group(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def _tail(stream: IO[bytes]) -> str:

@@ -1,0 +1,76 @@
+"""What is read from a command: the tail of a stream, and status lines."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from rbit.outcome import Status
+
+log = logging.getLogger(__name__)
+
+TAIL_BYTES = 4096
+_STATUS_LINE_MAX = 4096
+
+SetStatus = Callable[[str, str], None]
+
+
+class Tail:
+    """The last ``limit`` bytes of a stream."""
+
+    def __init__(self, limit: int = TAIL_BYTES) -> None:
+        self._data = bytearray()
+        self._limit = limit
+        self._truncated = False
+
+    def feed(self, chunk: bytes) -> None:
+        self._data += chunk
+        if len(self._data) > self._limit:
+            del self._data[: -self._limit]
+            self._truncated = True
+
+    def text(self) -> str:
+        text = self._data.decode("utf-8", "replace").strip()
+        return "..." + text if self._truncated and text else text
+
+
+class StatusReader:
+    """Turns lines from ``RBIT_STATUS_FD`` into ``set_status`` calls."""
+
+    def __init__(self, job_id: str, set_status: SetStatus) -> None:
+        self._job_id = job_id
+        self._set_status = set_status
+        self._buf = bytearray()
+        self._skipping = False  # inside an overlong line, already reported
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:  # end of stream: a last line without newline still counts
+            self._line(bytes(self._buf))
+            self._buf.clear()
+            return
+        self._buf += chunk
+        while (end := self._buf.find(b"\n")) >= 0:
+            line = bytes(self._buf[:end])
+            del self._buf[: end + 1]
+            self._line(line)
+            self._skipping = False
+        if len(self._buf) > _STATUS_LINE_MAX:
+            self._line(bytes(self._buf[:_STATUS_LINE_MAX]))
+            self._buf.clear()
+            self._skipping = True
+
+    def _line(self, line: bytes) -> None:
+        words = line.decode("utf-8", "replace").split(None, 1)
+        if self._skipping or not words:
+            return
+        try:
+            status = Status.parse(words[0])
+        except ValueError:
+            log.warning(
+                "job %s: ignoring status line with unknown status %r", self._job_id, words[0]
+            )
+            return
+        try:
+            self._set_status(status.value, words[1].strip() if len(words) > 1 else "")
+        except Exception:  # the pipe must keep being read, or the command would block
+            log.exception("job %s: set_status(%s) failed", self._job_id, status.value)
