@@ -291,7 +291,8 @@ def test_a_connection_sending_now_and_then_is_not_closed_as_idle(publisher, sock
         thread.stop()
 
 
-def test_broker_refusal_or_failure_answers_broker_unavailable(socket_path) -> None:
+def test_a_nack_answers_not_confirmed_and_a_publisher_failure_broker_unavailable(
+        socket_path) -> None:
     def verdict(body: bytes) -> object:
         slot = json.loads(body)["args"]["slot"]
         return {"nack": False, "boom": RuntimeError("channel closed")}.get(slot, True)
@@ -301,7 +302,7 @@ def test_broker_refusal_or_failure_answers_broker_unavailable(socket_path) -> No
     try:
         payload = b"ALLOC,slot=nack\nALLOC,slot=boom\nALLOC,slot=fine\n"
         assert exchange(socket_path, payload, 3) == [
-            "ER broker unavailable", "ER broker unavailable", "OK"]
+            "ER not confirmed", "ER broker unavailable", "OK"]
         assert pub.slots() == ["fine"]
     finally:
         thread.stop()
