@@ -279,3 +279,35 @@ def test_a_client_resending_with_the_same_event_id_is_one_message_id(rabbit, vho
         assert send_line(daemon.socket, line)[0] == "OK"
         assert daemon.stop() == 0
     assert queued_ids(url) == Counter({"job-j-cpu-0001": 2})
+
+
+def test_memory_alarm_lines_answered_in_time_and_unsent_ones_never_published(
+        rabbit, vhost, run_dir):
+    url = rabbit.url(vhost)
+    with Daemon(run_dir, url) as daemon:
+        assert send_line(daemon.socket, "DISCARD,slot=a,event_id=before-alarm")[0] == "OK"
+        rabbit.set_memory_alarm(True)
+        try:
+            outcomes = {}
+            for n in range(5):
+                event_id = f"during-alarm-{n}"
+                outcomes[event_id] = send_line(daemon.socket,
+                                               f"DISCARD,slot=a,event_id={event_id}")
+        finally:
+            rabbit.set_memory_alarm(False)
+        for event_id, (reply, took) in outcomes.items():
+            assert reply in ("ER broker unavailable", "ER not confirmed"), (event_id, reply)
+            assert took <= REPLY_BOUND, (event_id, took)
+        # Once the broker said it blocks publishing, lines are refused without a wait.
+        assert outcomes["during-alarm-4"][0] == "ER broker unavailable"
+        assert wait_for(lambda: send_line(daemon.socket, "DISCARD,slot=a,event_id=after-alarm")[0]
+                        == "OK")
+        assert daemon.stop() == 0
+    queued = queued_ids(url)
+    assert queued["before-alarm"] == 1
+    assert queued["after-alarm"] >= 1
+    for event_id, (reply, _) in outcomes.items():
+        if reply == "ER broker unavailable":
+            assert queued[event_id] == 0, event_id  # refused, and never sent later
+        else:
+            assert queued[event_id] <= 1, event_id  # written while blocked: may go in once
