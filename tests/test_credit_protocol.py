@@ -170,3 +170,15 @@ def test_a_line_of_exactly_the_limit_is_accepted() -> None:
 def test_format_line_refuses_values_that_cannot_travel_on_one_line() -> None:
     with pytest.raises(ProtocolError):
         format_line(CreditEvent("meta", {"slot": "a", "x": "1,2"}))
+
+
+def test_event_id_becomes_the_event_id_and_is_no_argument() -> None:
+    event = parse_line("META,slot=a,event_id=job-42.meta:1,x=y")
+    assert (event.id, event.args) == ("job-42.meta:1", {"slot": "a", "x": "y"})
+    assert parse_line("DISCARD,slot=a,event_id=abcdefgh").id == "abcdefgh"
+
+
+@pytest.mark.parametrize("value", ["short", "-leading-dash", "with/slash", "x" * 129, ""])
+def test_a_bad_event_id_is_refused(value: str) -> None:
+    with pytest.raises(ProtocolError, match="event_id"):
+        parse_line(f"DISCARD,slot=a,event_id={value}")

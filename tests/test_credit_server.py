@@ -291,7 +291,8 @@ def test_a_connection_sending_now_and_then_is_not_closed_as_idle(publisher, sock
         thread.stop()
 
 
-def test_broker_refusal_or_failure_answers_broker_unavailable(socket_path) -> None:
+def test_a_nack_answers_not_confirmed_and_a_publisher_failure_broker_unavailable(
+        socket_path) -> None:
     def verdict(body: bytes) -> object:
         slot = json.loads(body)["args"]["slot"]
         return {"nack": False, "boom": RuntimeError("channel closed")}.get(slot, True)
@@ -301,7 +302,7 @@ def test_broker_refusal_or_failure_answers_broker_unavailable(socket_path) -> No
     try:
         payload = b"ALLOC,slot=nack\nALLOC,slot=boom\nALLOC,slot=fine\n"
         assert exchange(socket_path, payload, 3) == [
-            "ER broker unavailable", "ER broker unavailable", "OK"]
+            "ER not confirmed", "ER broker unavailable", "OK"]
         assert pub.slots() == ["fine"]
     finally:
         thread.stop()
@@ -629,3 +630,68 @@ def test_send_verb_publishes_straight_to_rabbitmq(rabbit, vhost, short_dir: Path
     assert (done.returncode, done.stdout) == (0, "OK\n"), done.stderr
     [(event, _)] = drain_queue(rabbit.url(vhost), "my.credits")
     assert (event["command"], event["args"]) == ("counters", {"slot": "a", "cpu/s": 5})
+
+
+def test_a_line_without_a_confirm_is_answered_within_the_reply_timeout(socket_path) -> None:
+    pub = ThreadedPublisher()
+    pub.hold.clear()  # the broker never confirms (a frozen node)
+    thread = ServerThread(
+        CreditServer(pub, unix_path=socket_path, limits=Limits(reply_timeout=0.5)))
+    try:
+        with connect(socket_path) as sock:
+            sock.sendall(b"ALLOC,slot=a\nALLOC,slot=b\n")
+            began = time.monotonic()
+            assert read_replies(sock, 2) == ["ER not confirmed", "ER not confirmed"]
+            assert time.monotonic() - began < TIMEOUT
+            pub.hold.set()  # the late confirms change nothing: one reply per line
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(100) == b""
+    finally:
+        thread.stop()
+        pub.close()
+
+
+def test_one_client_over_max_connections_is_answered_er_at_once(publisher, socket_path) -> None:
+    thread = ServerThread(CreditServer(
+        publisher, unix_path=socket_path, limits=Limits(max_connections=2, idle_timeout=None)))
+    try:
+        with connect(socket_path) as first, connect(socket_path) as second:
+            first.sendall(b"DISCARD,slot=x\n")
+            assert read_replies(first, 1) == ["OK"]  # both are being served now
+            second.sendall(b"DISCARD,slot=y\n")
+            assert read_replies(second, 1) == ["OK"]
+            assert exchange(socket_path, b"DISCARD,slot=z\n") == ["ER too many connections"]
+        assert wait_for(lambda: exchange(socket_path, b"DISCARD,slot=w\n") == ["OK"])
+        assert publisher.slots() == ["x", "y", "w"]
+    finally:
+        thread.stop()
+
+
+def test_a_half_line_is_refused_and_closed_after_the_line_timeout(publisher, socket_path):
+    thread = ServerThread(CreditServer(
+        publisher, unix_path=socket_path, limits=Limits(line_timeout=0.5, idle_timeout=None)))
+    try:
+        with connect(socket_path) as sock:
+            sock.sendall(b"DISCARD,slot=ok\nALLOC,slot=half,cre")
+            data = b""
+            while chunk := sock.recv(100):  # the server hangs up by itself
+                data += chunk
+            assert data == b"OK\nER line not completed in time\n"
+        assert publisher.slots() == ["ok"]
+    finally:
+        thread.stop()
+
+
+def test_new_server_limits_are_read_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "c.conf"
+    path.write_text("[server]\nreply_timeout = 2.5\nline_timeout = 4\nmax_connections = 50\n"
+                    "[amqp]\nhost = localhost\n")
+    settings = load_credit_config(str(path), environ={})
+    assert (settings.reply_timeout, settings.line_timeout, settings.max_connections) == (
+        2.5, 4.0, 50)
+    assert not settings.warnings
+    for bad in ("reply_timeout = 0", "line_timeout = never", "max_connections = 0"):
+        path.write_text(f"[server]\n{bad}\n[amqp]\nhost = localhost\n")
+        with pytest.raises(ConfigError) as caught:
+            load_credit_config(str(path), environ={})
+        assert (caught.value.section, caught.value.key) == ("server", bad.split()[0])

@@ -133,6 +133,8 @@ class Broker:
         self.consume_channel: Any = None
         self.publish_channel: Any = None
         self.lease_channel: Any = None
+        #: The broker blocks this connection's publishes (a resource alarm).
+        self.blocked = False
         #: id() -> unsettled delivery of this connection.
         self.live: dict[int, Delivery] = {}
         for part in (self.consumers, self.acks, self.publisher, self.declarer,

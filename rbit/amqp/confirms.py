@@ -3,8 +3,13 @@
 Confirms are pipelined: a publish returns at once and its ``on_confirm`` callback
 runs when the broker acks or nacks it, or with ``False`` when the connection is lost
 first. A message published while disconnected waits for the next connection (or is
-refused, when the broker is stopping). A queue a message names in ``declare`` is
-declared before the first publish to it on each connection (delay and holding queues).
+refused, when the broker is stopping or the message asks to ``fail_fast``). A queue a
+message names in ``declare`` is declared before the first publish to it on each
+connection (delay and holding queues).
+
+A ``mandatory`` message that no queue takes comes back as a ``basic.return``, which
+RabbitMQ sends before that message's ``basic.ack``: the ack then means "handled", not
+"stored", so the publish fails with :data:`~rbit.amqp.records.RETURNED`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,14 @@ import pika.exceptions
 from pika import spec
 
 from rbit.amqp.leases import held_back
-from rbit.amqp.records import ConfirmCallback, Delivery, Publish
+from rbit.amqp.records import (
+    NOT_CONFIRMED,
+    NOT_SENT,
+    RETURNED,
+    ConfirmCallback,
+    Delivery,
+    Publish,
+)
 
 if TYPE_CHECKING:
     from rbit.amqp.broker import Broker
@@ -31,6 +43,36 @@ def confirm(on_confirm: ConfirmCallback | None, ok: bool) -> None:
             on_confirm(ok)
         except Exception:
             log.exception("error in a publish confirm callback")
+
+
+def fail(message: Publish, on_confirm: ConfirmCallback | None, reason: str) -> None:
+    """A publish failed: tell ``message.on_failure`` why, or ``on_confirm`` False."""
+    if message.on_failure is None:
+        confirm(on_confirm, False)
+        return
+    try:
+        message.on_failure(reason)
+    except Exception:
+        log.exception("error in a publish failure callback")
+
+
+class _Tracked:
+    """The confirm callback of a publish that is mandatory or wants a failure reason."""
+
+    __slots__ = ("publisher", "message", "on_confirm", "returned")
+
+    def __init__(self, publisher: Publisher, message: Publish,
+                 on_confirm: ConfirmCallback | None) -> None:
+        self.publisher, self.message, self.on_confirm = publisher, message, on_confirm
+        self.returned = False
+
+    def __call__(self, ok: bool) -> None:
+        if self.message.mandatory:
+            self.publisher.untrack(self)
+        if ok and not self.returned:
+            confirm(self.on_confirm, True)
+        else:
+            fail(self.message, self.on_confirm, RETURNED if self.returned else NOT_CONFIRMED)
 
 
 class Publisher:
@@ -49,6 +91,8 @@ class Publisher:
         """A new connection: its publish sequence numbers start afresh."""
         self._unconfirmed: dict[int, ConfirmCallback | None] = {}
         self._seq = 0
+        #: message_id -> mandatory publishes awaiting their confirm (for basic.return).
+        self._returnable: dict[str, list[_Tracked]] = {}
 
     def connection_lost(self) -> None:
         """Every publish still waiting for its confirm failed."""
@@ -59,10 +103,15 @@ class Publisher:
         broker = self._broker
         channel = broker.publish_channel
         if channel is None or not channel.is_open or not broker.is_ready():
-            if broker.stopping:
-                confirm(on_confirm, False)
+            if broker.stopping or message.fail_fast:
+                fail(message, on_confirm, NOT_SENT)
             else:
                 self.held.append((message, on_confirm))
+            return
+        if message.fail_fast and broker.blocked:
+            # A resource alarm: the broker would leave it unread in the socket for as
+            # long as the alarm lasts.
+            fail(message, on_confirm, NOT_SENT)
             return
         declarer = broker.declarer
         if message.declare is not None and not declarer.is_declared(message.declare.name):
@@ -81,14 +130,46 @@ class Publisher:
             props["expiration"] = str(message.expiration_ms)
         try:
             channel.basic_publish(message.exchange, message.routing_key, message.body,
-                                  spec.BasicProperties(**props))
+                                  spec.BasicProperties(**props), mandatory=message.mandatory)
         except (pika.exceptions.AMQPError, ValueError, TypeError) as exc:
             log.error("cannot publish to exchange %r key %r: %s",
                       message.exchange, message.routing_key, exc)
-            confirm(on_confirm, False)
+            fail(message, on_confirm, NOT_SENT)
             return
         self._seq += 1
+        if message.mandatory or message.on_failure is not None:
+            on_confirm = self._track(message, on_confirm)
         self._unconfirmed[self._seq] = on_confirm
+
+    def _track(self, message: Publish, on_confirm: ConfirmCallback | None) -> _Tracked:
+        tracked = _Tracked(self, message, on_confirm)
+        if message.mandatory:
+            self._returnable.setdefault(message.message_id, []).append(tracked)
+        return tracked
+
+    def untrack(self, tracked: _Tracked) -> None:
+        """``tracked`` got its confirm (or its connection ended): no return can follow."""
+        waiting = self._returnable.get(tracked.message.message_id)
+        if waiting is not None:
+            if tracked in waiting:
+                waiting.remove(tracked)
+            if not waiting:
+                del self._returnable[tracked.message.message_id]
+
+    def on_return(self, _channel, method, properties, _body) -> None:
+        """A mandatory message came back unrouted (its confirm follows)."""
+        message_id = getattr(properties, "message_id", None)
+        waiting = self._returnable.get(message_id, ())
+        tracked = next((item for item in waiting if not item.returned), None)
+        if tracked is None:
+            log.warning("a returned message (id %r) matches no publish", message_id)
+            return
+        tracked.returned = True
+        log.warning("message %s returned by the broker: %s (exchange %r, key %r)",
+                    message_id, method.reply_text, method.exchange, method.routing_key)
+        if tracked.message.declare is not None:
+            # The queue was deleted behind our back: declare it before the next publish.
+            self._broker.declarer.forget(tracked.message.declare.name)
 
     def release_held(self) -> None:
         held, self.held = self.held, []

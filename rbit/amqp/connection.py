@@ -175,17 +175,24 @@ class Connector:
             broker.ioloop.call_later(delay, self.connect)
 
     def _on_open(self, connection) -> None:
-        connection.add_on_connection_blocked_callback(
-            lambda *_: log.warning("broker blocked this connection (resource alarm); "
-                                   "publishing pauses until it clears"))
-        connection.add_on_connection_unblocked_callback(
-            lambda *_: log.warning("broker unblocked this connection; publishing resumes"))
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
         connection.channel(on_open_callback=self._on_publish_channel)
+
+    def _on_blocked(self, *_args) -> None:
+        log.warning("broker blocked this connection (resource alarm); "
+                    "publishing pauses until it clears")
+        self._broker.blocked = True  # fail_fast publishes are refused meanwhile
+
+    def _on_unblocked(self, *_args) -> None:
+        log.warning("broker unblocked this connection; publishing resumes")
+        self._broker.blocked = False
 
     def _on_publish_channel(self, channel) -> None:
         broker = self._broker
         broker.publish_channel = channel
         channel.add_on_close_callback(self.on_channel_closed)
+        channel.add_on_return_callback(broker.publisher.on_return)  # mandatory publishes
         channel.confirm_delivery(
             broker.publisher.on_confirm,
             callback=lambda _f: broker.connection.channel(

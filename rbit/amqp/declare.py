@@ -34,6 +34,10 @@ class Declarer:
     def is_declared(self, queue: str) -> bool:
         return queue in self._declared
 
+    def forget(self, queue: str) -> None:
+        """Declare ``queue`` again before the next publish to it (it was deleted)."""
+        self._declared.discard(queue)
+
     def declare_all(self, then: Callable[[], None], step: int = 0) -> None:
         """Declare exchanges, then queues and their bindings; then call ``then``."""
         exchanges, queues = self._topology.exchanges, self._topology.queues

@@ -18,6 +18,15 @@ from rbit.topology import QueueDecl
 #: connection was lost first (False).
 ConfirmCallback = Callable[[bool], None]
 
+#: Why a publish failed, as told to a :class:`Publish`'s ``on_failure``:
+#: never written to the broker, and never will be (``fail_fast`` with no connection).
+NOT_SENT = "not sent"
+#: Written, then nacked or the connection was lost before the confirm: the message
+#: may or may not be in its queue.
+NOT_CONFIRMED = "not confirmed"
+#: ``mandatory`` and no queue took it (a ``basic.return`` came before the confirm).
+RETURNED = "returned"
+
 #: Header on a held copy: the worker (name and instance) that holds the job.
 HELD_BY_HEADER = "x-rbit-held-by"
 #: Header on a held copy: which renewal made it (to tell copies apart).
@@ -89,6 +98,16 @@ class Publish:
     properties: Mapping[str, Any] = field(default_factory=dict)  # others kept from a delivery
     declare: QueueDecl | None = None  # declare this queue first (once per connection)
     persistent: bool = True
+    # The credit front door's needs: an answer at once, and an honest one.
+    #: No queue took it (a ``basic.return``): the confirm fails with :data:`RETURNED`,
+    #: and ``declare`` (if given) is declared again before the next publish. Matched
+    #: by ``message_id``, which a mandatory publish must carry.
+    mandatory: bool = False
+    #: Refuse at once (:data:`NOT_SENT`) while there is no connection or the broker
+    #: blocks publishing, instead of holding the message for the next connection.
+    fail_fast: bool = False
+    #: Called with the reason instead of ``on_confirm(False)`` when the publish fails.
+    on_failure: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True)

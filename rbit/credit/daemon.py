@@ -266,7 +266,7 @@ async def _serve(settings: CreditSettings, publish: Publish, ready: Ready | None
         unix_path=settings.unix_path,
         host=settings.host,
         port=settings.port,
-        limits=Limits(idle_timeout=settings.idle_timeout),
+        limits=_limits(settings),
     )
     await server.start()
     stop = asyncio.Event()
@@ -280,6 +280,29 @@ async def _serve(settings: CreditSettings, publish: Publish, ready: Ready | None
         log.info("stopping the credit front door")
     finally:
         await server.stop(STOP_GRACE)
+
+
+def _limits(settings: CreditSettings) -> Limits:
+    most = settings.max_connections
+    spare = _descriptors_for_clients()
+    if spare is not None and spare < most:
+        # Past the descriptor limit accept() fails and nobody gets a reply at all.
+        log.warning("max_connections = %d exceeds what the open-files limit allows; "
+                    "serving at most %d clients at once", most, spare)
+        most = max(1, spare)
+    return Limits(idle_timeout=settings.idle_timeout, reply_timeout=settings.reply_timeout,
+                  line_timeout=settings.line_timeout, max_connections=most)
+
+
+def _descriptors_for_clients() -> int | None:
+    """Descriptors left for clients under RLIMIT_NOFILE, keeping some for the rest."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft - 64
 
 
 def run_daemon(settings: CreditSettings, ready: Ready | None = None) -> None:

@@ -14,6 +14,12 @@ COUNTERS   ``slot`` and one or more ``name=±n`` (names may contain ``/``)
 META       ``slot`` and one or more ``name=value``
 DISCARD    ``slot``; optional ``reason``
 =========  ==========================================================================
+
+Any command may carry ``event_id=ID`` (8 to 128 characters of ``A-Z a-z 0-9 . _ : -``,
+starting with a letter or digit): the event's id instead of a fresh one. The credit
+runner counts an id once, so a client that resends a line after ``ER not confirmed``
+(or after no reply at all) with the same ``event_id`` cannot be counted twice. The key
+is reserved: it is never a counter or meta name.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ _UNSIGNED = re.compile(r"\+?[0-9]{1,18}").fullmatch
 # Control characters other than tab have no business in a slot id or a value, and
 # a stray CR/NUL usually means the client framed its lines wrongly.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_EVENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{7,127}").fullmatch
 
 
 class ProtocolError(RbitError):
@@ -52,7 +59,7 @@ def parse_line(line: bytes | str) -> CreditEvent:
         line: The line, as read from the socket or typed by a user.
 
     Returns:
-        The event, with a fresh id.
+        The event, with the line's ``event_id`` or a fresh id.
 
     Raises:
         ProtocolError: The line is too long, not UTF-8, names an unknown command,
@@ -69,7 +76,11 @@ def parse_line(line: bytes | str) -> CreditEvent:
     if check is None:
         raise ProtocolError(f"unknown command {_shorten(name.strip())!r}")
     args = _split_args(rest) if rest else {}
-    return CreditEvent(command, check(args))
+    event_id = args.pop("event_id", None)
+    if event_id is not None and not _EVENT_ID(event_id.strip()):
+        raise ProtocolError("argument 'event_id' must be 8-128 characters of "
+                            "A-Z a-z 0-9 . _ : - (starting with a letter or digit)")
+    return CreditEvent(command, check(args), None if event_id is None else event_id.strip())
 
 
 def format_line(event: CreditEvent) -> str:

@@ -6,10 +6,24 @@ message, so an ``OK`` means the event is safely in RabbitMQ. A connection may pi
 many lines: they are all published at once and their replies come back in line order as
 the confirms arrive.
 
+The front door never lies and never hangs (see docs/credits.rst, "Replies"):
+
+* every line is answered within :attr:`Limits.reply_timeout` of its arrival; a line
+  whose confirm did not come by then is answered ``ER not confirmed``;
+* ``ER broker unavailable`` means the event was never written to the broker and never
+  will be: with :class:`BrokerPublisher` nothing is held for a later connection;
+* an event that no queue took (the credit queue was deleted) is answered ``ER credit
+  queue missing``, and the queue is declared again for the lines after it;
+* a line must be complete within :attr:`Limits.line_timeout` of its first byte, and a
+  client must take its replies within as long, else it is closed; at most
+  :attr:`Limits.max_connections` clients are served at once.
+
 The publisher is any callable ``publish(body, message_id, on_confirm)`` that is safe to
 call from the event loop's thread, does not block, and later calls
-``on_confirm(True|False)`` from any thread (:func:`broker_publisher` adapts
-:class:`rbit.amqp.broker.Broker`).
+``on_confirm(True|False)`` from any thread (``False`` is answered ``ER not
+confirmed``). If ``on_confirm`` has a ``fail(reason)`` method the publisher may call that
+instead, with a reason of :mod:`rbit.amqp.records` (``NOT_SENT``, ``NOT_CONFIRMED``,
+``RETURNED``). :func:`broker_publisher` adapts :class:`rbit.amqp.broker.Broker`.
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ from typing import Any, Callable
 from rbit.amqp import records
 from rbit.credit.protocol import MAX_LINE_BYTES, ProtocolError, parse_line, reply_for
 from rbit.errors import RbitError
+from rbit.topology import QueueDecl
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +53,13 @@ Publish = Callable[[bytes, str, Callable[[bool], None]], None]
 _SOCKET_MODE = 0o660
 _OK = reply_for(None)
 _UNAVAILABLE = reply_for(ProtocolError("broker unavailable"))
+_NOT_CONFIRMED = reply_for(ProtocolError("not confirmed"))
+_RETURNED = reply_for(ProtocolError("credit queue missing"))
 _TOO_LONG = reply_for(ProtocolError("line too long"))
+_LINE_TIMEOUT = reply_for(ProtocolError("line not completed in time"))
+_TOO_MANY = reply_for(ProtocolError("too many connections"))
+_FAILURES = {records.NOT_SENT: _UNAVAILABLE, records.NOT_CONFIRMED: _NOT_CONFIRMED,
+             records.RETURNED: _RETURNED}
 
 # Accepted sockets stay in blocking mode (saving a syscall each); every recv and
 # send on them passes MSG_DONTWAIT instead.
@@ -64,10 +85,20 @@ class Limits:
         idle_timeout: A connection with nothing in flight and no input for this many
             seconds is closed, so that ``echo ... | nc -U`` (which waits for the server
             to hang up) returns; ``None`` keeps idle connections open.
+        reply_timeout: Every line is answered within this many seconds; a line whose
+            confirm has not come by then is answered ``ER not confirmed``.
+        line_timeout: Seconds from a line's first byte to its end, and for a client to
+            take the replies it is sent; a client slower than that is answered ``ER
+            line not completed in time`` (if it still reads) and closed.
+        max_connections: Clients served at once; one more is answered ``ER too many
+            connections`` and closed at once.
     """
 
     in_flight: int = 1024
     idle_timeout: float | None = 1.0
+    reply_timeout: float = 5.0
+    line_timeout: float = 10.0
+    max_connections: int = 1000
 
 
 class BrokerPublisher:
@@ -77,21 +108,30 @@ class BrokerPublisher:
     event id as ``message_id`` (the credit runner de-duplicates on it). The server
     hands over every line of one event-loop pass at once (:meth:`publish_many`), so the
     broker's I/O loop is woken once per pass, not once per line.
+
+    Publishes are mandatory (a deleted queue is noticed, answered and declared again)
+    and fail fast: while there is no connection, or a resource alarm blocks it, a line
+    is refused at once rather than held. A held line would be published after the
+    reconnect although its client already had its ``ER`` -- and a client that retried
+    would be counted twice.
     """
 
     def __init__(self, broker: Any, queue: str) -> None:
         self._broker, self._queue, self._new = broker, queue, records.Publish
+        self._declare = QueueDecl(queue)
 
-    def _message(self, body: bytes, message_id: str):
+    def _message(self, body: bytes, message_id: str, on_confirm: Callable[[bool], None]):
         return self._new("", self._queue, body, message_id=message_id,
-                         content_type="application/json")
+                         content_type="application/json", declare=self._declare,
+                         mandatory=True, fail_fast=True,
+                         on_failure=getattr(on_confirm, "fail", None))
 
     def __call__(self, body: bytes, message_id: str, on_confirm: Callable[[bool], None]) -> None:
-        self._broker.send(self._message(body, message_id), on_confirm)
+        self._broker.send(self._message(body, message_id, on_confirm), on_confirm)
 
     def publish_many(self, items: list[tuple[bytes, str, Callable[[bool], None]]]) -> None:
         message = self._message
-        self._broker.send_many([(message(b, i), cb) for b, i, cb in items])
+        self._broker.send_many([(message(b, i, cb), cb) for b, i, cb in items])
 
 
 def broker_publisher(broker: Any, queue: str) -> BrokerPublisher:
@@ -165,6 +205,7 @@ class CreditServer:
     def _accept(self, listener: socket.socket) -> None:
         shared = self._shared
         family, kind, proto = shared.socket_kind(listener)
+        connections, most = shared.connections, shared.max_connections
         for _ in range(_ACCEPTS_PER_PASS):
             try:
                 # _accept() gives the bare descriptor; socket.accept() would wrap it in
@@ -177,7 +218,11 @@ class CreditServer:
             except OSError as exc:
                 self._accept_failed(listener, exc)
                 break
-            _Connection(_socket.socket(family, kind, proto, fd), shared).open()
+            sock = _socket.socket(family, kind, proto, fd)
+            if len(connections) >= most:
+                _turn_away(sock)
+                continue
+            _Connection(sock, shared).open()
         # Most lines arrive with their connection: publish this batch now rather than
         # on the next pass of the loop.
         shared.outbox.flush()
@@ -207,6 +252,7 @@ class CreditServer:
         self._close_listeners()
         if self._shared is not None:
             await self._drain_connections(self._shared, grace)
+            self._shared.deadlines.cancel()
         self._remove_socket_file()
 
     def _close_listeners(self) -> None:
@@ -239,6 +285,14 @@ class CreditServer:
             pass
 
 
+def _turn_away(sock: _socket.socket) -> None:
+    """One client too many: say so at once rather than leave it waiting."""
+    log.warning("too many credit clients at once; one turned away")
+    with contextlib.suppress(OSError):
+        sock.send(_TOO_MANY, _DONTWAIT)
+    sock.close()
+
+
 class _Shared:
     """What every connection of one server uses: loop, outbox, confirms, limits."""
 
@@ -246,11 +300,14 @@ class _Shared:
                  *, tcp: bool) -> None:
         self.loop = loop
         self.loop_thread = threading.get_ident()
-        self.outbox = _Outbox(loop, publish)
+        self.deadlines = _ReplyDeadlines(loop, limits.reply_timeout)
+        self.outbox = _Outbox(loop, publish, self.deadlines)
         self.confirms = _ConfirmQueue(loop)
         self.in_flight = limits.in_flight
         timeout = limits.idle_timeout
         self.idle_timeout = timeout if timeout is not None and timeout > 0 else None
+        self.line_timeout = limits.line_timeout
+        self.max_connections = limits.max_connections
         self.tcp = tcp
         self.connections: set[_Connection] = set()
         self._kinds: dict[int, tuple[int, int, int]] = {}
@@ -274,12 +331,12 @@ class _ConfirmQueue:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._items: collections.deque[tuple[_Reply, bool]] = collections.deque()
+        self._items: collections.deque[tuple[_Reply, bytes]] = collections.deque()
         self._lock = threading.Lock()
         self._scheduled = False
 
-    def put(self, reply: _Reply, ok: bool) -> None:
-        self._items.append((reply, ok))
+    def put(self, reply: _Reply, data: bytes) -> None:
+        self._items.append((reply, data))
         with self._lock:
             if self._scheduled:
                 return
@@ -293,18 +350,60 @@ class _ConfirmQueue:
         items = self._items
         touched = set()
         while items:
-            reply, ok = items.popleft()
-            reply.settle(ok)
+            reply, data = items.popleft()
+            reply.settle(data)
             touched.add(reply.owner)
         for owner in touched:
             owner.flush()
 
 
+class _ReplyDeadlines:
+    """Every published line is answered within ``timeout`` seconds, confirmed or not.
+
+    Kept per publish batch (one entry for all the lines of one loop pass, in the
+    order they were published, so the oldest deadline is always first) and checked by
+    one timer, armed only while something waits.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._loop, self._timeout = loop, timeout
+        self._batches: collections.deque[tuple[float, list]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, items: list[tuple[bytes, str, _Reply]]) -> None:
+        """Answer ``items``' replies (the last element of each) in time."""
+        when = self._loop.time() + self._timeout
+        self._batches.append((when, items))
+        if self._timer is None:
+            self._timer = self._loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now, batches = self._loop.time(), self._batches
+        late: set[_Connection] = set()
+        while batches and batches[0][0] <= now:
+            for *_, reply in batches.popleft()[1]:
+                if reply.data is None:
+                    reply.settle(_NOT_CONFIRMED)
+                    late.add(reply.owner)
+        for owner in late:
+            owner.flush()
+        if batches:
+            self._timer = self._loop.call_at(batches[0][0], self._expire)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._batches.clear()
+
+
 class _Outbox:
     """Lines accepted during one pass of the event loop, published together."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, publish: Publish) -> None:
-        self._loop, self._publish = loop, publish
+    def __init__(self, loop: asyncio.AbstractEventLoop, publish: Publish,
+                 deadlines: _ReplyDeadlines) -> None:
+        self._loop, self._publish, self._deadlines = loop, publish, deadlines
         self._many = getattr(publish, "publish_many", None)
         self._items: list[tuple[bytes, str, _Reply]] = []
 
@@ -319,6 +418,7 @@ class _Outbox:
         if not items:
             return  # already published by an earlier flush in this pass
         self._items = []
+        self._deadlines.add(items)
         if self._many is not None:
             try:
                 self._many(items)
@@ -336,10 +436,11 @@ class _Outbox:
 
 
 class _Reply:
-    """One line's reply slot: filled at once (ER) or when the broker confirms.
+    """One line's reply slot: filled at once (ER), on the broker's confirm, or late.
 
     A pending reply is itself the publisher's ``on_confirm`` callback (one object
-    per line instead of a reply and a closure).
+    per line instead of a reply and a closure). The first answer wins: a confirm that
+    comes after the reply timeout answered ``ER not confirmed`` changes nothing.
     """
 
     __slots__ = ("owner", "data", "event_id")
@@ -348,25 +449,35 @@ class _Reply:
         self.owner, self.data, self.event_id = owner, data, event_id
 
     def __call__(self, ok: bool) -> None:
+        data = _OK if ok else _NOT_CONFIRMED
         shared = self.owner.shared
         if threading.get_ident() == shared.loop_thread:  # a broker on our own loop
-            self.settle(ok)
+            self.settle(data)
             self.owner.flush()
         else:
-            shared.confirms.put(self, ok)
+            shared.confirms.put(self, data)
 
-    def settle(self, ok: bool) -> None:
+    def fail(self, reason: str) -> None:
+        """The publish failed for ``reason`` (one of :mod:`rbit.amqp.records`')."""
+        data = _FAILURES.get(reason, _NOT_CONFIRMED)
+        shared = self.owner.shared
+        if threading.get_ident() == shared.loop_thread:
+            self.settle(data)
+            self.owner.flush()
+        else:
+            shared.confirms.put(self, data)
+
+    def settle(self, data: bytes) -> None:
         if self.data is not None:
             return
-        if ok:
-            self.data = _OK
-        else:
-            log.warning("credit event %s not confirmed by the broker", self.event_id)
-            self.data = _UNAVAILABLE
+        if data is not _OK:
+            log.warning("credit event %s answered %s", self.event_id,
+                        data.decode("utf-8", "replace").strip())
+        self.data = data
 
     def refuse(self) -> None:
-        """The publisher failed: answer "broker unavailable" (on the loop's thread)."""
-        self.settle(False)
+        """The publisher raised: the event was not sent (on the loop's thread)."""
+        self.settle(_UNAVAILABLE)
         self.owner.flush()
 
 
@@ -375,11 +486,14 @@ class _Connection:
 
     The socket is read until it would block; it is registered with the loop for
     reading only while more input may come, and for writing only while a reply does
-    not fit into the socket buffer.
+    not fit into the socket buffer. A connection not finished in its first pass has
+    one timer, re-armed when it fires: it closes the connection when idle, when a line
+    takes longer than the line timeout, or when the client stops taking its replies.
     """
 
     __slots__ = ("shared", "_sock", "_fd", "_replies", "_buffer", "_discarding", "_eof",
-                 "_reading", "_closed", "_out", "_last_input", "_idle")
+                 "_reading", "_closed", "_out", "_last_input", "_line_start", "_out_since",
+                 "_timer")
 
     def __init__(self, sock: _socket.socket, shared: _Shared) -> None:
         self.shared = shared
@@ -391,8 +505,10 @@ class _Connection:
         self._reading = False  # registered with the loop for reading
         self._closed = False
         self._out = b""  # replies the socket did not take yet
-        self._last_input = 0.0
-        self._idle: asyncio.TimerHandle | None = None
+        self._last_input = 0.0  # loop time of the last read
+        self._line_start = 0.0  # loop time of the first byte of the incomplete line
+        self._out_since = 0.0  # loop time since which _out has not shrunk
+        self._timer: asyncio.TimerHandle | None = None
 
     def open(self) -> None:
         """Start serving: read what is there already, then wait for more if needed."""
@@ -404,17 +520,16 @@ class _Connection:
             # by the first read.)
             with contextlib.suppress(OSError):
                 self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._last_input = shared.loop.time()
         self._receive()
         self.flush()
-        if not (self._eof or self._closed) and shared.idle_timeout is not None:
-            self._last_input = shared.loop.time()
-            self._idle = shared.loop.call_later(shared.idle_timeout, self._on_idle)
+        if not (self._eof or self._closed) and self._timer is None:
+            self._arm(self._last_input + (shared.idle_timeout or shared.line_timeout))
 
     # -- input -------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        if self._idle is not None:
-            self._last_input = self.shared.loop.time()
+        self._last_input = self.shared.loop.time()
         self._receive()
         self.flush()
 
@@ -442,12 +557,10 @@ class _Connection:
             self._line(self._buffer)  # a last line without "\n" still counts
         self._buffer = b""
         self._eof = True
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
 
     def _feed(self, data: bytes) -> None:
-        if self._buffer:
+        continued = bool(self._buffer)  # this data goes on with a line begun earlier
+        if continued:
             data, self._buffer = self._buffer + data, b""
         start = 0
         if self._discarding:
@@ -462,6 +575,8 @@ class _Connection:
             start = end + 1
             end = find(b"\n", start)
         if start < len(data):
+            if start or not continued:
+                self._line_start = self._last_input  # a new line begins in this read
             rest = data[start:]
             if len(rest) > MAX_LINE_BYTES + 1:
                 # Reply now, in order, and drop the rest of the line as it arrives.
@@ -519,7 +634,11 @@ class _Connection:
             return
         if sent < len(data):
             self._out = data[sent:]
-            self.shared.loop.add_writer(self._fd, self._on_writable)
+            loop = self.shared.loop
+            loop.add_writer(self._fd, self._on_writable)
+            self._out_since = loop.time()
+            if self._timer is None:  # the client must take its replies in time
+                self._arm(self._out_since + self.shared.line_timeout)
 
     def _on_writable(self) -> None:
         try:
@@ -533,6 +652,8 @@ class _Connection:
         if not self._out:
             self.shared.loop.remove_writer(self._fd)
             self.flush()
+        elif sent:
+            self._out_since = self.shared.loop.time()
 
     def _update_reading(self) -> None:
         # Back-pressure on a client that sends lines but never reads its replies.
@@ -545,23 +666,53 @@ class _Connection:
             else:
                 self.shared.loop.remove_reader(self._fd)
 
-    # -- idle and close ----------------------------------------------------------
+    # -- timeouts and close ------------------------------------------------------
 
-    def _on_idle(self) -> None:
-        self._idle = None
-        if self._closed or self._eof:
+    def _arm(self, when: float) -> None:
+        self._timer = self.shared.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closed:
             return
-        timeout = self.shared.idle_timeout
-        loop = self.shared.loop
-        if self._replies or self._buffer or self._out:
-            quiet = 0.0  # not idle: a reply is still due or a line is half read
-        else:
-            quiet = loop.time() - self._last_input
-            if quiet >= timeout:
-                self._close()
-                return
-        # One timer per connection, re-armed when it fires rather than on every read.
-        self._idle = loop.call_later(timeout - quiet, self._on_idle)
+        due = self._check(self.shared.loop.time())
+        if due is not None and not self._closed:
+            self._arm(due)
+
+    def _check(self, now: float) -> float | None:
+        """Close the connection if a limit ran out; else when to look again."""
+        shared = self.shared
+        limit = shared.line_timeout
+        if self._out:
+            if now - self._out_since < limit:
+                return self._out_since + limit
+            log.info("closed a credit client that took no replies for %.0f s", limit)
+            self._close()
+            return None
+        if self._eof:
+            return None  # replies come within the reply timeout; flush() then closes
+        if self._buffer or self._discarding:
+            if now - self._line_start < limit:
+                return self._line_start + limit
+            self._line_timed_out(limit)
+            return now + limit  # the ER may not fit: see that the client takes it
+        if self._replies or shared.idle_timeout is None:
+            # Not idle (replies are due), or idle allowed: look again in a while, for a
+            # line that may have begun meanwhile.
+            return now + min(limit, shared.idle_timeout or limit)
+        quiet = now - self._last_input
+        if quiet < shared.idle_timeout:
+            return self._last_input + shared.idle_timeout
+        self._close()
+        return None
+
+    def _line_timed_out(self, limit: float) -> None:
+        log.info("closing a credit client whose line did not end within %.0f s", limit)
+        self._buffer = b""  # a half-sent line is not a line
+        self._discarding = False
+        self._replies.append(_Reply(self, _LINE_TIMEOUT))
+        self._eof = True
+        self.flush()
 
     def stop_reading(self) -> None:
         """Server stop: take no more lines; close once the pending replies are out."""
@@ -584,9 +735,9 @@ class _Connection:
         if self._out:
             loop.remove_writer(self._fd)
             self._out = b""
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._sock.close()
         self._replies.clear()
         self.shared.connections.discard(self)

@@ -4,7 +4,10 @@
 
     [server]   socket = unix | tcp, bind = socket path | host:port, pidfile,
                loglevel (a number such as 20, or a name such as INFO), logfile,
-               idle_timeout (rbit's own: seconds before an idle connection is closed)
+               and rbit's own limits: idle_timeout (seconds before an idle connection
+               is closed), reply_timeout (every line is answered within it),
+               line_timeout (a line must be complete, and its replies taken, within
+               it), max_connections (clients served at once)
     [api]      api_url, api_key (alias project_id), api_secret (alias project_auth),
                flush_interval -- read for the credit runner's sake; the daemon itself
                only publishes to RabbitMQ
@@ -30,7 +33,8 @@ DEFAULT_PIDFILE = "/run/rbit/credit.pid"
 DEFAULT_QUEUE = "rbit.credits"
 DEFAULT_API_URL = "https://creditpiggy.cern.ch/api"
 
-_SERVER_KEYS = ("socket", "bind", "pidfile", "loglevel", "logfile", "idle_timeout")
+_SERVER_KEYS = ("socket", "bind", "pidfile", "loglevel", "logfile", "idle_timeout",
+                "reply_timeout", "line_timeout", "max_connections")
 _API_KEYS = ("api_url", "api_key", "api_secret", "project_id", "project_auth", "flush_interval")
 _ALIASES = {"api_key": "project_id", "api_secret": "project_auth"}
 
@@ -62,6 +66,9 @@ class CreditSettings:
     loglevel: int = logging.INFO
     logfile: str | None = None
     idle_timeout: float | None = 1.0
+    reply_timeout: float = 5.0
+    line_timeout: float = 10.0
+    max_connections: int = 1000
     api: ApiSettings = ApiSettings()
     amqp: AmqpSettings = AmqpSettings()
     credit_queue: str = DEFAULT_QUEUE
@@ -104,6 +111,9 @@ def load_credit_config(path: str, environ: Mapping[str, str] | None = None) -> C
         loglevel=_loglevel(path, server.get("loglevel", "INFO")),
         logfile=_logfile(path, server.get("logfile")),
         idle_timeout=_idle_timeout(path, server.get("idle_timeout")),
+        reply_timeout=_bound(path, server, "reply_timeout", 5.0),
+        line_timeout=_bound(path, server, "line_timeout", 10.0),
+        max_connections=_max_connections(path, server.get("max_connections")),
         api=_api(path, api),
         amqp=amqp,
         credit_queue=_queue(path, amqp_values.get("credit_queue", DEFAULT_QUEUE)),
@@ -176,6 +186,27 @@ def _idle_timeout(path: str, value: str | None) -> float | None:
         return 1.0
     number = _number(path, "server", "idle_timeout", value)
     return number or None  # 0 keeps idle connections open
+
+
+def _bound(path: str, server: Mapping[str, str], key: str, default: float) -> float:
+    """A time limit of ``[server]``: positive, since none may be switched off."""
+    value = server.get(key)
+    if value is None:
+        return default
+    number = _number(path, "server", key, value)
+    if not 0 < number <= 3600:
+        raise _error(path, "server", key, "expected seconds, more than 0 and at most 3600")
+    return number
+
+
+def _max_connections(path: str, value: str | None) -> int:
+    if value is None:
+        return 1000
+    text = value.strip()
+    if not text.isdigit() or not 1 <= int(text) <= 1_000_000:
+        raise _error(path, "server", "max_connections",
+                     f"expected a whole number from 1 to 1000000, got {text!r}")
+    return int(text)
 
 
 def _api(path: str, api: Mapping[str, str]) -> ApiSettings:
