@@ -117,8 +117,11 @@ class JobPool:
         raise NotImplementedError
 
     def close(self, timeout: float) -> None:
-        """Close the runner (a batch runner sends what it holds; a shell runner removes
-        its body files' directory)."""
+        """Close the runner.
+
+        A batch runner sends what it holds; a shell runner removes its body files'
+        directory.
+        """
 
     @property
     def interruptible(self) -> bool:
@@ -240,8 +243,10 @@ class _QueuedPool(JobPool):
 
 
 class ThreadPool(_QueuedPool):
-    """Serves a :class:`~rbit.runners.protocols.ThreadRunner` from ``concurrency``
-    threads."""
+    """Serves a :class:`~rbit.runners.protocols.ThreadRunner` from its threads.
+
+    One thread per ``concurrency`` slot, created once at start.
+    """
 
     runner: ThreadRunner
 
@@ -269,8 +274,11 @@ class ThreadPool(_QueuedPool):
 
 
 class BatchPool(_QueuedPool):
-    """Serves a :class:`~rbit.runners.protocols.BatchRunner`: one thread submits every
-    delivery, the runner settles each when its batch is decided."""
+    """Serves a :class:`~rbit.runners.protocols.BatchRunner`.
+
+    One thread submits every delivery; the runner settles each when its batch is
+    decided.
+    """
 
     runner: BatchRunner
 

@@ -50,7 +50,8 @@ def test_a_python_runner_in_a_child_can_be_interrupted():
     settings = _settings()
     settings = RunnerSettings(**{**settings.__dict__, "timeout": 5.0})
     pool = _pool(PythonRunner(settings, lambda *_: None), settings)
-    assert type(pool) is ThreadPool and pool.interruptible
+    assert type(pool) is ThreadPool
+    assert pool.interruptible
 
 
 def test_a_batch_runner_gets_one_submitting_thread_and_cannot_be_interrupted():
@@ -66,7 +67,8 @@ def test_a_shell_runner_runs_evented_although_it_can_also_run_blocking(tmp_path)
     try:
         assert runner_kind(runner, "runner:q") is RunnerKind.EVENTED
         pool = _pool(runner, settings)
-        assert type(pool) is EventedPool and pool.interruptible
+        assert type(pool) is EventedPool
+        assert pool.interruptible
     finally:
         runner.close()
 
