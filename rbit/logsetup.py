@@ -16,7 +16,7 @@ import logging.config
 import sys
 import threading
 import time
-from typing import IO
+from typing import IO, Any
 
 from rbit.config import Settings
 
@@ -56,12 +56,26 @@ def _install(stream: IO[str], level: int, fmt: str) -> None:
 class LineFormatter(logging.Formatter):
     """A :class:`logging.Formatter` that formats each second's date and time once.
 
-    ``%(asctime)s`` comes out as with the default formatter (``2024-05-01 12:00:00,123``
-    in local time); only ``datefmt`` and the converter are honoured as the base class
-    does, the date of the current second is simply not formatted again for every line.
+    Lines come out as the base class writes them (``%(asctime)s`` as
+    ``2024-05-01 12:00:00,123`` in local time, ``datefmt`` and the converter honoured);
+    the date of the current second is just not formatted again for every line.
     """
 
     _cached: tuple[int, str] = (-1, "")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._uses_time = self.usesTime()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        # The base class's steps for a plain line, without asking again for each line
+        # whether the format has a time.
+        record.message = record.getMessage()
+        if self._uses_time:
+            record.asctime = self.formatTime(record, self.datefmt)
+        return self.formatMessage(record)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         if datefmt:

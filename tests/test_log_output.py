@@ -6,6 +6,7 @@ import io
 import logging
 import re
 import signal
+import sys
 import threading
 
 import pytest
@@ -158,3 +159,44 @@ format = %(levelname)s|%(name)s|%(message)s
     assert "INFO|rbit.status|job one logged: Building step 1\n" in text
     assert "INFO|rbit.status|job one logged: Done\n" in text
     assert "rbit.status" not in worker.output  # nothing went to the default handler
+
+
+def test_line_formatter_adds_a_traceback_as_the_default_formatter_does():
+    fmt = "%(levelname)s %(message)s"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", None,
+                                   sys.exc_info())
+    assert LineFormatter(fmt).format(record) == logging.Formatter(fmt).format(record)
+
+
+def test_a_status_record_has_what_a_logging_record_has(caplog):
+    caplog.set_level(logging.INFO, logger="rbit.status")
+    log_status("j2", "q", Status.FAILED, "no")
+    ours = caplog.records[-1]
+    theirs = logging.getLogger("rbit.status").makeRecord(
+        "rbit.status", logging.INFO, ours.pathname, ours.lineno, ours.msg, ours.args, None,
+        ours.funcName)
+    varying = {"created", "msecs", "relativeCreated", "message", "asctime"}  # + formatting
+    assert set(vars(ours)) - varying == set(vars(theirs)) - varying
+    assert {k: v for k, v in vars(ours).items() if k not in varying} == {
+        k: v for k, v in vars(theirs).items() if k not in varying}
+    assert abs(ours.created - theirs.created) < 5
+    assert abs(ours.msecs - (ours.created % 1) * 1000) < 1
+    assert abs(ours.relativeCreated - theirs.relativeCreated) < 5000
+
+
+def test_a_record_factory_set_by_the_operator_makes_the_status_records(caplog):
+    class Tagged(logging.LogRecord):
+        tag = "mine"
+
+    caplog.set_level(logging.INFO, logger="rbit.status")
+    previous = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(Tagged)
+    try:
+        log_status("j3", "q", Status.DONE, "")
+    finally:
+        logging.setLogRecordFactory(previous)
+    assert type(caplog.records[-1]) is Tagged
+    assert caplog.records[-1].getMessage() == "job j3 q: Done"
