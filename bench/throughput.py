@@ -154,20 +154,24 @@ def cpu_seconds(pid: int | None, children: bool = False) -> float:
     return ticks / CLK_TCK
 
 
-def thread_cpu_seconds(pid: int | None) -> dict[str, float]:
-    """utime+stime of each thread of a process, by thread name (numbers folded to <n>)."""
-    by_name: dict[str, float] = {}
-    if not pid:
-        return by_name
-    for task in Path("/proc/%d/task" % pid).glob("*"):
-        try:
-            text = (task / "stat").read_text()
-        except OSError:
-            continue
-        name = re.sub(r"\d+$", "<n>", text[text.index("(") + 1:text.rindex(")")])
-        fields = text[text.rindex(")") + 2:].split()
-        by_name[name] = by_name.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return by_name
+def thread_cpu_us_per_job(workdir: Path, jobs: int) -> dict[str, float]:
+    """CPU of each worker thread between the first and the N-th job, per job.
+
+    From the ``threads-first`` / ``threads-done`` files that ``bench_runners.tick``
+    writes (rbit rows only); numbers at the end of thread names are folded to ``<n>``.
+    """
+    def read(name: str) -> dict[str, float]:
+        seconds: dict[str, float] = {}
+        text = _read(workdir / name) or ""
+        for line in text.splitlines():
+            thread, _, value = line.rpartition("\t")
+            key = re.sub(r"\d+$", "<n>", thread)
+            seconds[key] = seconds.get(key, 0.0) + float(value)
+        return seconds
+
+    first, done = read("threads-first"), read("threads-done")
+    return {name: round((cpu - first.get(name, 0.0)) / jobs * 1e6, 1)
+            for name, cpu in sorted(done.items()) if cpu - first.get(name, 0.0) > 0}
 
 
 def status_kb(pid: int, key: str) -> int:
@@ -488,7 +492,7 @@ def _watch(contender: Contender, broker: BrokerHandle, run: Run, proc: subproces
                 if first is not None:
                     pid = first[0]
                     cpu0, bcpu0 = cpu_seconds(pid, True), cpu_seconds(broker.pid)
-                    own0, threads0 = cpu_seconds(pid), thread_cpu_seconds(pid)
+                    own0 = cpu_seconds(pid)
             else:
                 if watch is not None and run.marks:
                     _sample_marks(run, watch, pid, sampled)
@@ -498,7 +502,6 @@ def _watch(contender: Contender, broker: BrokerHandle, run: Run, proc: subproces
         if watch is not None and run.marks:  # the last mark, passed within the last poll
             _sample_marks(run, watch, pid, sampled)
         cpu1, bcpu1, own1 = cpu_seconds(pid, True), cpu_seconds(broker.pid), cpu_seconds(pid)
-        threads1 = thread_cpu_seconds(pid)
         hwm, rss = status_kb(pid, "VmHWM"), status_kb(pid, "VmRSS")
     finally:
         if watch is not None:
@@ -518,10 +521,7 @@ def _watch(contender: Contender, broker: BrokerHandle, run: Run, proc: subproces
         "steady_jobs_per_s": jobs / (done - t_first),
         "worker_cpu_us_per_job": (own1 - own0) / jobs * 1e6,
         "worker_cpu_with_children_us_per_job": (cpu1 - cpu0) / jobs * 1e6,
-        # Thread names are the kernel's (15 characters), e.g. "rbit bench-io", "bench_jobs-<n>".
-        "worker_thread_cpu_us_per_job": {
-            name: round((cpu - threads0.get(name, 0.0)) / jobs * 1e6, 1)
-            for name, cpu in sorted(threads1.items()) if cpu - threads0.get(name, 0.0) > 0},
+        "worker_thread_cpu_us_per_job": thread_cpu_us_per_job(run.workdir, jobs),
         "broker_cpu_us_per_job": (bcpu1 - bcpu0) / jobs * 1e6 if broker.pid else None,
         "peak_rss_mb": hwm / 1024,
         "rss_mb": rss / 1024,
@@ -722,7 +722,7 @@ def run_rounds(broker: BrokerHandle, chosen: list[Contender], n: int, rounds: in
             results.append(result)
             threads = ", ".join("%s %.0f" % item
                                 for item in result["worker_thread_cpu_us_per_job"].items())
-            print("%.0f jobs/s (steady %.0f), worker %.0f us/job (%s), RSS %.1f MB"
+            print("%.0f jobs/s (steady %.0f), worker %.0f us/job [%s], RSS %.1f MB"
                   % (result["jobs_per_s"], result["steady_jobs_per_s"],
                      result["worker_cpu_us_per_job"], threads, result["peak_rss_mb"]),
                   flush=True)

@@ -185,8 +185,8 @@ def log_status(job_id: str, queue: str, status: Status, message: str) -> None:
     # traceback costs something: only when the line will be written.
     level = _INFO if message or status.terminal else _DEBUG
     if log.isEnabledFor(level):
-        text = " " + one_line(message) if message else ""
-        log.handle(_record(level, (job_id, queue, status.value, text)))
+        text = one_line(message) if message else ""
+        log.handle(_record(level, (job_id, queue, status.value, " " + text if text else "")))
 
 
 _INFO, _DEBUG = logging.INFO, logging.DEBUG
