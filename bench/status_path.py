@@ -81,6 +81,8 @@ def steps(reporter_cls, setup) -> dict[str, Callable[[], object]]:
     return {
         "set_status(Building) [DEBUG, not written]": lambda: status(Status.BUILDING, ""),
         "set_status(Done) [INFO line]": lambda: status(Status.DONE, ""),
+        "  part: Logger.log(INFO, ...) as a whole": lambda: logger.log(
+            logging.INFO, "job %s %s: %s%s", *args),
         "  part: Logger.findCaller": logger.findCaller,
         "  part: make the LogRecord": make,
         "  part: Logger.handle (handlers, lock, emit)": lambda: logger.handle(record),

@@ -681,8 +681,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 GOALS = [
-    ("rbit-python-nostatus", "baseline-pika", 0.8),
-    ("rbit-python-logsink", "baseline-pika", 0.5),
+    ("rbit-python-nostatus", "baseline-pika", 0.9),
+    ("rbit-python-logsink", "baseline-pika", 0.8),
     ("rbit-shell-true", "raw-spawn-loop", 0.9),
 ]
 
