@@ -9,6 +9,10 @@ increment per job. The environment set by ``bench/throughput.py`` drives it:
   ``progress`` (one ``count time vmrss_kb`` line per mark).
 * ``BENCH_MARKS``: comma-separated counts at which to record the worker's VmRSS.
 
+At the first and the N-th job it also writes ``threads-first`` and ``threads-done``:
+the CPU seconds of each Python thread of the worker (``name seconds`` lines), which
+the kernel cannot name by itself.
+
 ``noop`` is an rbit ``python!`` runner: ``runner = python!bench.bench_runners:noop``.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -40,15 +45,30 @@ def _vmrss_kb() -> int:
     return 0
 
 
+def _thread_cpu() -> str:
+    lines = []
+    for thread in threading.enumerate():
+        try:
+            stat = Path("/proc/self/task/%d/stat" % thread.native_id).read_text()
+        except (OSError, TypeError):
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        lines.append("%s\t%.6f\n" % (thread.name, seconds))
+    return "".join(lines)
+
+
 def tick() -> bool:
     """Count one finished job; True when it was the N-th."""
     count = next(_counter)
     if count == 1:
+        _write("threads-first", _thread_cpu())
         _write("first", "%d %.6f\n" % (os.getpid(), time.time()))
     if count in _MARKS:
         with open(_DIR / "progress", "a") as out:
             out.write("%d %.6f %d\n" % (count, time.time(), _vmrss_kb()))
     if count == _N:
+        _write("threads-done", _thread_cpu())
         _write("done", "%.6f\n" % time.time())
         return True
     return False

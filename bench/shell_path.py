@@ -67,7 +67,7 @@ def _rbit_worker(out: str, n: int, config: str) -> int:
     from rbit.runners.shell import bodies, job, spawn
 
     _stamp(transports._AsyncPlaintextTransport, "_on_socket_readable", "a. socket readable")
-    _stamp(dispatch.JobPool, "on_delivery", "b. delivery to the pool")
+    _stamp(dispatch.EventedPool, "on_delivery", "b. delivery to the pool")
     _stamp(shell.ShellRunner, "start_job", "c. start_job")
     _stamp(bodies.BodyFiles, "write", "d. body file", "e. body written")
     _stamp(spawn.Spawner, "start", "f. posix_spawn", "g. spawned")

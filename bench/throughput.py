@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import signal
 import shutil
 import statistics
@@ -151,6 +152,26 @@ def cpu_seconds(pid: int | None, children: bool = False) -> float:
     if children:
         ticks += int(fields[13]) + int(fields[14])
     return ticks / CLK_TCK
+
+
+def thread_cpu_us_per_job(workdir: Path, jobs: int) -> dict[str, float]:
+    """CPU of each worker thread between the first and the N-th job, per job.
+
+    From the ``threads-first`` / ``threads-done`` files that ``bench_runners.tick``
+    writes (rbit rows only); numbers at the end of thread names are folded to ``<n>``.
+    """
+    def read(name: str) -> dict[str, float]:
+        seconds: dict[str, float] = {}
+        text = _read(workdir / name) or ""
+        for line in text.splitlines():
+            thread, _, value = line.rpartition("\t")
+            key = re.sub(r"\d+$", "<n>", thread)
+            seconds[key] = seconds.get(key, 0.0) + float(value)
+        return seconds
+
+    first, done = read("threads-first"), read("threads-done")
+    return {name: round((cpu - first.get(name, 0.0)) / jobs * 1e6, 1)
+            for name, cpu in sorted(done.items()) if cpu - first.get(name, 0.0) > 0}
 
 
 def status_kb(pid: int, key: str) -> int:
@@ -500,6 +521,7 @@ def _watch(contender: Contender, broker: BrokerHandle, run: Run, proc: subproces
         "steady_jobs_per_s": jobs / (done - t_first),
         "worker_cpu_us_per_job": (own1 - own0) / jobs * 1e6,
         "worker_cpu_with_children_us_per_job": (cpu1 - cpu0) / jobs * 1e6,
+        "worker_thread_cpu_us_per_job": thread_cpu_us_per_job(run.workdir, jobs),
         "broker_cpu_us_per_job": (bcpu1 - bcpu0) / jobs * 1e6 if broker.pid else None,
         "peak_rss_mb": hwm / 1024,
         "rss_mb": rss / 1024,
@@ -659,8 +681,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 GOALS = [
-    ("rbit-python-nostatus", "baseline-pika", 0.8),
-    ("rbit-python-logsink", "baseline-pika", 0.5),
+    ("rbit-python-nostatus", "baseline-pika", 0.9),
+    ("rbit-python-logsink", "baseline-pika", 0.8),
     ("rbit-shell-true", "raw-spawn-loop", 0.9),
 ]
 
@@ -698,9 +720,12 @@ def run_rounds(broker: BrokerHandle, chosen: list[Contender], n: int, rounds: in
             result = measure(contender, broker, n)
             result["round"] = round_no
             results.append(result)
-            print("%.0f jobs/s (steady %.0f), worker %.0f us/job, RSS %.1f MB"
+            threads = ", ".join("%s %.0f" % item
+                                for item in result["worker_thread_cpu_us_per_job"].items())
+            print("%.0f jobs/s (steady %.0f), worker %.0f us/job [%s], RSS %.1f MB"
                   % (result["jobs_per_s"], result["steady_jobs_per_s"],
-                     result["worker_cpu_us_per_job"], result["peak_rss_mb"]), flush=True)
+                     result["worker_cpu_us_per_job"], threads, result["peak_rss_mb"]),
+                  flush=True)
     return results
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import enum
 import logging
-import logging.config
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 
-from rbit import __version__
+from rbit import __version__, logsetup
 from rbit.config import Settings, load_config
 from rbit.errors import BrokerUnreachable, ConfigError, RbitError, RunnerLoadError
 
@@ -46,20 +45,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(settings: Settings | None, debug: bool) -> None:
-    if debug:
-        logging.basicConfig(stream=sys.stdout, level=logging.DEBUG, force=True,
-                            format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
-    elif settings is not None and settings.logging_sections:
-        logging.config.fileConfig(settings.file, disable_existing_loggers=False)
-    else:
-        logging.basicConfig(level=logging.INFO, force=True,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        # rbit logs every connection failure and loss itself, in one line; pika's own
-        # account of the same event is several ERROR lines with tracebacks.
-        logging.getLogger("pika").setLevel(logging.CRITICAL)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -76,10 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_config(options.config)
     except ConfigError as exc:
-        _configure_logging(None, options.debug)
+        logsetup.configure(None, options.debug)
         log.error("configuration error: %s", exc)
         return ExitCode.CONFIG
-    _configure_logging(settings, options.debug)
+    logsetup.configure(settings, options.debug)
     for warning in settings.warnings:
         log.warning("%s", warning)
     return run(settings, options.poll_time)

@@ -780,7 +780,7 @@ def _runner_options(section: _Section, warnings: list[str]) -> RunnerOptions:
     # Everything rbit does not read itself belongs to the runner, verbatim (interpolated);
     # a key one typo away from one of rbit's own is most likely that key, misspelt.
     options = RunnerOptions()
-    for key in section.keys():
+    for key in section.keys():  # noqa: SIM118 - _Section, not a dict
         if key in _RUNNER_KEYS:
             continue
         options[key] = section.raw(key) or ""

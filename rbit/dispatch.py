@@ -1,16 +1,20 @@
 """Job pools: deliveries in, outcomes out.
 
-A :class:`JobPool` serves one runner section. The broker's I/O thread hands it
-deliveries (:meth:`JobPool.on_delivery`, which never blocks) and the pool carries out
-the fate that :func:`rbit.fate.decide` chose for each outcome. How jobs run depends on
-the runner:
+A pool serves one runner section. The broker's I/O thread hands it deliveries
+(:meth:`JobPool.on_delivery`, which never blocks) and the pool carries out the fate
+that :func:`rbit.fate.decide` chose for each outcome. Which pool serves a runner is
+decided once, when the worker starts (:func:`pool_for`), from the protocol the runner
+object fits (:mod:`rbit.runners.protocols`):
 
-* a runner with ``start_job`` (``shell!``) supervises child processes from an event
-  loop: the pool starts up to ``concurrency`` jobs on the I/O thread itself, and
-  settles them there when they end, with no thread per job or per slot;
-* any other runner (``python!``) runs in ``concurrency`` threads, created once at
-  start, which take deliveries from a queue. No thread does network I/O itself: acks
-  and publishes go back to the I/O thread through the broker.
+* :class:`EventedPool` (``shell!``) starts up to ``concurrency`` jobs on the I/O thread
+  itself, and settles them there when they end, with no thread per job or per slot;
+* :class:`ThreadPool` (``python!``) runs jobs in ``concurrency`` threads, created once at
+  start, which take deliveries from a queue;
+* :class:`BatchPool` (batch runners) hands every delivery to the runner's ``submit``
+  from one thread, and settles each when the runner says so.
+
+No job thread does network I/O itself: acks and publishes go back to the I/O thread
+through the broker.
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ from rbit import fate
 from rbit.amqp.records import Delivery
 from rbit.config import RunnerSettings
 from rbit.outcome import Outcome, Status
+from rbit.runners.protocols import (
+    BatchRunner,
+    EventedRunner,
+    RunnerKind,
+    ThreadRunner,
+    runner_kind,
+)
 
 if TYPE_CHECKING:
     from rbit.amqp.broker import Broker
@@ -37,29 +48,47 @@ ReportFn = Callable[[str, str, Status, str], None]  # (job_id, queue, status, me
 _STOP = object()
 
 
-class JobPool:
-    """The worker threads of one runner.
+def pool_for(runner: RunnerSettings, job_runner: Any, broker: Broker, report: ReportFn, *,
+             worker: str, count_busy: bool = False) -> JobPool:
+    """The pool that serves ``job_runner``, chosen by the protocol it fits.
 
     Args:
         runner: The section's settings.
-        job_runner: Has ``run(message, set_status) -> Outcome`` and ``cancel()``, or is
-            a batch runner with ``submit(message, set_status, settle)`` and
-            ``close(timeout)``.
+        job_runner: An :class:`~rbit.runners.protocols.EventedRunner`,
+            :class:`~rbit.runners.protocols.BatchRunner` or
+            :class:`~rbit.runners.protocols.ThreadRunner`.
         broker: Where settlements go.
         report: Status sink (thread-safe, non-blocking).
         worker: This worker's name, recorded on dead letters.
+        count_busy: Count deliveries not yet settled (poll mode's capacity).
+
+    Raises:
+        RunnerLoadError: ``job_runner`` fits none of the protocols.
+    """
+    kind = runner_kind(job_runner, f"runner:{runner.queue}")
+    return _POOLS[kind](runner, job_runner, broker, report, worker=worker,
+                        count_busy=count_busy)
+
+
+class JobPool:
+    """What the pools of the three runner kinds share: settling, statuses, shutdown.
+
+    Args:
+        runner: The section's settings.
+        job_runner: The runner object, of the kind the subclass serves.
+        broker: Where settlements go.
+        report: Status sink (thread-safe, non-blocking).
+        worker: This worker's name, recorded on dead letters.
+        count_busy: Count deliveries not yet settled (poll mode's capacity).
     """
 
     def __init__(self, runner: RunnerSettings, job_runner: Any, broker: Broker,
                  report: ReportFn, *, worker: str, count_busy: bool = False) -> None:
         self.settings = runner
         self.runner = job_runner
-        self._batching = hasattr(job_runner, "submit")
-        self._evented = hasattr(job_runner, "start_job")
         self._broker = broker
         self._report = report
         self._worker = worker
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = False
         self._cancelled = False
         self._lock = threading.Lock()
@@ -67,38 +96,13 @@ class JobPool:
         # the broker's prefetch for that and skips the locking.
         self._count_busy = count_busy
         self._busy = 0
-        threads = 0 if self._evented else 1 if self._batching else runner.concurrency
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{runner.queue}-{n}", daemon=True)
-            for n in range(threads)
-        ]
-        # Evented runners: deliveries waiting for a free slot, and jobs running.
-        self._waiting: collections.deque[Delivery] = collections.deque()
-        self._running = 0
-        self._starting = False
-        self._idle = threading.Event()
-        self._idle.set()
 
     def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
-
-    # -------------------------------------------------------------- I/O thread side
+        """Start the pool's threads, if it has any."""
 
     def on_delivery(self, delivery: Delivery) -> None:
-        if self._closing:
-            # Pushed before the broker saw our cancel: the job threads may be gone
-            # already, so give it back now rather than when the connection closes.
-            self._broker.requeue(delivery)
-            return
-        if self._count_busy:
-            with self._lock:
-                self._busy += 1
-        if self._evented:
-            self._waiting.append(delivery)
-            self._start_waiting()
-        else:
-            self._queue.put(delivery)
+        """Take a delivery (on the I/O thread; never blocks)."""
+        raise NotImplementedError
 
     def capacity(self) -> int:
         """How many more deliveries to take (poll mode keeps one per thread)."""
@@ -110,122 +114,28 @@ class JobPool:
     def stop_taking(self) -> None:
         """Requeue what was delivered but not started; let running jobs go on."""
         self._closing = True
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                self._broker.requeue(item)
-                self._settled()
-        while True:  # popleft is atomic: each waiting delivery goes one way only
-            try:
-                delivery = self._waiting.popleft()
-            except IndexError:
-                break
-            self._broker.requeue(delivery)
-            self._settled()
-        for _ in self._threads:
-            self._queue.put(_STOP)
 
     def wait(self, deadline: float) -> bool:
         """Wait for running jobs until ``deadline`` (monotonic); True if all ended."""
-        if self._evented:
-            return self._idle.wait(max(0.0, deadline - time.monotonic()))
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        return not any(thread.is_alive() for thread in self._threads)
+        raise NotImplementedError
 
     def close(self, timeout: float) -> None:
         """Close the runner.
 
-        A batch runner sends what it holds (what it cannot is redelivered); a shell
-        runner removes its body files' directory.
+        A batch runner sends what it holds; a shell runner removes its body files'
+        directory.
         """
-        close = getattr(self.runner, "close", None)
-        if close is not None:
-            close(timeout)
 
     @property
     def interruptible(self) -> bool:
-        """Whether :meth:`cancel` can end running jobs.
-
-        An in-thread python! job cannot be stopped: waiting for it after a second
-        signal would only delay the exit.
-        """
-        if self._batching:
-            return False
-        return hasattr(self.runner, "cancel") and getattr(self.runner, "in_child", True)
+        """Whether :meth:`cancel` can end running jobs."""
+        return True
 
     def cancel(self) -> None:
         """Stop running jobs now (children killed); their deliveries are redelivered."""
         self._cancelled = True
-        cancel = getattr(self.runner, "cancel", None)
-        if cancel is not None:
-            cancel()
 
-    # ------------------------------------------------------------- evented runners
-
-    def _start_waiting(self) -> None:
-        """Start waiting deliveries while slots are free (on the I/O thread)."""
-        if self._starting:  # a job that ended at once, inside the loop below
-            return
-        self._starting = True
-        try:
-            waiting = self._waiting
-            while waiting and self._running < self.settings.concurrency:
-                try:
-                    delivery = waiting.popleft()
-                except IndexError:  # taken back by stop_taking meanwhile
-                    return
-                # Busy before looking at _closing: a shutdown that finds the pool idle
-                # must not see a job start after it.
-                self._running += 1
-                self._idle.clear()
-                if self._dismissed(delivery):
-                    self._slot_freed()
-                else:
-                    self._start_evented(delivery)
-        finally:
-            self._starting = False
-
-    def _slot_freed(self) -> None:
-        self._running -= 1
-        if not self._running:
-            self._idle.set()
-
-    def _start_evented(self, delivery: Delivery) -> None:
-        set_status = self._status_callback(delivery.message.job_id)
-        ended = False
-
-        def done(outcome: Outcome) -> None:
-            nonlocal ended
-            if ended:
-                return
-            ended = True
-            try:
-                self._settle(delivery, outcome, set_status)
-            finally:
-                self._slot_freed()
-            self._start_waiting()
-
-        set_status(Status.BUILDING, "")
-        try:
-            self.runner.start_job(delivery.message, set_status, done, self._broker.fd_loop())
-        except Exception as exc:  # a runner must not take the I/O thread down
-            log.exception("job %s: cannot start", delivery.message.job_id)
-            done(Outcome.failed(f"{type(exc).__name__}: {exc}"))
-
-    # ------------------------------------------------------------- worker threads
-
-    def _work(self) -> None:
-        get = self._queue.get
-        while True:
-            delivery = get()
-            if delivery is _STOP:
-                return
-            if not self._dismissed(delivery):
-                self._start(delivery)
+    # ------------------------------------------------------------------ job's path
 
     def _dismissed(self, delivery: Delivery) -> bool:
         """Settle a delivery that must not start now; True if it was one.
@@ -240,24 +150,10 @@ class JobPool:
         self._settled()
         return True
 
-    def _start(self, delivery: Delivery) -> None:
-        job_id = delivery.message.job_id
-        set_status = self._status_callback(job_id)
-        if self._batching:
-            self.runner.submit(delivery.message, set_status,
-                               lambda outcome: self._settle(delivery, outcome, set_status))
-            return
-        set_status(Status.BUILDING, "")
-        try:
-            outcome = self.runner.run(delivery.message, set_status)
-        except Exception as exc:  # a runner must not take a worker thread down
-            outcome = Outcome.failed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-        self._settle(delivery, outcome, set_status)
-
     def _status_callback(self, job_id: str) -> JobStatus:
         return JobStatus(self._report, job_id, self.settings.queue)
 
-    def _settle(self, delivery: Delivery, outcome: Outcome, set_status) -> None:
+    def _settle(self, delivery: Delivery, outcome: Outcome, set_status: JobStatus) -> None:
         if self._cancelled:  # cut short by a second signal: left unacked, so redelivered
             log.warning("job %s: stopped before it ended; the broker will redeliver it",
                         delivery.message.job_id)
@@ -285,6 +181,228 @@ class JobPool:
         if self._count_busy:
             with self._lock:
                 self._busy -= 1
+
+
+class _QueuedPool(JobPool):
+    """A pool whose threads take deliveries from a queue filled by the I/O thread."""
+
+    def __init__(self, runner: RunnerSettings, job_runner: Any, broker: Broker,
+                 report: ReportFn, *, worker: str, count_busy: bool = False) -> None:
+        super().__init__(runner, job_runner, broker, report, worker=worker,
+                         count_busy=count_busy)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{runner.queue}-{n}", daemon=True)
+            for n in range(self._thread_count())
+        ]
+
+    def _thread_count(self) -> int:
+        return 1
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def on_delivery(self, delivery: Delivery) -> None:
+        if self._closing:
+            # Pushed before the broker saw our cancel: the job threads may be gone
+            # already, so give it back now rather than when the connection closes.
+            self._broker.requeue(delivery)
+            return
+        if self._count_busy:
+            with self._lock:
+                self._busy += 1
+        self._queue.put(delivery)
+
+    def stop_taking(self) -> None:
+        self._closing = True
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                self._broker.requeue(item)
+                self._settled()
+        for _ in self._threads:
+            self._queue.put(_STOP)
+
+    def wait(self, deadline: float) -> bool:
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def _work(self) -> None:
+        get = self._queue.get
+        while True:
+            delivery = get()
+            if delivery is _STOP:
+                return
+            if not self._dismissed(delivery):
+                self._start(delivery)
+
+    def _start(self, delivery: Delivery) -> None:
+        raise NotImplementedError
+
+
+class ThreadPool(_QueuedPool):
+    """Serves a :class:`~rbit.runners.protocols.ThreadRunner` from its threads.
+
+    One thread per ``concurrency`` slot, created once at start.
+    """
+
+    runner: ThreadRunner
+
+    def _thread_count(self) -> int:
+        return self.settings.concurrency
+
+    @property
+    def interruptible(self) -> bool:
+        # An in-thread python! job cannot be stopped: waiting for it after a second
+        # signal would only delay the exit.
+        return self.runner.in_child
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self.runner.cancel()
+
+    def _start(self, delivery: Delivery) -> None:
+        set_status = self._status_callback(delivery.message.job_id)
+        set_status(Status.BUILDING, "")
+        try:
+            outcome = self.runner.run(delivery.message, set_status)
+        except Exception as exc:  # a runner must not take a worker thread down
+            outcome = Outcome.failed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        self._settle(delivery, outcome, set_status)
+
+
+class BatchPool(_QueuedPool):
+    """Serves a :class:`~rbit.runners.protocols.BatchRunner`.
+
+    One thread submits every delivery; the runner settles each when its batch is
+    decided.
+    """
+
+    runner: BatchRunner
+
+    def close(self, timeout: float) -> None:
+        self.runner.close(timeout)
+
+    @property
+    def interruptible(self) -> bool:
+        return False  # its work runs in this process: nothing to stop but the process
+
+    def _start(self, delivery: Delivery) -> None:
+        set_status = self._status_callback(delivery.message.job_id)
+        self.runner.submit(delivery.message, set_status,
+                           lambda outcome: self._settle(delivery, outcome, set_status))
+
+
+class EventedPool(JobPool):
+    """Serves an :class:`~rbit.runners.protocols.EventedRunner` on the I/O thread.
+
+    Deliveries wait in a deque for a free slot; a job is started, supervised and
+    settled on the connection's loop, with no hand-over between threads.
+    """
+
+    runner: EventedRunner
+
+    def __init__(self, runner: RunnerSettings, job_runner: Any, broker: Broker,
+                 report: ReportFn, *, worker: str, count_busy: bool = False) -> None:
+        super().__init__(runner, job_runner, broker, report, worker=worker,
+                         count_busy=count_busy)
+        self._waiting: collections.deque[Delivery] = collections.deque()
+        self._running = 0
+        self._starting = False
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def on_delivery(self, delivery: Delivery) -> None:
+        if self._closing:
+            self._broker.requeue(delivery)  # see _QueuedPool.on_delivery
+            return
+        if self._count_busy:
+            with self._lock:
+                self._busy += 1
+        self._waiting.append(delivery)
+        self._start_waiting()
+
+    def stop_taking(self) -> None:
+        self._closing = True
+        while True:  # popleft is atomic: each waiting delivery goes one way only
+            try:
+                delivery = self._waiting.popleft()
+            except IndexError:
+                break
+            self._broker.requeue(delivery)
+            self._settled()
+
+    def wait(self, deadline: float) -> bool:
+        return self._idle.wait(max(0.0, deadline - time.monotonic()))
+
+    def close(self, timeout: float) -> None:
+        self.runner.close(timeout)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self.runner.cancel()
+
+    def _start_waiting(self) -> None:
+        """Start waiting deliveries while slots are free (on the I/O thread)."""
+        if self._starting:  # a job that ended at once, inside the loop below
+            return
+        self._starting = True
+        try:
+            waiting = self._waiting
+            while waiting and self._running < self.settings.concurrency:
+                try:
+                    delivery = waiting.popleft()
+                except IndexError:  # taken back by stop_taking meanwhile
+                    return
+                # Busy before looking at _closing: a shutdown that finds the pool idle
+                # must not see a job start after it.
+                self._running += 1
+                self._idle.clear()
+                if self._dismissed(delivery):
+                    self._slot_freed()
+                else:
+                    self._start_job(delivery)
+        finally:
+            self._starting = False
+
+    def _slot_freed(self) -> None:
+        self._running -= 1
+        if not self._running:
+            self._idle.set()
+
+    def _start_job(self, delivery: Delivery) -> None:
+        set_status = self._status_callback(delivery.message.job_id)
+        ended = False
+
+        def done(outcome: Outcome) -> None:
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            try:
+                self._settle(delivery, outcome, set_status)
+            finally:
+                self._slot_freed()
+            self._start_waiting()
+
+        set_status(Status.BUILDING, "")
+        try:
+            self.runner.start_job(delivery.message, set_status, done, self._broker.fd_loop())
+        except Exception as exc:  # a runner must not take the I/O thread down
+            log.exception("job %s: cannot start", delivery.message.job_id)
+            done(Outcome.failed(f"{type(exc).__name__}: {exc}"))
+
+
+_POOLS: dict[RunnerKind, type[JobPool]] = {
+    RunnerKind.EVENTED: EventedPool,
+    RunnerKind.BATCH: BatchPool,
+    RunnerKind.THREAD: ThreadPool,
+}
 
 
 class JobStatus:

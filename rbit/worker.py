@@ -17,8 +17,9 @@ from rbit import decoding
 from rbit.amqp.broker import Broker
 from rbit.amqp.records import ConsumerSpec
 from rbit.config import RunnerSettings, Settings
-from rbit.dispatch import JobPool, JobStatus
+from rbit.dispatch import JobPool, JobStatus, pool_for
 from rbit.errors import BrokerUnreachable
+from rbit.runners.protocols import BatchRunner
 from rbit.runners.python import load_python_runner
 from rbit.runners.shell import ShellRunner
 from rbit.status import StatusReporter
@@ -66,12 +67,12 @@ class Worker:
             job_runner = ShellRunner(runner)
         else:
             job_runner = load_python_runner(runner, self._status_factory(runner.queue))
-            if runner.timeout and hasattr(job_runner, "submit"):
+            if runner.timeout and isinstance(job_runner, BatchRunner):
                 log.warning("[runner:%s]: timeout is not enforced for a batch runner, which "
                             "runs in this process and cannot be killed", runner.queue)
-        return JobPool(runner, job_runner, self.broker, self.reporter.report,
-                       worker=self.settings.worker.name,
-                       count_busy=self.settings.worker.mode == "poll")
+        return pool_for(runner, job_runner, self.broker, self.reporter.report,
+                        worker=self.settings.worker.name,
+                        count_busy=self.settings.worker.mode == "poll")
 
     def _status_factory(self, queue: str) -> Callable[[str], JobStatus]:
         return lambda job_id: JobStatus(self.reporter.report, job_id, queue)

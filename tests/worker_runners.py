@@ -102,3 +102,9 @@ def sleep_then_finish(message, set_status, settings):
 def upload(message, set_status, settings):
     set_status("Done", "built")
     set_status("Uploaded", "copied to the archive")
+
+
+def two_steps(message, set_status, settings):
+    """Reports two numbered progress statuses, then returns (Done)."""
+    set_status("Building", "step 1")
+    set_status("Building", "step 2")
