@@ -8,6 +8,7 @@ jobs (up to ``shutdown_grace``), flush statuses, and only then close the connect
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -67,9 +68,11 @@ class Worker:
             job_runner = ShellRunner(runner)
         else:
             job_runner = load_python_runner(runner, self._status_factory(runner.queue))
-            if runner.timeout and isinstance(job_runner, BatchRunner):
-                log.warning("[runner:%s]: timeout is not enforced for a batch runner, which "
-                            "runs in this process and cannot be killed", runner.queue)
+            if isinstance(job_runner, BatchRunner):
+                runner = _batch_prefetch(runner, job_runner)
+                if runner.timeout:
+                    log.warning("[runner:%s]: timeout is not enforced for a batch runner, "
+                                "which runs in this process and cannot be killed", runner.queue)
         return pool_for(runner, job_runner, self.broker, self.reporter.report,
                         worker=self.settings.worker.name,
                         count_busy=self.settings.worker.mode == "poll")
@@ -140,3 +143,22 @@ class Worker:
             if all(pool.wait(step) for pool in pools):
                 return True
         return all(pool.wait(time.monotonic()) for pool in pools)
+
+
+def _batch_prefetch(runner: RunnerSettings, job_runner: BatchRunner) -> RunnerSettings:
+    """``runner`` with a prefetch of at least a whole batch, unless one was set.
+
+    A batch runner settles its jobs only once their batch is sent, so with a smaller
+    prefetch the broker would cut every batch short (to one job, by default).
+    """
+    batch = getattr(job_runner, "batch_size", None)
+    if not isinstance(batch, int) or batch <= runner.prefetch:
+        return runner
+    if runner.prefetch_set:
+        if "batch_size" not in runner.settings:  # else the config has warned already
+            log.warning("[runner:%s]: prefetch %d is below the runner's batch size %d, so "
+                        "no batch can hold more than %d jobs", runner.queue, runner.prefetch,
+                        batch, runner.prefetch)
+        return runner
+    log.info("[runner:%s]: prefetch %d, the runner's batch size", runner.queue, batch)
+    return dataclasses.replace(runner, prefetch=batch)

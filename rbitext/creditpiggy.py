@@ -409,6 +409,11 @@ class CreditRunner:
 
     # -- called by the worker ----------------------------------------------------------
 
+    @property
+    def batch_size(self) -> int:
+        """Most events in one request: the worker takes at least this many ahead."""
+        return self.settings.batch_size
+
     def submit(self, message: Message, set_status: SetStatus, settle: Settle) -> None:
         """Queue one delivered event; ``settle`` is called once it is decided.
 

@@ -7,6 +7,7 @@ reaches the credit server exactly once and the queue drains.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -207,3 +208,33 @@ def test_worker_killed_after_the_server_applied_a_batch_sends_none_of_it_again(
         release.set()
         worker.stop()
         proxy.close()
+
+
+def test_a_section_without_prefetch_sends_whole_batches(rabbit, vhost, server, tmp_path):
+    # The documented keys only: no prefetch, no batch_size (the runner's default, 100).
+    # With the broker handing out one event at a time, every request would carry one
+    # event and leave only once flush_interval (a minute here) had passed.
+    amqp_url = rabbit.url(vhost)
+    config = tmp_path / "rbit.ini"
+    config.write_text(
+        "[rbit]\nname = credit-batches\n"
+        f"[amqp]\nurl = {amqp_url}\n"
+        f"[runner:{QUEUE}]\nrunner = python!rbitext.creditpiggy:CreditRunner\n"
+        f"api_url = {server.url}\napi_key = {KEY}\napi_secret = {SECRET}\n"
+        f"flush_interval = 60\nseen_ids_file = {tmp_path / 'seen.sqlite3'}\n"
+    )
+    worker = Worker(config, tmp_path / "worker.log")
+    server.ledger.alloc({"slot": "job"})
+    events = [CreditEvent("counters", {"slot": "job", f"c{i}": 1}) for i in range(200)]
+    try:
+        worker.start()
+        wait_until(lambda: QUEUE in rabbit.list_queues(vhost))
+        publish(amqp_url, events)
+
+        wait_until(lambda: rabbit.list_queues(vhost).get(QUEUE) == (0, 0))
+        sizes = [len(json.loads(request.body)["counters"]) for request in server.requests]
+        assert sizes == [100, 100]
+        assert server.ledger.slots["job"].counters == {f"c{i}": 1 for i in range(200)}
+        assert worker.stop() == 0
+    finally:
+        worker.stop()

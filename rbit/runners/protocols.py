@@ -87,6 +87,10 @@ class BatchRunner(Protocol):
     def close(self, timeout: float) -> None:
         """Finish or hand back pending work within ``timeout`` seconds."""
 
+    # Optional: ``batch_size`` (an int attribute or property), the most jobs one batch
+    # holds. A section that sets no ``prefetch`` then takes at least that many ahead,
+    # since jobs are settled only once their batch is sent.
+
 
 class RunnerKind(enum.Enum):
     """How the worker serves a runner: which protocol it fits first."""
