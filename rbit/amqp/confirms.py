@@ -5,6 +5,12 @@ runs when the broker acks or nacks it, or with ``False`` when the connection is 
 first. A message published while disconnected waits for the next connection (or is
 refused, when the broker is stopping). A queue a message names in ``declare`` is
 declared before the first publish to it on each connection (delay and holding queues).
+
+A copy of a delivery (retry, dead letter, held copy) is checked before it goes out
+and trimmed if it cannot go out whole (:func:`rbit.amqp.frames.fit`): a frame the
+broker refuses would close the connection, and every reconnect makes the acks of jobs
+in flight stale. Any other message pika cannot encode is failed alone (its confirm
+callback gets False); the connection stays.
 """
 
 from __future__ import annotations
@@ -12,11 +18,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import pika.exceptions
 from pika import spec
 
+from rbit.amqp.frames import fit
 from rbit.amqp.leases import held_back
 from rbit.amqp.records import ConfirmCallback, Delivery, Publish
+from rbit.safetext import escape
 
 if TYPE_CHECKING:
     from rbit.amqp.broker import Broker
@@ -80,11 +87,15 @@ class Publisher:
         if message.expiration_ms is not None:
             props["expiration"] = str(message.expiration_ms)
         try:
+            if message.trimmed_headers is None:
+                properties = spec.BasicProperties(**props)
+            else:
+                message, properties = fit(message, props, broker.connection.params.frame_max)
             channel.basic_publish(message.exchange, message.routing_key, message.body,
-                                  spec.BasicProperties(**props))
-        except (pika.exceptions.AMQPError, ValueError, TypeError) as exc:
-            log.error("cannot publish to exchange %r key %r: %s",
-                      message.exchange, message.routing_key, exc)
+                                  properties)
+        except Exception as exc:  # noqa: BLE001 -- pika refused this message, not the link
+            log.error("cannot publish to exchange %r key %r: %s", message.exchange,
+                      message.routing_key, escape(f"{type(exc).__name__}: {exc}"))
             confirm(on_confirm, False)
             return
         self._seq += 1

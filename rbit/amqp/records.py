@@ -89,6 +89,9 @@ class Publish:
     properties: Mapping[str, Any] = field(default_factory=dict)  # others kept from a delivery
     declare: QueueDecl | None = None  # declare this queue first (once per connection)
     persistent: bool = True
+    #: For a copy of a delivery (retry, dead letter, hold): rbit's own headers, published
+    #: instead of ``headers`` when the whole copy cannot be (see rbit.amqp.confirms).
+    trimmed_headers: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
