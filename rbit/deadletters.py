@@ -91,7 +91,8 @@ def _describe(delivery: Delivery) -> str:
     # line nor send escape sequences to the terminal, and bounded.
     message = delivery.message
     headers = message.headers
-    reason = headers.get(DEAD_REASON_HEADER, headers.get("x-first-death-reason", "?"))
+    reason = headers.get(DEAD_REASON_HEADER) or headers.get(UNDECODABLE_HEADER) or \
+        headers.get("x-first-death-reason", "?")
     reason_text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else reason
     first_line = reason_text.splitlines()[0] if isinstance(reason_text, str) else reason
     job_id = message.job_id  # sets raw_job_id when the id had to be made safe

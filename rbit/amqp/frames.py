@@ -80,7 +80,7 @@ def _header_without_table(data: bytes, exc: BaseException) -> tuple[int, frame.H
     reason = escape(f"headers cannot be decoded: {type(exc).__name__}: {exc}", _MAX_REASON)
     properties = _properties_without_table(payload[12:])
     properties.headers = {UNDECODABLE_HEADER: reason}
-    log.warning("channel %d: a message's %s; it goes to the dead letters", channel, reason)
+    log.warning("channel %d: a message's %s; delivered without them", channel, reason)
     return end, frame.Header(channel, body_size, properties)
 
 
