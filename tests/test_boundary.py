@@ -9,6 +9,8 @@ without ever reconnecting.
 
 from __future__ import annotations
 
+import json
+import re
 import struct
 import subprocess
 import sys
@@ -18,6 +20,15 @@ from pathlib import Path
 import pika
 import pytest
 from fault_helpers import ROOT_DIR, TESTS_DIR, WorkerProcess, wait_until
+
+from rbit import decoding
+from rbit.amqp.frames import TRIMMED_HEADER, fit, unfit
+from rbit.amqp.records import Delivery, Publish
+from rbit.config import RetryPolicy, RunnerSettings
+from rbit.fate import blocked_delay, decide
+from rbit.message import MAX_ATTEMPTS, Message, safe_job_id
+from rbit.outcome import Outcome
+from rbit.safetext import escape
 
 QUEUE = "boundary"
 OTHER = "boundary_other"
@@ -107,7 +118,8 @@ def assert_keeps_serving(tmp_path: Path, broker: Broker, worker: WorkerProcess,
     assert [run for run in runs(tmp_path) if run[0] == probe] == [(probe, 1)]
     text = worker.text()
     assert worker.alive, text
-    assert "connection lost" not in text and "reconnecting" not in text, text
+    assert "connection lost" not in text, text
+    assert "reconnecting" not in text, text
 
 
 # ------------------------------------------------------- raw content headers
@@ -285,7 +297,122 @@ def test_dead_letters_list_escapes_what_came_from_the_network(setup, tmp_path):
     broker.publish(DEAD, b"\x1b[5mblink\nline", props)
     result = dead_letters(config, "list")
     assert result.returncode == 0, result.stderr
-    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert "\x1b" not in result.stdout
+    assert "\x07" not in result.stdout
     assert "\r" not in result.stdout
     assert not any(line.startswith("FORGED") for line in result.stdout.splitlines())
     assert "reason: bad\\x1b[31m red\n" in result.stdout  # first line of the reason
+
+
+# ------------------------------------------------- the rules, without a broker
+
+
+@pytest.mark.parametrize("job_id", ["42", "job-1", "a.b_c:d@e+f=g", "sha256:0123abcd",
+                                    "x" * 200])
+def test_safe_job_ids_are_kept(job_id):
+    assert safe_job_id(job_id) == job_id
+
+
+@pytest.mark.parametrize("job_id", [
+    "../../../../tmp/x/TRAVERSED", "a/b", "..", ".hidden", "-rf", "--help", "a b",
+    "tab\there", "new\nline", "nul\0", "esc\x1b[2J", "caf\u00e9", "x" * 201, ""])
+def test_unsafe_job_ids_become_a_stable_digest(job_id):
+    safe = safe_job_id(job_id)
+    assert re.fullmatch(r"id-sha256:[0-9a-f]{16}", safe)
+    assert safe == safe_job_id(job_id)
+    assert safe != safe_job_id(job_id + "!")
+
+
+def test_message_keeps_the_unsafe_id_it_replaced():
+    message = Message(b"{}", "q", message_id="../etc/passwd")
+    assert message.job_id.startswith("id-sha256:")
+    assert message.raw_job_id == "../etc/passwd"
+    assert Message(b"{}", "q", message_id="fine").raw_job_id is None
+
+
+def _expanding_pybit_body(levels: int) -> bytes:
+    # Each level is a list holding the previous one twice (py/id references): the body
+    # stays small, the id's text would double with every level.
+    nodes: list[object] = [["0123456789"]]
+    for level in range(1, levels):
+        ref = {"py/id": 2 + level - 1}  # the record, the job, then the lists in order
+        nodes.append([ref, ref])
+    job = {"py/object": "pybit.models.Job", "id": {"py/tuple": nodes}}
+    document = {"py/object": "pybit.models.BuildRequest", "job": job}
+    return json.dumps(document).encode()
+
+
+def test_a_pybit_job_id_cannot_expand_beyond_its_body():
+    body = _expanding_pybit_body(30)  # 2**30 copies of ten characters, were it expanded
+    assert len(body) < 2000
+    assert decoding.pybit_job_id(body) is None
+    assert Message(body, "q").job_id.startswith("sha256:")
+
+
+def test_a_long_pybit_job_id_becomes_a_digest():
+    long_id = "7" * 5000
+    document = {"py/object": "pybit.models.BuildRequest",
+                "job": {"py/object": "pybit.models.Job", "id": long_id}}
+    message = Message(json.dumps(document).encode(), "q")
+    assert message.job_id.startswith("id-sha256:")
+
+
+@pytest.mark.parametrize(("value", "attempt"), [
+    (None, 1), (0, 1), (2, 3), (-500, 1), (10**30, MAX_ATTEMPTS + 1), ("5", 1), (True, 1),
+    (2.5, 1), (Decimal(3), 1), ({"n": 1}, 1), ([1], 1), (b"3", 1)])
+def test_the_attempts_header_is_an_integer_clamped_to_a_range(value, attempt):
+    headers = {} if value is None else {"x-rbit-attempts": value}
+    assert Message(b"", "q", headers).attempt == attempt
+
+
+def test_a_try_count_beyond_the_policy_dead_letters_after_the_last_try():
+    delivery = Delivery(Message(b"", "q", {"x-rbit-attempts": 10**30}), 1, 0)
+    runner = RunnerSettings(queue="q", runner="python!x:y", kind="python", target="x:y",
+                            routing_key="q",
+                            retry=RetryPolicy(max_retries=3))
+    settlement = decide(Outcome.failed("boom"), delivery, runner, worker="w")
+    assert settlement.publish.routing_key == "q.dead"
+    assert settlement.publish.headers["x-rbit-attempts"] == 4
+
+
+def test_blocked_delays_are_clamped_and_share_few_delay_queues():
+    policy = RetryPolicy(max_delay=3600)
+    delays = [0, -5, 1e-9, float("inf"), float("nan"), 1e308, *(n / 7 for n in range(10**4))]
+    queues = {blocked_delay(policy, delay)[0] for delay in delays}
+    waits = [blocked_delay(policy, delay)[1] for delay in delays]
+    assert len(queues) <= 23
+    assert all(1 <= wait <= 3_600_000 for wait in waits)
+    assert all(base >= wait or base == 3_600_000
+               for base, wait in (blocked_delay(policy, d) for d in delays))
+
+
+def test_a_copy_too_large_is_trimmed_to_rbits_own_headers():
+    own = {"x-rbit-dead-reason": "failed", "x-rbit-attempts": 2}
+    copy = Publish("", "q.dead", b"body", headers={"big": "x" * 200_000, **own},
+                   trimmed_headers=own)
+    message, props = fit(copy, {"headers": copy.headers, "message_id": "m"}, 131_072)
+    assert set(props.headers) == {*own, TRIMMED_HEADER}
+    assert props.message_id == "m"
+    assert message.body == b"body"
+    assert unfit(props, 131_072) is None
+
+
+def test_a_copy_pika_cannot_encode_is_trimmed():
+    own = {"x-rbit-attempts": 1}
+    deep: dict = {}
+    for _ in range(5000):
+        deep = {"n": deep}
+    copy = Publish("", "q.retry.1", b"", headers={"deep": deep, "odd": object(), **own},
+                   trimmed_headers=own)
+    _message, props = fit(copy, {"headers": copy.headers}, 131_072)
+    assert props.headers[TRIMMED_HEADER].startswith("headers cannot be encoded")
+
+
+def test_escape_keeps_one_line_and_no_control_characters():
+    shown = escape("a\nb\r\x1b[31m\x00\u202e\\" + "z" * 1000, 50)
+    assert "\n" not in shown
+    assert "\x1b" not in shown
+    assert "\u202e" not in shown
+    assert shown.startswith("a\\nb\\r\\x1b[31m\\x00\\u202e\\\\")
+    assert shown.endswith("...")
+    assert len(shown) < 100
