@@ -8,7 +8,7 @@ ack). The caller only carries the decision out; no other module chooses a fate.
 Values read from the delivery are bounded first: the try number is clamped to the
 policy (an attempts header of -500 is a first try, one of 10**9 a last), a delay a
 runner asks for is clamped to ``[0.001, retry_max_delay]`` seconds and its delay queue
-is the next power of two in ms, so a job never names a delay queue of its own. Every
+is the next step of 1, 2, 5, 10... ms, so a job never names a delay queue of its own. Every
 copy carries, beside the original's headers, rbit's own as
 :attr:`~rbit.amqp.records.Publish.trimmed_headers`: what is published instead when
 the whole copy cannot be (see :mod:`rbit.amqp.confirms`).
@@ -104,15 +104,21 @@ def blocked_delay(policy: RetryPolicy, delay: float) -> tuple[int, int]:
     """The delay queue's delay and the wait of a job Blocked for ``delay`` s, in ms.
 
     The wait is clamped to [1 ms, the policy's ``retry_max_delay``]; the queue's delay
-    is the next power of two of it in ms (at most the cap), so however many different
-    delays runners ask for, a queue has at most a few dozen delay queues.
+    is the next step of 1, 2, 5, 10, 20, 50... ms at or above it (at most the cap), so
+    however many different delays runners ask for, a queue has at most three delay
+    queues per decade, and a job waits at most 2.5 times as long as it asked.
     """
     cap_ms = max(1, int(policy.max_delay * 1000))
     try:
         wait_ms = min(max(1, int(delay * 1000)), cap_ms)
     except (OverflowError, ValueError, TypeError):  # inf, nan, not a number
         wait_ms = cap_ms
-    return min(1 << (wait_ms - 1).bit_length(), cap_ms), wait_ms
+    step = 1
+    while True:
+        for factor in (1, 2, 5):
+            if step * factor >= wait_ms:
+                return min(step * factor, cap_ms), wait_ms
+        step *= 10
 
 
 def refuse(delivery: Delivery, queue: str, reason: str, *, worker: str,
