@@ -20,17 +20,18 @@ How the call ends decides the job's :class:`rbit.outcome.Outcome`:
 * raising anything else: failed, with ``"ExcType: message"`` and the traceback.
 
 By default the callable runs in the calling (worker) thread. With ``python = PATH`` or
-``timeout = SECONDS`` in the section it runs in a child process instead
-(:mod:`rbit.runners.child`), one per job, in its own session, supervised like a
-``shell!`` command (:mod:`rbit.supervisor`): on ``timeout`` the whole process group
-gets SIGTERM, then SIGKILL after ``kill_grace`` seconds (default 5), and the job has
-failed with ``timed out after N s``; processes the child leaves running in its group
-are killed once it exits; a cancel (the worker's second shutdown signal) stops it the
+``timeout = SECONDS`` in the section it runs in a warm child process instead
+(:mod:`rbit.runners.warm`, :mod:`rbit.runners.child`): one per ``concurrency`` slot,
+each in its own session and loading the runner once, supervised like a ``shell!``
+command (:mod:`rbit.supervisor`): on ``timeout`` the whole process group gets SIGTERM,
+then SIGKILL after ``kill_grace`` seconds (default 5), and the job has failed with
+``timed out after N s``; a cancel (the worker's second shutdown signal) stops it the
 same way and the job ends blocked (``cancelled: the worker is stopping``), to be tried
-again; a child killed by a signal is reported as ``killed by signal SIGNAME``. The
-child talks to rbit over a dedicated pipe in JSON lines, so the runner's own prints
-on stdout/stderr cannot disturb it. The child runs while the worker thread waits for
-it, its pipes and deadlines watched from a private ``poll`` loop.
+again; a child killed by a signal is reported as ``killed by signal SIGNAME``. A fresh
+child replaces one that was stopped or died, and one retired by
+``max_jobs_per_child`` / ``max_memory_per_child``. The child talks to rbit over a
+dedicated pipe in JSON lines, so the runner's own prints on stdout/stderr cannot
+disturb it.
 
 Batch runners
 -------------
