@@ -58,9 +58,10 @@ def _thread_cpu() -> str:
     return "".join(lines)
 
 
-def tick() -> bool:
+def tick(count: int | None = None) -> bool:
     """Count one finished job; True when it was the N-th."""
-    count = next(_counter)
+    if count is None:
+        count = next(_counter)
     if count == 1:
         _write("threads-first", _thread_cpu())
         _write("first", "%d %.6f\n" % (os.getpid(), time.time()))
@@ -77,3 +78,31 @@ def tick() -> bool:
 def noop(message, set_status, settings) -> None:
     """rbit ``python!`` runner: count the job and return (Done)."""
     tick()
+
+
+#: Loop turns of :func:`cpu20`: about 20 ms of pure-Python CPU on the 2-core
+#: benchmark machine when it is otherwise idle.
+CPU20_TURNS = 300_000
+
+
+def cpu20(message, set_status, settings) -> None:
+    """An rbit ``python!`` runner: ~20 ms of pure-Python CPU (holds the GIL), then count."""
+    total = 0
+    for turn in range(CPU20_TURNS):
+        total += turn * turn
+    tick(_shared_count())
+
+
+_shared: list[int] = []
+
+
+def _shared_count() -> int:
+    """A job count shared by a worker's processes (each child has its own module copy).
+
+    One byte is appended per job; this process's offset after its own append is that
+    job's number.
+    """
+    if not _shared:
+        _shared.append(os.open(_DIR / "count", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    os.write(_shared[0], b"x")
+    return os.lseek(_shared[0], 0, os.SEEK_CUR)

@@ -36,6 +36,7 @@ BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 VENV = BENCH / ".venv"
 QUEUE = "bench_jobs"
+CPU_JOBS = 400  # jobs per run of the ~20 ms CPU-bound rows
 POLL = 0.01  # seconds between checks for "first" / "done"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -174,6 +175,33 @@ def thread_cpu_us_per_job(workdir: Path, jobs: int) -> dict[str, float]:
             for name, cpu in sorted(done.items()) if cpu - first.get(name, 0.0) > 0}
 
 
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and every live descendant (a worker and its warm or prefork children)."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                text = Path("/proc/%s/stat" % name).read_text()
+            except OSError:
+                continue
+            parents[int(name)] = int(text[text.rindex(")") + 2:].split()[1])
+    tree, grew = {pid}, True
+    while grew:
+        found = {child for child, parent in parents.items() if parent in tree}
+        grew = not found <= tree
+        tree |= found
+    return sorted(tree)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of ``pid`` and its live descendants, plus the children they reaped."""
+    return sum(cpu_seconds(each, True) for each in tree_pids(pid))
+
+
+def tree_rss_kb(pid: int) -> int:
+    return sum(status_kb(each, "VmRSS") for each in tree_pids(pid))
+
+
 def status_kb(pid: int, key: str) -> int:
     try:
         for line in Path("/proc/%d/status" % pid).read_text().splitlines():
@@ -289,6 +317,7 @@ class Contender:
     detect: str = "tick"
     env: Callable[[Run], dict[str, str]] = lambda run: run.env()
     needs: str | None = None  # a module that must import (celery, dramatiq)
+    jobs: int | None = None  # a fixed job count instead of --n (slow jobs)
 
 
 def _declare_plain(run: Run) -> None:
@@ -324,13 +353,14 @@ sinks = {sinks}
 [runner:{queue}]
 runner = {runner}
 max_retries = 0
+{extra}
 """
 
 
-def _rbit_ini(run: Run, runner: str, sinks: str, prefetch: int) -> Path:
+def _rbit_ini(run: Run, runner: str, sinks: str, prefetch: int, extra: str = "") -> Path:
     path = run.workdir / "rbit.ini"
     path.write_text(RBIT_INI.format(prefetch=prefetch, url=run.url, sinks=sinks,
-                                    queue=QUEUE, runner=runner))
+                                    queue=QUEUE, runner=runner, extra=extra))
     return path
 
 
@@ -354,16 +384,16 @@ def _declare_rbit(run: Run) -> None:
 
 
 def rbit_contender(name: str, reference: str, runner: str, sinks: str, prefetch: int,
-                   detect: str = "tick") -> Contender:
+                   detect: str = "tick", extra: str = "", jobs: int | None = None) -> Contender:
     def prepare(run: Run) -> None:
-        _rbit_ini(run, runner, sinks, prefetch)
+        _rbit_ini(run, runner, sinks, prefetch, extra)
         _declare_rbit(run)
         _fill_raw(run)
 
     def command(run: Run) -> list[str]:
         return [sys.executable, "-m", "rbit", str(run.workdir / "rbit.ini")]
 
-    return Contender(name, reference, prepare, command, detect)
+    return Contender(name, reference, prepare, command, detect, jobs=jobs)
 
 
 def _framework_fill(module: str) -> Callable[[Run], None]:
@@ -375,9 +405,9 @@ def _framework_fill(module: str) -> Callable[[Run], None]:
     return prepare
 
 
-def _celery_command(run: Run) -> list[str]:
+def _celery_command(run: Run, pool: str = "solo") -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker",
-            "--pool", "solo", "--concurrency", "1", "--queues", QUEUE,
+            "--pool", pool, "--concurrency", "1", "--queues", QUEUE,
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "--loglevel", "WARNING"]
 
@@ -410,6 +440,22 @@ def contenders() -> dict[str, Contender]:
         rbit_contender("rbit-shell-true-p2", spawn, "shell!/bin/true", "", 2, detect="poll"),
         Contender("celery-solo", baseline, _framework_fill("bench.celery_app"),
                   _celery_command, needs="celery"),
+        # Jobs in child processes: Celery's prefork pool with one child against
+        # rbit's warm children (a section with a timeout), one at a time.
+        Contender("celery-prefork-c1", baseline, _framework_fill("bench.celery_app"),
+                  lambda run: _celery_command(run, "prefork"), needs="celery"),
+        rbit_contender("rbit-python-child-c1", baseline, "python!bench.bench_runners:noop",
+                       "", 100, extra="timeout = 60"),
+        # A pure-Python job of ~20 ms of CPU: children use both cores, threads cannot.
+        rbit_contender("rbit-cpu20-child-c1", "rbit-cpu20-child-c1",
+                       "python!bench.bench_runners:cpu20", "", 2,
+                       extra="timeout = 60\nconcurrency = 1", jobs=CPU_JOBS),
+        rbit_contender("rbit-cpu20-child-c2", "rbit-cpu20-child-c1",
+                       "python!bench.bench_runners:cpu20", "", 2,
+                       extra="timeout = 60\nconcurrency = 2", jobs=CPU_JOBS),
+        rbit_contender("rbit-cpu20-thread-c2", "rbit-cpu20-child-c1",
+                       "python!bench.bench_runners:cpu20", "", 2,
+                       extra="concurrency = 2", jobs=CPU_JOBS),
         Contender("dramatiq-t1", baseline, _framework_fill("bench.dramatiq_app"),
                   _dramatiq_command(1), needs="dramatiq",
                   env=lambda run: run.env(dramatiq_queue_prefetch="100")),
@@ -492,7 +538,7 @@ def _watch(contender: Contender, broker: BrokerHandle, run: Run, proc: subproces
                 if first is not None:
                     pid = first[0]
                     cpu0, bcpu0 = cpu_seconds(pid, True), cpu_seconds(broker.pid)
-                    own0 = cpu_seconds(pid)
+                    own0, tree0 = cpu_seconds(pid), tree_cpu_seconds(proc.pid)
             else:
                 if watch is not None and run.marks:
                     _sample_marks(run, watch, pid, sampled)
@@ -502,6 +548,7 @@ def _watch(contender: Contender, broker: BrokerHandle, run: Run, proc: subproces
         if watch is not None and run.marks:  # the last mark, passed within the last poll
             _sample_marks(run, watch, pid, sampled)
         cpu1, bcpu1, own1 = cpu_seconds(pid, True), cpu_seconds(broker.pid), cpu_seconds(pid)
+        tree1, tree_rss = tree_cpu_seconds(proc.pid), tree_rss_kb(proc.pid)
         hwm, rss = status_kb(pid, "VmHWM"), status_kb(pid, "VmRSS")
     finally:
         if watch is not None:
@@ -521,6 +568,10 @@ def _watch(contender: Contender, broker: BrokerHandle, run: Run, proc: subproces
         "steady_jobs_per_s": jobs / (done - t_first),
         "worker_cpu_us_per_job": (own1 - own0) / jobs * 1e6,
         "worker_cpu_with_children_us_per_job": (cpu1 - cpu0) / jobs * 1e6,
+        # The whole process tree (worker + children), for workers whose jobs run in
+        # child processes; its RSS is the sum at the N-th job.
+        "tree_cpu_us_per_job": (tree1 - tree0) / jobs * 1e6,
+        "tree_rss_mb": tree_rss / 1024,
         "worker_thread_cpu_us_per_job": thread_cpu_us_per_job(run.workdir, jobs),
         "broker_cpu_us_per_job": (bcpu1 - bcpu0) / jobs * 1e6 if broker.pid else None,
         "peak_rss_mb": hwm / 1024,
@@ -646,6 +697,8 @@ def summarize(results: list[dict[str, Any]], table: dict[str, Contender]) -> lis
             "worker_cpu_with_children_us_per_job": median("worker_cpu_with_children_us_per_job"),
             "broker_cpu_us_per_job": median("broker_cpu_us_per_job"),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "tree_cpu_us_per_job": median("tree_cpu_us_per_job"),
+            "tree_rss_mb": max(r["tree_rss_mb"] for r in runs),
         })
     return rows
 
@@ -656,7 +709,8 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = ("contender", "jobs/s median [min-max]", "ratio", "steady jobs/s", "ratio",
-              "start s", "worker us/job", "broker us/job", "peak RSS MB")
+              "start s", "worker us/job", "broker us/job", "peak RSS MB", "tree us/job",
+              "tree RSS MB")
     lines = [header]
     for row in rows:
         lines.append((
@@ -669,6 +723,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             _fmt(row["worker_cpu_us_per_job"], "%.0f"),
             _fmt(row["broker_cpu_us_per_job"], "%.0f"),
             "%.1f" % row["peak_rss_mb"],
+            _fmt(row.get("tree_cpu_us_per_job"), "%.0f"),
+            _fmt(row.get("tree_rss_mb"), "%.1f"),
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
@@ -684,7 +740,11 @@ GOALS = [
     ("rbit-python-nostatus", "baseline-pika", 0.9),
     ("rbit-python-logsink", "baseline-pika", 0.8),
     ("rbit-shell-true", "raw-spawn-loop", 0.9),
+    ("rbit-python-child-c1", "baseline-pika", 0.2),
+    ("rbit-cpu20-child-c2", "rbit-cpu20-child-c1", 1.6),
 ]
+#: (row, other row): the row must move at least as many jobs/s as the other.
+VERSUS = [("rbit-python-child-c1", "celery-prefork-c1")]
 
 
 def format_goals(rows: list[dict[str, Any]]) -> str:
@@ -697,6 +757,11 @@ def format_goals(rows: list[dict[str, Any]]) -> str:
         met = "met" if row["ratio"] >= goal else "NOT met"
         lines.append("%s >= %.1fx %s: %.2fx (steady-state %.2fx) -> %s"
                      % (name, goal, ref, row["ratio"], row["steady_ratio"], met))
+    for name, other in VERSUS:
+        if name in by_name and other in by_name:
+            mine, theirs = by_name[name]["jobs_per_s"], by_name[other]["jobs_per_s"]
+            lines.append("%s >= %s: %.0f vs %.0f jobs/s -> %s"
+                         % (name, other, mine, theirs, "met" if mine >= theirs else "NOT met"))
     for name in ("rbit-python-nostatus", "rbit-python-logsink", "rbit-shell-true"):
         if name in by_name:
             rss = by_name[name]["peak_rss_mb"]
@@ -717,14 +782,16 @@ def run_rounds(broker: BrokerHandle, chosen: list[Contender], n: int, rounds: in
     for round_no in range(1, rounds + 1):
         for contender in chosen:
             print("round %d/%d: %s ..." % (round_no, rounds, contender.name), end=" ", flush=True)
-            result = measure(contender, broker, n)
+            result = measure(contender, broker, contender.jobs or n)
             result["round"] = round_no
             results.append(result)
             threads = ", ".join("%s %.0f" % item
                                 for item in result["worker_thread_cpu_us_per_job"].items())
-            print("%.0f jobs/s (steady %.0f), worker %.0f us/job [%s], RSS %.1f MB"
+            print("%.0f jobs/s (steady %.0f), worker %.0f us/job [%s], RSS %.1f MB; "
+                  "tree %.0f us/job, %.1f MB"
                   % (result["jobs_per_s"], result["steady_jobs_per_s"],
-                     result["worker_cpu_us_per_job"], threads, result["peak_rss_mb"]),
+                     result["worker_cpu_us_per_job"], threads, result["peak_rss_mb"],
+                     result["tree_cpu_us_per_job"], result["tree_rss_mb"]),
                   flush=True)
     return results
 

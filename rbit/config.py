@@ -89,6 +89,9 @@ class RunnerSettings:
     prefetch_set: bool = False
     timeout: float | None = None
     python: str | None = None  # interpreter for a child-process python! runner
+    # Warm python! children: retire one after this many jobs / above this RSS (bytes).
+    max_jobs_per_child: int | None = None
+    max_memory_per_child: int | None = None
     queue_type: str = "classic"  # or "quorum"
     delivery_limit: int | None = None  # quorum queues: x-delivery-limit
     retry: RetryPolicy = RetryPolicy()
@@ -704,7 +707,7 @@ def _routing_template(section: _Section) -> str:
 _RUNNER_KEYS = frozenset({
     "runner", "routing_key", "concurrency", "prefetch", "timeout", "python", "queue_type",
     "delivery_limit", "max_retries", "retry_delay", "retry_backoff", "retry_max_delay",
-    "retry_jitter", "jsonpickle_classes",
+    "retry_jitter", "jsonpickle_classes", "max_jobs_per_child", "max_memory_per_child",
 })
 
 
@@ -736,6 +739,8 @@ def _runner(section: _Section, worker: WorkerSettings, warnings: list[str]) -> R
         prefetch_set=section.has("prefetch") or worker.prefetch is not None,
         timeout=section.number("timeout", None),
         python=_python(section, kind),
+        max_jobs_per_child=_child_limit(section, kind, "max_jobs_per_child", warnings),
+        max_memory_per_child=_child_limit(section, kind, "max_memory_per_child", warnings),
         queue_type=queue_type,
         delivery_limit=delivery_limit,
         retry=_retry(section),
@@ -852,6 +857,35 @@ def _check_shell_template(section: _Section, template: str) -> None:
         raise section.error("runner", f"cannot split the shell command: {exc}") from None
     if not words:
         raise section.error("runner", "the shell command is empty")
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _child_limit(section: _Section, kind: str, key: str, warnings: list[str]) -> int | None:
+    """``max_jobs_per_child`` (an integer) or ``max_memory_per_child`` (a size)."""
+    if not section.has(key):
+        return None
+    if kind != "python":
+        raise section.error(key, "only python! runners run in child processes")
+    limit = section.integer(key, None, 1) if key == "max_jobs_per_child" else _size(section, key)
+    if not section.has("python") and not section.has("timeout"):
+        warnings.append(
+            f"file {section.file}, section [{section.name}], key {key!r}: jobs run in this "
+            "process unless python or timeout is set; ignored"
+        )
+    return limit
+
+
+def _size(section: _Section, key: str) -> int:
+    """A size in bytes: ``512M``, ``2G``, ``300000K`` or a plain number of bytes."""
+    value = section.text(key) or ""
+    match = re.fullmatch(r"(\d+)\s*([kmg]?)(?:i?b)?", value.strip().lower())
+    if not match or int(match.group(1)) < 1:
+        raise section.error(
+            key, f"expected a size such as 512M, 2G or 300000K, got {section.shown(key, value)}"
+        )
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
 
 
 def _python(section: _Section, kind: str) -> str | None:

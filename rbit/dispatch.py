@@ -262,6 +262,18 @@ class ThreadPool(_QueuedPool):
         # signal would only delay the exit.
         return self.runner.in_child
 
+    def start(self) -> None:
+        # Optional: a runner with warm child processes starts them before any job.
+        start = getattr(self.runner, "start", None)
+        if start is not None:
+            start()
+        super().start()
+
+    def close(self, timeout: float) -> None:
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close(timeout)
+
     def cancel(self) -> None:
         self._cancelled = True
         self.runner.cancel()

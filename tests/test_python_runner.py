@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -45,12 +46,23 @@ class Statuses:
 
 
 def _run(func: str, body: bytes = b"{}", **overrides):
-    runner = load_python_runner(_settings(func, **overrides))
-    statuses = Statuses()
-    outcome = runner.run(
-        Message(body=body, queue="cnx_any_latex_pdf", message_id="job-1"), statuses
-    )
+    with _loaded(_settings(func, **overrides)) as runner:
+        statuses = Statuses()
+        outcome = runner.run(
+            Message(body=body, queue="cnx_any_latex_pdf", message_id="job-1"), statuses
+        )
     return outcome, statuses.seen
+
+
+@contextlib.contextmanager
+def _loaded(settings: RunnerSettings):
+    """The runner for ``settings``, closed afterwards (its warm children let go)."""
+    runner = load_python_runner(settings)
+    try:
+        yield runner
+    finally:
+        if isinstance(runner, PythonRunner):
+            runner.close(10)
 
 
 @pytest.fixture
@@ -184,10 +196,10 @@ def test_child_mode_reports_statuses_and_outcome_despite_prints(child_path):
 
 
 def test_child_mode_receives_headers_with_bytes_as_text(child_path):
-    runner = load_python_runner(_settings("chatty", python=sys.executable))
     statuses = Statuses()
     message = Message(body=b"[]", queue="q", headers={"x-trace": b"abc", "n": 3})
-    assert runner.run(message, statuses).kind is Kind.DONE
+    with _loaded(_settings("chatty", python=sys.executable)) as runner:
+        assert runner.run(message, statuses).kind is Kind.DONE
     assert json.loads(statuses.seen[-1][1])["headers"] == {"x-trace": "abc", "n": 3}
 
 
@@ -242,17 +254,17 @@ def test_timeout_kills_child_and_grandchild(child_path, tmp_path):
 
 def test_cancel_stops_a_running_child(child_path, tmp_path):
     pid_file = tmp_path / "pids"
-    runner = load_python_runner(
-        _settings("sleep_forever", timeout=3600, settings={"pid_file": str(pid_file)})
-    )
     result = {}
-    thread = threading.Thread(
-        target=lambda: result.update(outcome=runner.run(Message(body=b"", queue="q"), Statuses()))
-    )
-    thread.start()
-    assert _wait_for(pid_file.exists, timeout=30)
-    runner.cancel()
-    thread.join(timeout=30)
+    with _loaded(_settings("sleep_forever", timeout=3600,
+                           settings={"pid_file": str(pid_file)})) as runner:
+        thread = threading.Thread(
+            target=lambda: result.update(
+                outcome=runner.run(Message(body=b"", queue="q"), Statuses()))
+        )
+        thread.start()
+        assert _wait_for(pid_file.exists, timeout=30)
+        runner.cancel()
+        thread.join(timeout=30)
 
     assert result["outcome"] == Outcome.blocked("cancelled: the worker is stopping")
     child, grandchild = map(int, pid_file.read_text().split())
@@ -279,13 +291,10 @@ def _supervised(func: str, **overrides) -> RunnerSettings:
 
 def test_kill_grace_bounds_a_child_that_ignores_sigterm(child_path, tmp_path):
     pid_file = tmp_path / "pid"
-    runner = load_python_runner(
-        _supervised("ignore_sigterm", timeout=0.5,
-                    settings={"pid_file": str(pid_file), "kill_grace": "0.5"})
-    )
-    started = time.monotonic()
-
-    outcome = runner.run(Message(body=b"", queue="q"), Statuses())
+    with _loaded(_supervised("ignore_sigterm", timeout=0.5,
+                             settings={"pid_file": str(pid_file), "kill_grace": "0.5"})) as runner:
+        started = time.monotonic()
+        outcome = runner.run(Message(body=b"", queue="q"), Statuses())
 
     assert outcome == Outcome.failed("timed out after 0.5 s")
     assert pid_file.exists()
@@ -301,9 +310,8 @@ def test_bad_kill_grace_fails_at_load_for_child_runners(grace):
 
 
 def test_a_child_killed_by_a_signal_names_it(child_path):
-    runner = load_python_runner(_supervised("kill_self", timeout=60))
-
-    outcome = runner.run(Message(body=b"", queue="q"), Statuses())
+    with _loaded(_supervised("kill_self", timeout=60)) as runner:
+        outcome = runner.run(Message(body=b"", queue="q"), Statuses())
 
     assert outcome.kind is Kind.FAILED
     assert outcome.reason.startswith("runner process killed by signal SIGKILL without an outcome")

@@ -2,14 +2,23 @@
 
 Usage::
 
-    python -m rbit.runners.child pkg.module:func          # run one job
+    python -m rbit.runners.child pkg.module:func          # serve jobs until EOF
     python -m rbit.runners.child --check pkg.module:func  # can this interpreter load it?
 
-To run a job, the child reads one JSON object (the job) from the file descriptor named
-by ``RBIT_PROTOCOL_IN_FD`` and writes JSON lines to the one named by
-``RBIT_PROTOCOL_OUT_FD``: ``{"status": ..., "message": ...}`` for every status the
-runner reports, then one ``{"outcome": kind, "reason": ..., "delay": ...}``. Stdout and
-stderr stay free for the runner's own output. No pickle crosses the pipe.
+A child loads the runner once, then serves jobs one at a time: it reads one JSON object
+a line (a job) from the file descriptor named by ``RBIT_PROTOCOL_IN_FD`` and writes
+JSON lines to the one named by ``RBIT_PROTOCOL_OUT_FD``: ``{"status": ..., "message":
+...}`` for every status the runner reports, then one ``{"outcome": kind, "reason":
+..., "delay": ...}`` for the job. EOF on the request pipe means the worker wants it
+gone: it exits. Stdout and stderr stay free for the runner's own output. No pickle
+crosses the pipe.
+
+The worker also holds the write end of a lifeline pipe (``RBIT_LIFELINE_FD``) that it
+never writes. It reads as EOF only once every copy is closed, that is when the worker
+is gone, even killed with SIGKILL mid-job: a watchdog thread then kills the child's
+whole process group, so that no child outlives its worker. (``PR_SET_PDEATHSIG`` would
+not do: it fires when the *thread* that started the child ends, and a job thread may
+end while another thread's job runs in the child it started.)
 
 ``--check`` prints one JSON line on stdout: ``{"ok": true, "batch": bool}`` or
 ``{"error": reason}``.
@@ -20,9 +29,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import select
+import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rbit.errors import RunnerLoadError
@@ -30,6 +41,7 @@ from rbit.message import Message
 from rbit.outcome import Outcome, Status
 from rbit.runners.python import (
     IN_FD_ENV,
+    LIFELINE_FD_ENV,
     OUT_FD_ENV,
     call_runner,
     describe_exception,
@@ -39,7 +51,7 @@ from rbit.runners.python import (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one job (or ``--check``); returns the exit code."""
+    """Serve jobs (or ``--check``); returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) == 2 and args[0] == "--check":
         return check(args[1])
@@ -48,7 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "usage: python -m rbit.runners.child [--check] package.module:callable", file=sys.stderr
         )
         return 2
-    return run_job(args[0], int(os.environ[IN_FD_ENV]), int(os.environ[OUT_FD_ENV]))
+    lifeline = os.environ.get(LIFELINE_FD_ENV)
+    if lifeline is not None:
+        watch_lifeline(int(lifeline))
+    return serve(args[0], int(os.environ[IN_FD_ENV]), int(os.environ[OUT_FD_ENV]))
 
 
 def check(target: str) -> int:
@@ -61,23 +76,51 @@ def check(target: str) -> int:
     return 0
 
 
-def run_job(target: str, in_fd: int, out_fd: int) -> int:
-    """Read the job from ``in_fd``, run ``target`` on it, report on ``out_fd``."""
-    # Grandchildren (os.system, subprocess) must not hold the protocol pipe open.
+def serve(target: str, in_fd: int, out_fd: int) -> int:
+    """Load ``target`` once, then run each job read from ``in_fd`` until EOF."""
+    # Grandchildren (os.system, subprocess) must not hold the protocol pipes open.
     os.set_inheritable(in_fd, False)
     os.set_inheritable(out_fd, False)
-    with os.fdopen(in_fd, "rb") as source:
-        request = json.loads(source.readline())
     channel = _Channel(os.fdopen(out_fd, "w", encoding="utf-8"))
+    func: Callable[..., Any] | None = None
+    error = ""
     try:
         func = resolve_target(target)
-        outcome = call_runner(
-            func, _message(request), channel.status, request.get("settings") or {}
-        )
-    except Exception as exc:  # loading failed: the job fails with the reason
-        outcome = Outcome.failed(describe_exception(exc))
-    channel.send({"outcome": outcome.kind.value, "reason": outcome.reason, "delay": outcome.delay})
+    except Exception as exc:  # every job fails with the reason, as a fresh child's would
+        error = describe_exception(exc)
+    with os.fdopen(in_fd, "rb") as source:
+        for line in source:
+            request = json.loads(line)
+            status = channel.job_status()
+            if func is None:
+                outcome = Outcome.failed(error)
+            else:
+                outcome = call_runner(
+                    func, _message(request), status, request.get("settings") or {}
+                )
+            status.close()
+            channel.send(
+                {"outcome": outcome.kind.value, "reason": outcome.reason, "delay": outcome.delay}
+            )
     return 0
+
+
+def watch_lifeline(fd: int) -> None:
+    """Kill this process group once ``fd`` reads EOF (the worker is gone)."""
+    os.set_inheritable(fd, False)
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while True:
+            try:
+                poller.poll()
+            except InterruptedError:  # pragma: no cover - PEP 475 retries
+                continue
+            # Nobody writes it: readable means every writer is gone.
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="rbit-lifeline", daemon=True).start()
 
 
 class _Channel:
@@ -87,13 +130,33 @@ class _Channel:
         self._stream = stream
         self._lock = threading.Lock()
 
-    def send(self, event: dict[str, Any]) -> None:
+    def send(self, event: dict[str, Any], job: _JobStatus | None = None) -> None:
         with self._lock:
+            if job is not None and not job.open:
+                return
             self._stream.write(json.dumps(event) + "\n")
             self._stream.flush()
 
-    def status(self, status: Status, message: str) -> None:
-        self.send({"status": status.value, "message": message})
+    def job_status(self) -> _JobStatus:
+        return _JobStatus(self)
+
+
+class _JobStatus:
+    """One job's ``set_status``: silent once its job has ended.
+
+    A thread a runner left behind must not report statuses under the next job.
+    """
+
+    def __init__(self, channel: _Channel) -> None:
+        self._channel = channel
+        self.open = True
+
+    def __call__(self, status: Status, message: str) -> None:
+        self._channel.send({"status": status.value, "message": message}, self)
+
+    def close(self) -> None:
+        with self._channel._lock:  # a status being sent goes out before the outcome
+            self.open = False
 
 
 def _message(request: dict[str, Any]) -> Message:

@@ -53,6 +53,9 @@ class ThreadRunner(Protocol):
     def cancel(self) -> None:
         """Stop running jobs now (shutdown after a second signal); any thread."""
 
+    # Optional: ``start()``, called once before the first job (e.g. to start warm
+    # child processes), and ``close(timeout)``, called at shutdown once no job starts.
+
 
 @runtime_checkable
 class EventedRunner(Protocol):

@@ -20,17 +20,18 @@ How the call ends decides the job's :class:`rbit.outcome.Outcome`:
 * raising anything else: failed, with ``"ExcType: message"`` and the traceback.
 
 By default the callable runs in the calling (worker) thread. With ``python = PATH`` or
-``timeout = SECONDS`` in the section it runs in a child process instead
-(:mod:`rbit.runners.child`), one per job, in its own session, supervised like a
-``shell!`` command (:mod:`rbit.supervisor`): on ``timeout`` the whole process group
-gets SIGTERM, then SIGKILL after ``kill_grace`` seconds (default 5), and the job has
-failed with ``timed out after N s``; processes the child leaves running in its group
-are killed once it exits; a cancel (the worker's second shutdown signal) stops it the
+``timeout = SECONDS`` in the section it runs in a warm child process instead
+(:mod:`rbit.runners.warm`, :mod:`rbit.runners.child`): one per ``concurrency`` slot,
+each in its own session and loading the runner once, supervised like a ``shell!``
+command (:mod:`rbit.supervisor`): on ``timeout`` the whole process group gets SIGTERM,
+then SIGKILL after ``kill_grace`` seconds (default 5), and the job has failed with
+``timed out after N s``; a cancel (the worker's second shutdown signal) stops it the
 same way and the job ends blocked (``cancelled: the worker is stopping``), to be tried
-again; a child killed by a signal is reported as ``killed by signal SIGNAME``. The
-child talks to rbit over a dedicated pipe in JSON lines, so the runner's own prints
-on stdout/stderr cannot disturb it. The child runs while the worker thread waits for
-it, its pipes and deadlines watched from a private ``poll`` loop.
+again; a child killed by a signal is reported as ``killed by signal SIGNAME``. A fresh
+child replaces one that was stopped or died, and one retired by
+``max_jobs_per_child`` / ``max_memory_per_child``. The child talks to rbit over a
+dedicated pipe in JSON lines, so the runner's own prints on stdout/stderr cannot
+disturb it.
 
 Batch runners
 -------------
@@ -54,49 +55,40 @@ Batch runners always run in the worker's process (``python =`` does not apply).
 
 from __future__ import annotations
 
-import base64
 import importlib
 import inspect
 import json
 import logging
-import os
-import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import traceback
 from collections.abc import Mapping
-from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any, Callable
 
 from rbit.config import RunnerSettings
 from rbit.errors import Blocked, DecodeError, Reject, RunnerLoadError
-from rbit.fdloop import PollLoop
 from rbit.message import Message
 from rbit.outcome import Outcome, Status
-from rbit.supervisor import (
-    CANCEL_REASON,
-    DEFAULT_KILL_GRACE,
-    StopSignal,
-    Supervisor,
-    kill_grace,
-    killed_by,
-    signal_group,
-    stop_outcome,
+from rbit.runners.warm import (
+    IN_FD_ENV,
+    LIFELINE_FD_ENV,
+    OUT_FD_ENV,
+    STDERR_TAIL,
+    ChildPool,
+    child_env,
 )
+from rbit.supervisor import CANCEL_REASON, DEFAULT_KILL_GRACE, StopSignal, kill_grace
 
 logger = logging.getLogger(__name__)
 
 #: Seconds between SIGTERM and SIGKILL by default (``kill_grace``).
 KILL_GRACE = DEFAULT_KILL_GRACE
-#: Bytes of the child's stderr quoted when it dies without an outcome.
-STDERR_TAIL = 2000
-#: Environment variables naming the child's protocol file descriptors.
-IN_FD_ENV = "RBIT_PROTOCOL_IN_FD"
-OUT_FD_ENV = "RBIT_PROTOCOL_OUT_FD"
 
-_LINGERING = "the runner returned but its process did not exit"
+__all__ = [  # the child's side imports the protocol's names from here
+    "IN_FD_ENV", "LIFELINE_FD_ENV", "OUT_FD_ENV", "STDERR_TAIL", "PythonRunner",
+    "call_runner", "describe_exception", "is_batch_factory", "load_python_runner",
+    "resolve_target",
+]
 
 SetStatus = Callable[..., None]
 RunnerFunc = Callable[[Message, SetStatus, dict], Any]
@@ -240,8 +232,10 @@ class PythonRunner:
         self._func = func
         self.stop = StopSignal()
         self.grace = DEFAULT_KILL_GRACE
-        if self.in_child:
+        self._children: ChildPool | None = None
+        if self.in_child or func is None:
             self.grace = kill_grace(settings.settings, settings.queue)
+            self._children = ChildPool(settings, self.grace, self.stop)
 
     @property
     def in_child(self) -> bool:
@@ -255,8 +249,8 @@ class PythonRunner:
             message: The job.
             set_status: Receives ``(Status, message)`` for every status reported.
         """
-        if self.in_child or self._func is None:
-            return self._run_child(message, set_status)
+        if self._children is not None:
+            return self._children.run(message, set_status)
         return call_runner(self._func, message, set_status, self.settings.settings)
 
     def cancel(self) -> None:
@@ -268,206 +262,21 @@ class PythonRunner:
         """
         self.stop.set(CANCEL_REASON, wake=True)
 
-    def _run_child(self, message: Message, set_status: SetStatus) -> Outcome:
-        """Runs the job in a child, supervised from this thread on a loop of its own."""
-        if self.stop.is_set():
-            return Outcome.blocked(self.stop.reason)
-        with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
-            try:
-                proc, proto = _start_child(self.settings, message, stdout, stderr)
-            except OSError as exc:
-                return Outcome.failed(f"cannot start runner process: {exc}")
-            loop = PollLoop()
-            try:
-                job = _ChildJob(self, proc, proto, message.job_id, set_status, loop)
-            except BaseException:
-                os.close(proto)
-                signal_group(proc.pid, signal.SIGKILL, message.job_id)
-                proc.wait()
-                raise
-            try:
-                loop.run_until(lambda: job.finished)
-            except BaseException:  # e.g. KeyboardInterrupt: the child must not outlive us
-                job.abort()
-                raise
-            _log_output(message, stdout)
-            return job.result(stderr)
+    def start(self) -> None:
+        """Start the warm children (one per ``concurrency`` slot), if jobs run in them."""
+        if self._children is not None:
+            self._children.start()
 
-
-class _ChildJob(Supervisor):
-    """One job in one child process: its protocol pipe read, its end judged."""
-
-    log = logger
-
-    def __init__(
-        self,
-        runner: PythonRunner,
-        proc: subprocess.Popen,
-        proto: int,
-        job_id: str,
-        set_status: SetStatus,
-        loop: PollLoop,
-    ) -> None:
-        self.set_status = set_status
-        self.outcome: Outcome | None = None
-        self._proto = proto
-        self._buffer = b""
-        self._end: tuple[int | None, str | None] = (None, None)
-        self._error: Exception | None = None
-        super().__init__(
-            proc,
-            loop,
-            ((proto, self._feed),),
-            label=job_id,
-            grace=runner.grace,
-            timeout=runner.settings.timeout,
-            stop_fd=runner.stop.fd,
-        )
-
-    def on_end(self, code: int | None, stopped: str | None) -> None:
-        self._end = (code, stopped)
-        self.release()
-
-    def on_error(self, exc: Exception) -> None:
-        self._error = exc
-
-    def release(self) -> None:
-        super().release()
-        os.close(self._proto)
-
-    def result(self, stderr: IO[bytes]) -> Outcome:
-        """The job's outcome, once the child is gone (``stderr``: what it wrote there)."""
-        if self.outcome is not None:  # the runner's word wins, even if it was slow to exit
-            return self.outcome
-        if self._error is not None:
-            return Outcome.failed(
-                f"internal error while supervising the runner process: {self._error}"
-            )
-        code, stopped = self._end
-        if stopped is not None:
-            return stop_outcome(stopped, self.timeout)
-        if code is None:
-            return Outcome.failed("the runner process could not be stopped")
-        how = killed_by(code) if code < 0 else f"exited with code {code}"
-        return Outcome.failed(f"runner process {how} without an outcome; stderr: {_tail(stderr)}")
-
-    def _feed(self, chunk: bytes) -> None:
-        self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            self._handle(line)
-
-    def _handle(self, line: bytes) -> None:
-        try:
-            event = json.loads(line)
-            if "status" in event:
-                self.set_status(Status.parse(event["status"]), str(event.get("message", "")))
-            elif "outcome" in event:
-                self.outcome = _outcome_from(event)
-                # A runner may leave non-daemon threads behind: the child gets
-                # kill_grace seconds to exit by itself.
-                self.set_deadline(self.grace, _LINGERING)
-        except (ValueError, TypeError, KeyError) as exc:
-            logger.warning(
-                "job %s: bad line from runner child: %r (%s)", self.label, line[:200], exc
-            )
-
-
-def _start_child(
-    settings: RunnerSettings, message: Message, stdout: IO[bytes], stderr: IO[bytes]
-) -> tuple[subprocess.Popen, int]:
-    """Starts the child in a session of its own; returns it and its protocol pipe."""
-    req_r, req_w = os.pipe()
-    out_r, out_w = os.pipe()
-    command = [settings.python or sys.executable, "-m", "rbit.runners.child", settings.target]
-    try:
-        # An argv list from the config, no shell: message content never reaches it.
-        proc = subprocess.Popen(  # noqa: S603
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            pass_fds=(req_r, out_w),
-            env=_child_env(req_r, out_w),
-            start_new_session=True,
-        )
-    except OSError:
-        os.close(req_w)
-        os.close(out_r)
-        raise
-    finally:
-        # The child's ends: kept open here, EOF would never reach either side.
-        os.close(req_r)
-        os.close(out_w)
-    logger.debug("job %s: runner child %d started", message.job_id, proc.pid)
-    _send_request(req_w, json.dumps(_request(message, settings.settings)) + "\n")
-    return proc, out_r
-
-
-def _send_request(fd: int, line: str) -> None:
-    # A writer thread: a huge body must not deadlock against a child that is
-    # already printing statuses we have not read yet.
-    def write() -> None:
-        try:
-            with os.fdopen(fd, "wb") as pipe:
-                pipe.write(line.encode())
-        except OSError:  # the child died early; its exit is reported by the job
-            pass
-
-    threading.Thread(target=write, name="rbit-child-feed", daemon=True).start()
-
-
-def _request(message: Message, settings: Mapping[str, str]) -> dict[str, Any]:
-    return {
-        "body": base64.b64encode(message.body).decode("ascii"),
-        "queue": message.queue,
-        "headers": json_safe(dict(message.headers or {})),
-        "redelivered": bool(message.redelivered),
-        "message_id": message.message_id,
-        "content_type": message.content_type,
-        "allowed_classes": sorted(message.allowed_classes),
-        "settings": dict(settings),
-    }
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with bytes as text and anything else not JSON as its ``str``."""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8", "replace")
-    if isinstance(value, Mapping):
-        return {str(key): json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
-
-
-def _outcome_from(event: Mapping[str, Any]) -> Outcome:
-    kind = event["outcome"]
-    reason = str(event.get("reason") or "")
-    delay = event.get("delay")
-    makers = {"done": Outcome.done, "failed": Outcome.failed, "rejected": Outcome.rejected}
-    if kind == "blocked":
-        return Outcome.blocked(reason, None if delay is None else float(delay))
-    return makers[kind](reason)
-
-
-def _child_env(in_fd: int, out_fd: int) -> dict[str, str]:
-    env = dict(os.environ)
-    # The child interpreter may be another Python: it must still find rbit itself.
-    root = str(Path(__file__).resolve().parents[2])
-    paths = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env[IN_FD_ENV] = str(in_fd)
-    env[OUT_FD_ENV] = str(out_fd)
-    return env
+    def close(self, timeout: float) -> None:
+        """Let the children go: idle ones now, busy ones once their job ends."""
+        if self._children is not None:
+            self._children.close(timeout)
 
 
 def _check_in_interpreter(python: str, target: str) -> None:
     """Resolve ``target`` inside the interpreter that will run it."""
     command = [python, "-m", "rbit.runners.child", "--check", target]
-    env = _child_env(-1, -1)
+    env = child_env({})
     try:
         done = subprocess.run(  # noqa: S603 (argv from the config, no shell)
             command, capture_output=True, env=env, timeout=120, stdin=subprocess.DEVNULL
@@ -486,15 +295,3 @@ def _check_in_interpreter(python: str, target: str) -> None:
         raise RunnerLoadError(
             f"{target!r} is a batch runner; those cannot run in another interpreter"
         )
-
-
-def _tail(stream: IO[bytes]) -> str:
-    stream.seek(0, os.SEEK_END)
-    size = stream.tell()
-    stream.seek(max(0, size - STDERR_TAIL))
-    return stream.read().decode("utf-8", "replace").strip()
-
-
-def _log_output(message: Message, stdout: IO[bytes]) -> None:
-    if logger.isEnabledFor(logging.DEBUG):
-        logger.debug("job %s: runner stdout ends: %s", message.job_id, _tail(stdout))

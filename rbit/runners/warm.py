@@ -1,0 +1,491 @@
+"""Warm child processes for ``python!`` runners: one interpreter serves many jobs.
+
+A ``python!`` section with ``python =`` or ``timeout =`` runs its jobs in child
+processes (:mod:`rbit.runners.child`). A :class:`ChildPool` keeps up to
+``concurrency`` of them warm: each is started once (at worker start, under the
+section's interpreter), imports the runner once, then runs jobs one at a time over its
+JSON-lines pipes. A job thread borrows an idle child for one job and gives it back.
+
+Each child is a :class:`WarmChild`, supervised like any process rbit starts
+(:class:`rbit.supervisor.Supervisor`): it leads a process group (and session) of its
+own; while a job runs, the borrowing thread watches its pipes, its exit and the job's
+deadline from the child's private :class:`rbit.fdloop.PollLoop`.
+
+* A job past ``timeout`` has its child's whole group stopped (SIGTERM, SIGKILL after
+  ``kill_grace``) and fails with ``timed out after N s``; a child that dies mid-job
+  (a signal, ``os._exit``, the OOM killer) fails that job only. Either way a fresh child
+  is started for the slot at once.
+* A child is retired after the job that reaches ``max_jobs_per_child`` or leaves it
+  above ``max_memory_per_child`` bytes of RSS (``/proc/<pid>/statm``): its request pipe
+  is closed, which it reads as "exit now", and a fresh child takes the slot.
+* A child that dies while idle is replaced without failing anything.
+* A child notices a dead worker through a lifeline pipe and kills its own group (see
+  :mod:`rbit.runners.child`); closing the pool retires idle children, and a child still
+  busy is retired when its job ends.
+
+What a warm child shares between jobs: everything a Python process keeps -- imported
+modules, module globals, caches, open files, threads the runner started, the current
+directory and environment changes it made. ``max_jobs_per_child = 1`` gives every job
+a fresh interpreter again.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any, Callable
+
+from rbit.config import RunnerSettings
+from rbit.fdloop import PollLoop
+from rbit.message import Message
+from rbit.outcome import Outcome, Status
+from rbit.supervisor import (
+    StopSignal,
+    Supervisor,
+    close_fds,
+    killed_by,
+    signal_group,
+    stop_outcome,
+)
+
+logger = logging.getLogger("rbit.runners.python")
+
+#: Environment variables naming the child's protocol and lifeline file descriptors.
+IN_FD_ENV = "RBIT_PROTOCOL_IN_FD"
+OUT_FD_ENV = "RBIT_PROTOCOL_OUT_FD"
+LIFELINE_FD_ENV = "RBIT_LIFELINE_FD"
+#: Bytes of the child's stderr quoted when it dies without an outcome.
+STDERR_TAIL = 2000
+
+_RETIRED = "retired child did not exit after its last job"
+_REAP_WAIT = 15.0  # beyond the grace: SIGKILL, then reaping (rbit.supervisor)
+
+SetStatus = Callable[..., None]
+
+
+class ChildPool:
+    """Up to ``concurrency`` warm children for one runner section; any thread may borrow.
+
+    Args:
+        settings: The section (``python``, ``target``, ``timeout``, ``concurrency``,
+            ``max_jobs_per_child``, ``max_memory_per_child``).
+        grace: Seconds between SIGTERM and SIGKILL (``kill_grace``).
+        stop: Set when the worker stops for good; stops running children.
+    """
+
+    def __init__(self, settings: RunnerSettings, grace: float, stop: StopSignal) -> None:
+        self.settings = settings
+        self.grace = grace
+        self.stop = stop
+        self._idle: list[WarmChild] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def start(self) -> None:
+        """Start ``concurrency`` children now, so that the first jobs find them warm."""
+        for _ in range(self.settings.concurrency - len(self._idle)):
+            if not self._add_child():
+                return
+
+    def run(self, message: Message, set_status: SetStatus) -> Outcome:
+        """Run one job in an idle child (started now if none is) and give the child back.
+
+        Args:
+            message: The job.
+            set_status: Receives ``(Status, message)`` for every status reported.
+        """
+        if self.stop.is_set():
+            return Outcome.blocked(self.stop.reason)
+        try:
+            child = self._borrow()
+        except OSError as exc:
+            return Outcome.failed(f"cannot start runner process: {exc}")
+        line = json.dumps(request(message, self.settings.settings)) + "\n"
+        try:
+            outcome = child.run_job(message.job_id, line.encode(), set_status)
+        except BaseException:  # e.g. KeyboardInterrupt: the child must not outlive us
+            child.abort()
+            raise
+        self._give_back(child)
+        return outcome
+
+    def close(self, timeout: float) -> None:
+        """Retire idle children (busy ones when their job ends); wait up to ``timeout``."""
+        with self._lock:
+            self._closed = True
+            children, self._idle = self._idle, []
+        for child in children:
+            child.retire()
+        for child in children:
+            child.wait_gone(timeout)
+
+    # ------------------------------------------------------------------ the slots
+
+    def _borrow(self) -> WarmChild:
+        while True:
+            with self._lock:
+                child = self._idle.pop() if self._idle else None
+            if child is None:
+                return spawn(self.settings, self.grace, self.stop)
+            if child.alive():
+                return child
+            logger.warning("runner child %d exited while idle (code %s); starting another",
+                           child.proc.pid, child.proc.returncode)
+            child.abort()
+
+    def _give_back(self, child: WarmChild) -> None:
+        if child.usable() and not self._retiring(child):
+            with self._lock:
+                if not self._closed:
+                    self._idle.append(child)
+                    return
+        # The slot's next child starts first: it boots while this one exits.
+        self._add_child()
+        child.retire()
+        child.wait_gone(self.grace + _REAP_WAIT)
+
+    def _retiring(self, child: WarmChild) -> bool:
+        limit = self.settings.max_jobs_per_child
+        if limit is not None and child.jobs >= limit:
+            logger.debug("runner child %d retires after %d jobs", child.proc.pid, child.jobs)
+            return True
+        memory = self.settings.max_memory_per_child
+        if memory is not None:
+            rss = rss_bytes(child.proc.pid)
+            if rss is not None and rss > memory:
+                logger.info("runner child %d retires: RSS %d bytes is above %d",
+                            child.proc.pid, rss, memory)
+                return True
+        return False
+
+    def _add_child(self) -> bool:
+        """Start a child for an idle slot; False if none should or could be started."""
+        if self._closed or self.stop.is_set():
+            return False
+        try:
+            child = spawn(self.settings, self.grace, self.stop)
+        except OSError as exc:  # the next job tries again, and fails with the reason
+            logger.error("[runner:%s]: cannot start runner process: %s",
+                         self.settings.queue, exc)
+            return False
+        with self._lock:
+            if not self._closed:
+                self._idle.append(child)
+                return True
+        child.retire()
+        child.wait_gone(self.grace + _REAP_WAIT)
+        return False
+
+
+class WarmChild(Supervisor):
+    """One long-lived child process: sends it jobs, hears their statuses and outcomes.
+
+    Used by one thread at a time; its loop runs only while that thread waits for it.
+    """
+
+    log = logger
+
+    def __init__(
+        self,
+        proc: subprocess.Popen,
+        pipes: tuple[int, int, int],
+        output: tuple[IO[bytes], IO[bytes]],
+        *,
+        grace: float,
+        timeout: float | None,
+        stop_fd: int,
+    ) -> None:
+        self._requests, replies, _ = pipes
+        self._stdout, self._stderr = output
+        self.jobs = 0
+        self._job: _Job | None = None
+        self._buffer = b""
+        self._end: tuple[int | None, str | None] = (None, None)
+        self._stderr_tail = ""
+        self._error: Exception | None = None
+        # Our ends of its pipes; also closed if the pool is dropped unclosed, so that
+        # the child reads EOF and exits.
+        self._pipes = list(pipes)
+        self._fds = weakref.finalize(self, _close_all, self._pipes, output)
+        super().__init__(proc, PollLoop(), ((replies, self._feed),),
+                         label=_idle_label(proc.pid), grace=grace, stop_fd=stop_fd)
+        self.timeout = timeout  # per job, set by run_job, not for the child's whole life
+
+    def run_job(self, job_id: str, line: bytes, set_status: SetStatus) -> Outcome:
+        """Run one job (``line``: its request) to its outcome; the child may die of it."""
+        job = self._job = _Job(set_status)
+        self.label = job_id
+        os.ftruncate(self._stdout.fileno(), 0)
+        os.ftruncate(self._stderr.fileno(), 0)
+        _send(self._requests, line)
+        if self.timeout is not None:
+            self.set_deadline(self.timeout)
+        self.loop.run_until(lambda: job.outcome is not None or self.finished)
+        self._job = None
+        self.jobs += 1
+        if job.outcome is None:
+            return self._end_outcome()
+        _log_output(job_id, self._stdout)
+        self.label = _idle_label(self.proc.pid)
+        return job.outcome
+
+    def alive(self) -> bool:
+        """Whether the child still runs (reaps it if not)."""
+        return self.proc.poll() is None
+
+    def usable(self) -> bool:
+        """Whether the child can take another job."""
+        return not self.finished and self.stopped is None and not self._exited
+
+    def retire(self) -> None:
+        """Ask the child to exit (EOF on its requests); stop it if it has not within grace."""
+        if self.finished:
+            return
+        if self._requests in self._pipes:
+            self._pipes.remove(self._requests)
+            os.close(self._requests)
+        self.set_deadline(self.grace, _RETIRED)
+
+    def wait_gone(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the child's end; kill it after that."""
+        if self.finished:
+            return
+        wake = self.loop.call_later(timeout, lambda: None)  # to look at the clock then
+        deadline = time.monotonic() + timeout
+        self.loop.run_until(lambda: self.finished or time.monotonic() >= deadline)
+        wake.cancel()
+        if not self.finished:
+            self.abort()
+
+    # ----------------------------------------------------------- Supervisor hooks
+
+    def on_end(self, code: int | None, stopped: str | None) -> None:
+        self._end = (code, stopped)
+        if self._job is not None:  # quoted in the job's outcome
+            self._stderr_tail = tail(self._stderr)
+        self.release()
+
+    def on_error(self, exc: Exception) -> None:
+        self._error = exc
+
+    def release(self) -> None:
+        super().release()
+        self._fds()  # the pipes and output files, once
+
+    # ---------------------------------------------------------------- internals
+
+    def _end_outcome(self) -> Outcome:
+        if self._error is not None:
+            return Outcome.failed(
+                f"internal error while supervising the runner process: {self._error}"
+            )
+        code, stopped = self._end
+        if stopped is not None:
+            return stop_outcome(stopped, self.timeout)
+        if code is None:
+            return Outcome.failed("the runner process could not be stopped")
+        how = killed_by(code) if code < 0 else f"exited with code {code}"
+        return Outcome.failed(
+            f"runner process {how} without an outcome; stderr: {self._stderr_tail}"
+        )
+
+    def _feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            self._handle(line)
+
+    def _handle(self, line: bytes) -> None:
+        job = self._job
+        try:
+            event = json.loads(line)
+            if job is None:
+                return  # a stray line between jobs (the child drops them; an old child may not)
+            if "status" in event:
+                job.set_status(Status.parse(event["status"]), str(event.get("message", "")))
+            elif "outcome" in event:
+                # Before the loop looks at its timers: a deadline due now must not stop
+                # a child whose job has ended.
+                self.clear_deadline()
+                job.outcome = outcome_from(event)
+        except (ValueError, TypeError, KeyError) as exc:
+            logger.warning(
+                "job %s: bad line from runner child: %r (%s)", self.label, line[:200], exc
+            )
+
+
+class _Job:
+    __slots__ = ("set_status", "outcome")
+
+    def __init__(self, set_status: SetStatus) -> None:
+        self.set_status = set_status
+        self.outcome: Outcome | None = None
+
+
+def spawn(settings: RunnerSettings, grace: float, stop: StopSignal) -> WarmChild:
+    """Start one child for ``settings`` in a session of its own.
+
+    Raises:
+        OSError: The interpreter could not be started.
+    """
+    req_r, req_w = os.pipe()
+    out_r, out_w = os.pipe()
+    life_r, life_w = os.pipe()
+    output = (_output_file(), _output_file())
+    command = [settings.python or sys.executable, "-m", "rbit.runners.child", settings.target]
+    try:
+        # An argv list from the config, no shell: message content never reaches it.
+        proc = subprocess.Popen(  # noqa: S603
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=output[0],
+            stderr=output[1],
+            pass_fds=(req_r, out_w, life_r),
+            env=child_env({IN_FD_ENV: req_r, OUT_FD_ENV: out_w, LIFELINE_FD_ENV: life_r}),
+            start_new_session=True,
+        )
+    except OSError:
+        close_fds(req_w, out_r, life_w)
+        for file in output:
+            file.close()
+        raise
+    finally:
+        # The child's ends: kept open here, EOF would never reach either side.
+        close_fds(req_r, out_w, life_r)
+    os.set_blocking(req_w, False)
+    try:
+        child = WarmChild(proc, (req_w, out_r, life_w), output, grace=grace,
+                          timeout=settings.timeout, stop_fd=stop.fd)
+    except BaseException:
+        close_fds(req_w, out_r, life_w)
+        signal_group(proc.pid, signal.SIGKILL, "runner child")
+        proc.wait()
+        raise
+    logger.debug("[runner:%s]: runner child %d started", settings.queue, proc.pid)
+    return child
+
+
+def child_env(fds: Mapping[str, int]) -> dict[str, str]:
+    """The environment of a runner child: the worker's, rbit importable, ``fds`` named."""
+    env = dict(os.environ)
+    # The child interpreter may be another Python: it must still find rbit itself.
+    root = str(Path(__file__).resolve().parents[2])
+    paths = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.update({name: str(fd) for name, fd in fds.items()})
+    return env
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of ``pid`` in bytes, or None where ``/proc`` cannot tell."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as file:
+            return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def request(message: Message, settings: Mapping[str, str]) -> dict[str, Any]:
+    """The JSON request that carries ``message`` to a child."""
+    return {
+        "body": base64.b64encode(message.body).decode("ascii"),
+        "queue": message.queue,
+        "headers": json_safe(dict(message.headers or {})),
+        "redelivered": bool(message.redelivered),
+        "message_id": message.message_id,
+        "content_type": message.content_type,
+        "allowed_classes": sorted(message.allowed_classes),
+        "settings": dict(settings),
+    }
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with bytes as text and anything else not JSON as its ``str``."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, Mapping):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def outcome_from(event: Mapping[str, Any]) -> Outcome:
+    """The :class:`Outcome` a child reported."""
+    kind = event["outcome"]
+    reason = str(event.get("reason") or "")
+    delay = event.get("delay")
+    makers = {"done": Outcome.done, "failed": Outcome.failed, "rejected": Outcome.rejected}
+    if kind == "blocked":
+        return Outcome.blocked(reason, None if delay is None else float(delay))
+    return makers[kind](reason)
+
+
+def _send(fd: int, data: bytes) -> None:
+    """Writes a request without blocking; what the pipe cannot take goes from a thread."""
+    try:
+        written = os.write(fd, data)
+    except BlockingIOError:
+        written = 0
+    except BrokenPipeError:  # the child died; its end is reported by the job
+        return
+    if written < len(data):
+        # A body bigger than the pipe: the child reads it while we watch its replies.
+        copy = os.dup(fd)
+        threading.Thread(target=_write_rest, args=(copy, data[written:]),
+                         name="rbit-child-feed", daemon=True).start()
+
+
+def _write_rest(fd: int, data: bytes) -> None:
+    try:
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "wb") as pipe:
+            pipe.write(data)
+    except OSError:  # the child died meanwhile
+        pass
+
+
+def _output_file() -> IO[bytes]:
+    # Appending: the child's writes follow our truncation at each job's start.
+    file = tempfile.TemporaryFile()  # noqa: SIM115 - the child's whole life, closed on release
+    flags = fcntl.fcntl(file.fileno(), fcntl.F_GETFL)
+    fcntl.fcntl(file.fileno(), fcntl.F_SETFL, flags | os.O_APPEND)
+    return file
+
+
+def _idle_label(pid: int) -> str:
+    return f"(idle child {pid})"
+
+
+def tail(stream: IO[bytes]) -> str:
+    """The last :data:`STDERR_TAIL` bytes of ``stream``, as text."""
+    stream.seek(0, os.SEEK_END)
+    size = stream.tell()
+    stream.seek(max(0, size - STDERR_TAIL))
+    return stream.read().decode("utf-8", "replace").strip()
+
+
+def _close_all(fds: list[int], files: tuple[IO[bytes], ...]) -> None:
+    while fds:
+        os.close(fds.pop())
+    for file in files:
+        file.close()
+
+
+def _log_output(job_id: str, stdout: IO[bytes]) -> None:
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("job %s: runner stdout ends: %s", job_id, tail(stdout))
