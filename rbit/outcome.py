@@ -26,9 +26,9 @@ class Status(str, enum.Enum):
         """The status named by ``value`` (case-insensitive); ``ValueError`` otherwise."""
         if isinstance(value, Status):
             return value
-        for status in cls:
-            if status.value.lower() == str(value).strip().lower():
-                return status
+        status = _STATUS_NAMES.get(str(value).strip().lower())
+        if status is not None:
+            return status
         names = ", ".join(s.value for s in cls)
         raise ValueError(f"unknown status {value!r}; expected one of {names}")
 
@@ -36,6 +36,9 @@ class Status(str, enum.Enum):
     def terminal(self) -> bool:
         """A status after which the runner's work on the job is over."""
         return self in (Status.DONE, Status.FAILED, Status.CANCELLED, Status.UPLOADED)
+
+
+_STATUS_NAMES = {status.value.lower(): status for status in Status}
 
 
 class Kind(str, enum.Enum):
