@@ -17,7 +17,9 @@ How the call ends decides the job's :class:`rbit.outcome.Outcome`:
   republished after a delay;
 * raising :class:`rbit.errors.Reject`: rejected, the job goes to the dead letters;
   so does an uncaught :class:`rbit.errors.DecodeError` (a body that never decodes);
-* raising anything else: failed, with ``"ExcType: message"`` and the traceback.
+* raising anything else: failed, with ``"ExcType: message"`` and the traceback --
+  ``SystemExit``, ``KeyboardInterrupt`` and any other ``BaseException`` included: they
+  end the job, never the worker thread that ran it.
 
 By default the callable runs in the calling (worker) thread. With ``python = PATH`` or
 ``timeout = SECONDS`` in the section it runs in a child process instead
@@ -75,6 +77,7 @@ from rbit.errors import Blocked, DecodeError, Reject, RunnerLoadError
 from rbit.fdloop import PollLoop
 from rbit.message import Message
 from rbit.outcome import Outcome, Status
+from rbit.runners.environment import job_environment
 from rbit.supervisor import (
     CANCEL_REASON,
     DEFAULT_KILL_GRACE,
@@ -119,7 +122,7 @@ def load_python_runner(
             callable, or a batch runner lacks ``submit``/``close``.
     """
     if runner.python:
-        _check_in_interpreter(runner.python, runner.target)
+        _check_in_interpreter(runner.python, runner.target, job_environment(runner))
         return PythonRunner(runner, None)
     target = resolve_target(runner.target)
     if is_batch_factory(target):
@@ -192,7 +195,7 @@ def call_runner(
         return Outcome.rejected(exc.reason)
     except DecodeError as exc:  # the body will never decode: retrying cannot help
         return Outcome.rejected(f"undecodable body: {exc}")
-    except (Exception, SystemExit) as exc:
+    except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the thread lives on
         return Outcome.failed(describe_exception(exc))
     return tracker.outcome()
 
@@ -240,8 +243,10 @@ class PythonRunner:
         self._func = func
         self.stop = StopSignal()
         self.grace = DEFAULT_KILL_GRACE
+        self.env: dict[str, str] = {}  # a child's, without secrets: built once
         if self.in_child:
             self.grace = kill_grace(settings.settings, settings.queue)
+            self.env = job_environment(settings)
 
     @property
     def in_child(self) -> bool:
@@ -274,7 +279,7 @@ class PythonRunner:
             return Outcome.blocked(self.stop.reason)
         with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
             try:
-                proc, proto = _start_child(self.settings, message, stdout, stderr)
+                proc, proto = _start_child(self.settings, message, stdout, stderr, self.env)
             except OSError as exc:
                 return Outcome.failed(f"cannot start runner process: {exc}")
             loop = PollLoop()
@@ -374,7 +379,8 @@ class _ChildJob(Supervisor):
 
 
 def _start_child(
-    settings: RunnerSettings, message: Message, stdout: IO[bytes], stderr: IO[bytes]
+    settings: RunnerSettings, message: Message, stdout: IO[bytes], stderr: IO[bytes],
+    env: Mapping[str, str],
 ) -> tuple[subprocess.Popen, int]:
     """Starts the child in a session of its own; returns it and its protocol pipe."""
     req_r, req_w = os.pipe()
@@ -388,7 +394,7 @@ def _start_child(
             stdout=stdout,
             stderr=stderr,
             pass_fds=(req_r, out_w),
-            env=_child_env(req_r, out_w),
+            env=_child_env(req_r, out_w, dict(env)),
             start_new_session=True,
         )
     except OSError:
@@ -453,8 +459,8 @@ def _outcome_from(event: Mapping[str, Any]) -> Outcome:
     return makers[kind](reason)
 
 
-def _child_env(in_fd: int, out_fd: int) -> dict[str, str]:
-    env = dict(os.environ)
+def _child_env(in_fd: int, out_fd: int, env: dict[str, str]) -> dict[str, str]:
+    # ``env``: the job's environment (rbit.runners.environment), completed here.
     # The child interpreter may be another Python: it must still find rbit itself.
     root = str(Path(__file__).resolve().parents[2])
     paths = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -464,10 +470,10 @@ def _child_env(in_fd: int, out_fd: int) -> dict[str, str]:
     return env
 
 
-def _check_in_interpreter(python: str, target: str) -> None:
-    """Resolve ``target`` inside the interpreter that will run it."""
+def _check_in_interpreter(python: str, target: str, env: dict[str, str]) -> None:
+    """Resolve ``target`` inside the interpreter that will run it, in a job's ``env``."""
     command = [python, "-m", "rbit.runners.child", "--check", target]
-    env = _child_env(-1, -1)
+    env = _child_env(-1, -1, env)
     try:
         done = subprocess.run(  # noqa: S603 (argv from the config, no shell)
             command, capture_output=True, env=env, timeout=120, stdin=subprocess.DEVNULL
