@@ -73,7 +73,8 @@ def test_sighup_stops_the_worker_gracefully_and_the_job_finishes(
     assert code == 0, worker.output
     assert "received SIGHUP" in worker.output
     assert rabbit.list_queues(vhost)[QUEUE] == (0, 0)  # the job ran to its end: acked
-    assert not pid_alive(leader) and not pid_alive(grandchild)
+    assert not pid_alive(leader)
+    assert not pid_alive(grandchild)
     assert not any(path.exists() for path in _body_dirs(out))
 
 
@@ -88,7 +89,8 @@ def test_sighup_whose_grace_runs_out_stops_the_job_and_exits_3(
     code = worker.wait(timeout=30)
 
     assert code == 3, worker.output
-    assert not pid_alive(leader) and not pid_alive(grandchild)
+    assert not pid_alive(leader)
+    assert not pid_alive(grandchild)
     assert rabbit.list_queues(vhost)[QUEUE] == (1, 0)  # left for redelivery
     assert not any(path.exists() for path in _body_dirs(out))
 
@@ -103,7 +105,8 @@ def test_after_sigkill_the_next_start_stops_the_old_copy_before_running_the_job_
 
     first.proc.kill()  # SIGKILL to the worker alone: its job runs on, orphaned
     first.wait(timeout=10)
-    assert pid_alive(old_leader) and pid_alive(old_grandchild)
+    assert pid_alive(old_leader)
+    assert pid_alive(old_grandchild)
     old_dirs = _body_dirs(out)
     assert all(path.exists() for path in old_dirs)
 
@@ -112,14 +115,16 @@ def test_after_sigkill_the_next_start_stops_the_old_copy_before_running_the_job_
 
     seen = [json.loads(line) for line in (out / "seen").read_text().splitlines()]
     assert seen[1] == [], f"copies of the job still running at the restart: {seen[1]}"
-    assert not pid_alive(old_leader) and not pid_alive(old_grandchild)
+    assert not pid_alive(old_leader)
+    assert not pid_alive(old_grandchild)
     assert not any(path.exists() for path in old_dirs)
     assert "left 1 job process group(s) running" in second.output
 
     second.signal(signal.SIGTERM)
     assert second.wait(timeout=30) == 3, second.output  # the grace (1 s) ran out
     new_leader, new_grandchild = copies[1]
-    assert not pid_alive(new_leader) and not pid_alive(new_grandchild)
+    assert not pid_alive(new_leader)
+    assert not pid_alive(new_grandchild)
     assert not any(path.exists() for path in _body_dirs(out))
     assert not _records_of({first.proc.pid, second.proc.pid})
 
