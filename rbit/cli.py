@@ -24,10 +24,12 @@ log = logging.getLogger("rbit")
 class ExitCode(enum.IntEnum):
     """The worker's exit codes."""
 
-    OK = 0  # stopped cleanly on SIGTERM/SIGINT
+    OK = 0  # stopped cleanly on SIGTERM/SIGINT/SIGHUP
     ERROR = 1  # an unexpected error
     USAGE = 2  # bad command line
-    FORCED = 3  # a second signal cut running jobs short (they are redelivered)
+    # Running jobs were cut short, by a second signal or because shutdown_grace ran
+    # out; they are redelivered.
+    FORCED = 3
     NO_QUEUE = 66  # rbit dead-letters: the queue to read does not exist (EX_NOINPUT)
     BROKER_UNREACHABLE = 69  # no AMQP host accepted a connection at start (EX_UNAVAILABLE)
     CONFIG = 78  # the configuration is invalid (EX_CONFIG)
@@ -71,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(settings: Settings, poll_time: float | None = None) -> int:
-    """Run a worker in the foreground until SIGTERM/SIGINT."""
+    """Run a worker in the foreground until SIGTERM, SIGINT or SIGHUP."""
     from rbit.worker import Worker
 
     stop, force = threading.Event(), threading.Event()
@@ -82,8 +84,10 @@ def run(settings: Settings, poll_time: float | None = None) -> int:
         stop.set()
         log.info("received %s", signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP (a closed terminal, a service manager's reload) stops the worker as
+    # SIGTERM does: its default would end it at once, leaving its jobs running.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     try:
         worker = Worker(settings, poll_time=poll_time)
         worker.start()

@@ -7,6 +7,7 @@ Nothing else in rbit reads the ini file or the environment. Every error raised h
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import difflib
 import math
 import os
@@ -99,6 +100,9 @@ class RunnerSettings:
     # jsonpickle_classes), added to the decoder's built-in allow-list.
     allowed_classes: frozenset[str] = frozenset()
     settings: Mapping[str, str] = field(default_factory=dict)  # every other key
+    # Environment variables the file interpolated into a secret key (anywhere in it):
+    # never passed on to a job's process (rbit.runners.environment).
+    secret_env: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,8 @@ class Settings:
     # Python logging sections present ([loggers], [handler_x], ...), in file order; when
     # any is, the CLI may hand the file to logging.config.fileConfig.
     logging_sections: tuple[str, ...] = ()
+    # Environment variables interpolated into a secret key (see RunnerSettings).
+    secret_env: frozenset[str] = frozenset()
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,6 +217,8 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
         if name.startswith(_RUNNER_PREFIX)
     )
     _check_unique_queues(path, runners)
+    secret_env = secret_env_names(parser)
+    runners = tuple(dataclasses.replace(runner, secret_env=secret_env) for runner in runners)
     warnings.extend(_unknown_sections(path, parser.sections()))
     for name in ("rbit", "amqp", "status"):
         if name in readers:
@@ -223,6 +231,7 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
         runners=runners,
         warnings=tuple(warnings),
         logging_sections=tuple(n for n in parser.sections() if _is_logging_section(n)),
+        secret_env=secret_env,
     )
 
 
@@ -320,6 +329,17 @@ def _unknown_sections(path: str, names: Sequence[str]) -> list[str]:
 def _suggestion(word: str, candidates: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, candidates, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def secret_env_names(parser: configparser.ConfigParser) -> frozenset[str]:
+    """The variables that ``${NAME}`` references put into secret keys, in any section."""
+    names: set[str] = set()
+    for section in parser.sections():
+        for key, value in parser[section].items():
+            if _is_secret(key):
+                names.update(match.group(2) for match in _ENV_REFERENCE.finditer(value)
+                             if match.group(2))
+    return frozenset(names)
 
 
 def _is_secret(key: str) -> bool:

@@ -155,6 +155,7 @@ class JobPool:
 
     def _settle(self, delivery: Delivery, outcome: Outcome, set_status: JobStatus) -> None:
         if self._cancelled:  # cut short by a second signal: left unacked, so redelivered
+            set_status.final(None)
             log.warning("job %s: stopped before it ended; the broker will redeliver it",
                         delivery.message.job_id)
             self._settled()
@@ -167,7 +168,9 @@ class JobPool:
         if settlement.status is not None and not said and (
             settlement.status is not last or settlement.note
         ):
-            set_status(settlement.status, settlement.note)
+            set_status.final(settlement.status, settlement.note)
+        else:
+            set_status.final(None)
         # Free the slot before handing over: in poll mode the I/O thread asks for the
         # next job as soon as it carried out the ack, and must see the capacity then.
         self._settled()
@@ -283,7 +286,7 @@ class ThreadPool(_QueuedPool):
         set_status(Status.BUILDING, "")
         try:
             outcome = self.runner.run(delivery.message, set_status)
-        except Exception as exc:  # a runner must not take a worker thread down
+        except BaseException as exc:  # a runner must not take a worker thread down
             outcome = Outcome.failed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         self._settle(delivery, outcome, set_status)
 
@@ -418,16 +421,39 @@ _POOLS: dict[RunnerKind, type[JobPool]] = {
 
 
 class JobStatus:
-    """The ``set_status`` of one job: validates, reports, remembers the last status."""
+    """The ``set_status`` of one job: validates, reports, remembers the last status.
 
-    __slots__ = ("_report", "_job_id", "_queue", "last")
+    Once the job is settled (:meth:`final`), later calls -- from a thread the runner
+    left behind, say -- are logged at DEBUG and dropped: a job's statuses never go on
+    after its final one.
+    """
+
+    __slots__ = ("_report", "_job_id", "_queue", "last", "_settled")
 
     def __init__(self, report: ReportFn, job_id: str, queue_name: str) -> None:
         self._report, self._job_id, self._queue = report, job_id, queue_name
         self.last: Status | None = None
+        self._settled = False
 
     def __call__(self, status: str | Status, message: str = "") -> None:
         parsed = status if status.__class__ is Status else Status.parse(status)
-        self.last = parsed
-        self._report(self._job_id, self._queue, parsed,
-                     message if message.__class__ is str else str(message))
+        text = message if message.__class__ is str else str(message)
+        with _FINAL_LOCK:  # against a settlement on another thread meanwhile
+            if self._settled:
+                log.debug("job %s: status %s set after the job was settled; ignored",
+                          self._job_id, parsed.value)
+                return
+            self.last = parsed
+            self._report(self._job_id, self._queue, parsed, text)
+
+    def final(self, status: Status | None, message: str = "") -> None:
+        """Reports the job's final status (None: none to add); no status follows it."""
+        with _FINAL_LOCK:
+            self._settled = True
+            if status is not None:
+                self.last = status
+                self._report(self._job_id, self._queue, status, message)
+
+
+# One lock for all jobs: held only while a status is handed to the (non-blocking) sink.
+_FINAL_LOCK = threading.Lock()

@@ -35,6 +35,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import Callable, Protocol
 
+from rbit import jobguard
 from rbit.errors import RunnerLoadError
 from rbit.fdloop import FdLoop, Timer
 from rbit.outcome import Outcome
@@ -145,6 +146,7 @@ class Supervisor:
                 self.watch_stream(fd, feed)
             if timeout is not None:
                 self._set_timer(timeout, self._on_timeout)
+            jobguard.job_started(self.pgid)  # so that a next start finds it if we die
         except BaseException:
             self._leave_loop()  # the caller takes care of the pipes and the process
             Supervisor.release(self)
@@ -210,6 +212,7 @@ class Supervisor:
         signal_group(self.pgid, signal.SIGKILL, self.label)
         if not self._exited:
             self.proc.wait()
+        jobguard.job_ended(self.pgid)
         self._leave_loop()
         self.release()
 
@@ -287,7 +290,7 @@ class Supervisor:
     def _on_reap_timeout(self) -> None:
         self._timer = None
         self.log.error("%s %s: process %d survived SIGKILL", self.what, self.label, self.pgid)
-        self._finish()
+        self._finish(group_gone=False)  # still recorded: the next start tries again
 
     # ---------------------------------------------------------------- the end
 
@@ -308,10 +311,12 @@ class Supervisor:
         )
         self._finish()
 
-    def _finish(self) -> None:
+    def _finish(self, group_gone: bool = True) -> None:
         if self.finished:
             return
         self.finished = True
+        if group_gone:
+            jobguard.job_ended(self.pgid)
         self._leave_loop()
         self.on_end(self.proc.returncode if self._exited else None, self.stopped)
 

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from rbit import decoding
+from rbit import decoding, jobguard
 from rbit.amqp.broker import Broker
 from rbit.amqp.records import ConsumerSpec
 from rbit.config import RunnerSettings, Settings
@@ -97,6 +97,9 @@ class Worker:
         Raises:
             BrokerUnreachable: No host accepted a connection in a first round.
         """
+        # Before any job: what a killed worker left running must not run beside it.
+        jobguard.reap_orphans()
+        jobguard.open_record()
         for pool in self.pools:
             pool.start()
         self.broker.start()
@@ -104,6 +107,7 @@ class Worker:
         limit = timeout or (amqp.connect_timeout * 2 + 5) * len(amqp.hosts)
         if not self.broker.wait_ready(limit):
             self.broker.stop(1.0)
+            jobguard.close_record()
             raise BrokerUnreachable(self.broker.start_error or "timed out connecting")
         log.info("worker %s consuming %s", self.settings.worker.name,
                  ", ".join(r.queue for r in self.settings.runners))
@@ -133,6 +137,7 @@ class Worker:
             pool.close(max(1.0, deadline - time.monotonic()))
         self.reporter.close(timeout=5.0)
         self.broker.stop()
+        jobguard.close_record()
         return clean
 
     def _wait_pools(self, deadline: float, force: threading.Event,

@@ -348,7 +348,7 @@ def test_environment_is_the_one_the_worker_had_when_the_runner_was_loaded(
     report = tmp_path / "report.json"
     monkeypatch.setenv("PROBE_BEFORE", "seen")
     monkeypatch.setenv("RBIT_JOB_ID", "stale")
-    runner = make_runner(PROBE_TEMPLATE, report=str(report))
+    runner = make_runner(PROBE_TEMPLATE, report=str(report), env_keep="PROBE_*, RBIT_JOB_ID")
     monkeypatch.setenv("PROBE_AFTER", "not seen")
 
     runner.run(job(message_id="job-9"), Statuses())

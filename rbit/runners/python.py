@@ -17,7 +17,9 @@ How the call ends decides the job's :class:`rbit.outcome.Outcome`:
   republished after a delay;
 * raising :class:`rbit.errors.Reject`: rejected, the job goes to the dead letters;
   so does an uncaught :class:`rbit.errors.DecodeError` (a body that never decodes);
-* raising anything else: failed, with ``"ExcType: message"`` and the traceback.
+* raising anything else: failed, with ``"ExcType: message"`` and the traceback --
+  ``SystemExit``, ``KeyboardInterrupt`` and any other ``BaseException`` included: they
+  end the job, never the worker thread that ran it.
 
 By default the callable runs in the calling (worker) thread. With ``python = PATH`` or
 ``timeout = SECONDS`` in the section it runs in a warm child process instead
@@ -69,6 +71,7 @@ from rbit.config import RunnerSettings
 from rbit.errors import Blocked, DecodeError, Reject, RunnerLoadError
 from rbit.message import Message
 from rbit.outcome import Outcome, Status
+from rbit.runners.environment import job_environment
 from rbit.runners.warm import (
     IN_FD_ENV,
     LIFELINE_FD_ENV,
@@ -111,7 +114,7 @@ def load_python_runner(
             callable, or a batch runner lacks ``submit``/``close``.
     """
     if runner.python:
-        _check_in_interpreter(runner.python, runner.target)
+        _check_in_interpreter(runner.python, runner.target, job_environment(runner))
         return PythonRunner(runner, None)
     target = resolve_target(runner.target)
     if is_batch_factory(target):
@@ -184,7 +187,7 @@ def call_runner(
         return Outcome.rejected(exc.reason)
     except DecodeError as exc:  # the body will never decode: retrying cannot help
         return Outcome.rejected(f"undecodable body: {exc}")
-    except (Exception, SystemExit) as exc:
+    except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the thread lives on
         return Outcome.failed(describe_exception(exc))
     return tracker.outcome()
 
@@ -233,9 +236,11 @@ class PythonRunner:
         self.stop = StopSignal()
         self.grace = DEFAULT_KILL_GRACE
         self._children: ChildPool | None = None
+        self.env: dict[str, str] = {}  # a child's, without secrets: built once
         if self.in_child or func is None:
             self.grace = kill_grace(settings.settings, settings.queue)
-            self._children = ChildPool(settings, self.grace, self.stop)
+            self.env = job_environment(settings)
+            self._children = ChildPool(settings, self.grace, self.stop, self.env)
 
     @property
     def in_child(self) -> bool:
@@ -273,10 +278,10 @@ class PythonRunner:
             self._children.close(timeout)
 
 
-def _check_in_interpreter(python: str, target: str) -> None:
-    """Resolve ``target`` inside the interpreter that will run it."""
+def _check_in_interpreter(python: str, target: str, env: dict[str, str]) -> None:
+    """Resolve ``target`` inside the interpreter that will run it, in a job's ``env``."""
     command = [python, "-m", "rbit.runners.child", "--check", target]
-    env = child_env({})
+    env = child_env(env, {})
     try:
         done = subprocess.run(  # noqa: S603 (argv from the config, no shell)
             command, capture_output=True, env=env, timeout=120, stdin=subprocess.DEVNULL

@@ -83,12 +83,16 @@ class ChildPool:
             ``max_jobs_per_child``, ``max_memory_per_child``).
         grace: Seconds between SIGTERM and SIGKILL (``kill_grace``).
         stop: Set when the worker stops for good; stops running children.
+        env: The children's environment (:func:`rbit.runners.environment.job_environment`:
+            no secrets), completed by :func:`child_env`.
     """
 
-    def __init__(self, settings: RunnerSettings, grace: float, stop: StopSignal) -> None:
+    def __init__(self, settings: RunnerSettings, grace: float, stop: StopSignal,
+                 env: Mapping[str, str]) -> None:
         self.settings = settings
         self.grace = grace
         self.stop = stop
+        self.env = env
         self._idle: list[WarmChild] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -138,7 +142,7 @@ class ChildPool:
             with self._lock:
                 child = self._idle.pop() if self._idle else None
             if child is None:
-                return spawn(self.settings, self.grace, self.stop)
+                return spawn(self.settings, self.grace, self.stop, self.env)
             if child.alive():
                 return child
             logger.warning("runner child %d exited while idle (code %s); starting another",
@@ -175,7 +179,7 @@ class ChildPool:
         if self._closed or self.stop.is_set():
             return False
         try:
-            child = spawn(self.settings, self.grace, self.stop)
+            child = spawn(self.settings, self.grace, self.stop, self.env)
         except OSError as exc:  # the next job tries again, and fails with the reason
             logger.error("[runner:%s]: cannot start runner process: %s",
                          self.settings.queue, exc)
@@ -334,7 +338,8 @@ class _Job:
         self.outcome: Outcome | None = None
 
 
-def spawn(settings: RunnerSettings, grace: float, stop: StopSignal) -> WarmChild:
+def spawn(settings: RunnerSettings, grace: float, stop: StopSignal,
+          env: Mapping[str, str]) -> WarmChild:
     """Start one child for ``settings`` in a session of its own.
 
     Raises:
@@ -353,7 +358,7 @@ def spawn(settings: RunnerSettings, grace: float, stop: StopSignal) -> WarmChild
             stdout=output[0],
             stderr=output[1],
             pass_fds=(req_r, out_w, life_r),
-            env=child_env({IN_FD_ENV: req_r, OUT_FD_ENV: out_w, LIFELINE_FD_ENV: life_r}),
+            env=child_env(env, {IN_FD_ENV: req_r, OUT_FD_ENV: out_w, LIFELINE_FD_ENV: life_r}),
             start_new_session=True,
         )
     except OSError:
@@ -377,9 +382,9 @@ def spawn(settings: RunnerSettings, grace: float, stop: StopSignal) -> WarmChild
     return child
 
 
-def child_env(fds: Mapping[str, int]) -> dict[str, str]:
-    """The environment of a runner child: the worker's, rbit importable, ``fds`` named."""
-    env = dict(os.environ)
+def child_env(base: Mapping[str, str], fds: Mapping[str, int]) -> dict[str, str]:
+    """A runner child's environment: ``base`` (a job's), rbit importable, ``fds`` named."""
+    env = dict(base)
     # The child interpreter may be another Python: it must still find rbit itself.
     root = str(Path(__file__).resolve().parents[2])
     paths = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]

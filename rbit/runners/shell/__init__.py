@@ -32,10 +32,13 @@ Never put placeholders inside the script of a ``sh -c '...'`` argument: there th
 substituted text *would* be read as shell syntax. A script reads the job from its
 environment instead (``sh -c 'make -C /src JOB="$RBIT_JOB_ID"'``).
 
+``%ID`` is the job id after the boundary's rule made it safe as a path component and an
+argument (:mod:`rbit.message`); ``{outdir}/%ID.pdf`` stays in ``outdir``.
+
 The command gets the body on stdin, runs in a process group (and session) of its own,
-and finds in its environment everything the worker had when the runner was loaded
-(the environment is copied once, so later changes to ``os.environ`` in the worker are
-not seen) plus:
+and finds in its environment what the section's ``env_keep`` keeps of the worker's
+environment when the runner was loaded, never a variable the configuration read as a
+secret, and what ``setenv`` sets (:mod:`rbit.runners.environment`), plus:
 
 * ``RBIT_JOB_ID``, ``RBIT_QUEUE``, ``RBIT_BODY_FILE``, ``RBIT_ATTEMPT``;
 * ``RBIT_STATUS_FD`` -- a file descriptor, open for writing, for progress reports.

@@ -13,6 +13,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING
 
+from rbit import jobguard
 from rbit.fdloop import FdLoop, Timer
 from rbit.runners.shell.spawn import Pipes
 
@@ -221,6 +222,7 @@ class _BodyDir:
             if self.path == lost:
                 self.path = tempfile.mkdtemp(prefix="rbit-shell-", dir=self._root)
                 self._made.append(self.path)
+                jobguard.dir_made(self.path)  # removed by the next start if we die
             return self.path
 
 

@@ -13,6 +13,7 @@ from rbit.config import RunnerSettings
 from rbit.fdloop import FdLoop, PollLoop
 from rbit.message import Message
 from rbit.outcome import Outcome
+from rbit.runners.environment import job_environb
 from rbit.runners.shell.bodies import BodyFiles, Spares
 from rbit.runners.shell.job import Job
 from rbit.runners.shell.readers import SetStatus
@@ -47,8 +48,8 @@ class ShellRunner:
         self.timeout = runner.timeout
         self.grace = kill_grace(runner.settings, runner.queue)
         self._workdir = workdir
-        # Copied and encoded once: doing it per job was a large share of a short job.
-        self._env = dict(os.environb)
+        # Built and encoded once: doing it per job was a large share of a short job.
+        self._env = job_environb(runner)
         self._bodies = BodyFiles()
         self._spares = Spares(self._bodies)
         self.stop = StopSignal()
