@@ -327,10 +327,10 @@ max_retries = 0
 """
 
 
-def _rbit_ini(run: Run, runner: str, sinks: str, prefetch: int) -> Path:
+def _rbit_ini(run: Run, runner: str, sinks: str, prefetch: int, extra: str = "") -> Path:
     path = run.workdir / "rbit.ini"
     path.write_text(RBIT_INI.format(prefetch=prefetch, url=run.url, sinks=sinks,
-                                    queue=QUEUE, runner=runner))
+                                    queue=QUEUE, runner=runner) + extra)
     return path
 
 
@@ -354,9 +354,9 @@ def _declare_rbit(run: Run) -> None:
 
 
 def rbit_contender(name: str, reference: str, runner: str, sinks: str, prefetch: int,
-                   detect: str = "tick") -> Contender:
+                   detect: str = "tick", extra: str = "") -> Contender:
     def prepare(run: Run) -> None:
-        _rbit_ini(run, runner, sinks, prefetch)
+        _rbit_ini(run, runner, sinks, prefetch, extra)
         _declare_rbit(run)
         _fill_raw(run)
 
@@ -401,6 +401,10 @@ def contenders() -> dict[str, Contender]:
                        "python!bench.bench_runners:noop", "", 100),
         rbit_contender("rbit-python-logsink", baseline,
                        "python!bench.bench_runners:noop", "log", 100),
+        # The same with the HTTP endpoint on (its metrics count every job).
+        rbit_contender("rbit-python-http", baseline,
+                       "python!bench.bench_runners:noop", "", 100,
+                       extra="\n[http]\nbind = 127.0.0.1:0\n"),
         Contender(spawn, spawn, _prepare_baseline,
                   lambda run: [sys.executable, "-m", "bench.baselines", "spawn",
                                run.url, QUEUE], detect="poll"),
