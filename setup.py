@@ -31,6 +31,10 @@ setup(
         # releases known to have them (tested with pika 1.4.4).
         "pika>=1.3,<1.5",
         "jsonpickle>=3",
+        # /metrics: the Prometheus text format and its parser, kept in step with
+        # Prometheus itself; 0.17 has the per-process registries and custom collectors
+        # used here.
+        "prometheus_client>=0.17,<1",
         "setuptools",
     ],
     extras_require={

@@ -431,6 +431,10 @@ def contenders() -> dict[str, Contender]:
                        "python!bench.bench_runners:noop", "", 100),
         rbit_contender("rbit-python-logsink", baseline,
                        "python!bench.bench_runners:noop", "log", 100),
+        # The same with the HTTP endpoint on (its metrics count every job).
+        rbit_contender("rbit-python-http", baseline,
+                       "python!bench.bench_runners:noop", "", 100,
+                       extra="\n[http]\nbind = 127.0.0.1:0\n"),
         Contender(spawn, spawn, _prepare_baseline,
                   lambda run: [sys.executable, "-m", "bench.baselines", "spawn",
                                run.url, QUEUE], detect="poll"),

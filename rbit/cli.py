@@ -74,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(settings: Settings, poll_time: float | None = None) -> int:
     """Run a worker in the foreground until SIGTERM, SIGINT or SIGHUP."""
+    from rbit.observe.worker import WorkerObservation
+    from rbit.systemd import Notifier
     from rbit.worker import Worker
 
     stop, force = threading.Event(), threading.Event()
@@ -90,7 +92,9 @@ def run(settings: Settings, poll_time: float | None = None) -> int:
         signal.signal(signum, on_signal)
     try:
         worker = Worker(settings, poll_time=poll_time)
+        observation = WorkerObservation(worker, Notifier.from_environ())
         worker.start()
+        observation.start()
     except BrokerUnreachable as exc:
         log.error("cannot reach the broker: %s", exc)
         return ExitCode.BROKER_UNREACHABLE
@@ -102,7 +106,9 @@ def run(settings: Settings, poll_time: float | None = None) -> int:
         return ExitCode.ERROR
     while not stop.wait(1.0):
         pass
+    observation.stopping()
     clean = worker.shutdown(force)
+    observation.close()
     log.info("stopped%s", "" if clean else " (running jobs were cut short)")
     return ExitCode.OK if clean and not force.is_set() else ExitCode.FORCED
 

@@ -141,6 +141,15 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """``[http]``: the observability endpoint (off unless ``bind`` is set)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class Settings:
     file: str
     worker: WorkerSettings
@@ -153,6 +162,7 @@ class Settings:
     logging_sections: tuple[str, ...] = ()
     # Environment variables interpolated into a secret key (see RunnerSettings).
     secret_env: frozenset[str] = frozenset()
+    http: HttpSettings | None = None  # None: no HTTP endpoint
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,8 +229,9 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
     _check_unique_queues(path, runners)
     secret_env = secret_env_names(parser)
     runners = tuple(dataclasses.replace(runner, secret_env=secret_env) for runner in runners)
+    http = _http(readers["http"]) if "http" in readers else None
     warnings.extend(_unknown_sections(path, parser.sections()))
-    for name in ("rbit", "amqp", "status"):
+    for name in ("rbit", "amqp", "status", "http"):
         if name in readers:
             warnings.extend(readers[name].unknown_keys())
     return Settings(
@@ -232,6 +243,7 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
         warnings=tuple(warnings),
         logging_sections=tuple(n for n in parser.sections() if _is_logging_section(n)),
         secret_env=secret_env,
+        http=http,
     )
 
 
@@ -259,6 +271,19 @@ def parse_amqp_section(
     for key in extra_keys:
         reader.raw(key)
     return amqp, tuple(reader.unknown_keys())
+
+
+def parse_http_section(
+    values: Mapping[str, str], *, file: str, environ: Mapping[str, str] | None = None,
+) -> tuple[HttpSettings | None, tuple[str, ...]]:
+    """Validate an ``[http]`` section read from another kind of file (``rbit-credit``).
+
+    Returns:
+        The settings (None when ``bind`` is not set: no endpoint), and warnings about
+        unknown keys.
+    """
+    reader = _Section(file, "http", values, os.environ if environ is None else environ)
+    return _http(reader), tuple(reader.unknown_keys())
 
 
 def parse_bool(text: str) -> bool:
@@ -316,7 +341,7 @@ def _is_logging_section(name: str) -> bool:
 
 
 def _unknown_sections(path: str, names: Sequence[str]) -> list[str]:
-    known = {"rbit", "amqp", "status"}
+    known = {"rbit", "amqp", "status", "http"}
     return [
         f"file {path}, section [{name}]: unknown section, ignored"
         + _suggestion(name, sorted(known) + ["runner:<queue>"])
@@ -516,6 +541,25 @@ def _worker(section: _Section) -> WorkerSettings:
         consumer_timeout=section.number("consumer_timeout", None),
         jsonpickle_classes=section.class_names("jsonpickle_classes"),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# [http]
+
+
+def _http(section: _Section) -> HttpSettings | None:
+    """``bind = HOST:PORT`` (no bind: off) and an optional bearer ``token``."""
+    token = section.text("token")
+    bind = section.text("bind")
+    if bind is None or not bind.strip():
+        return None
+    host, colon, port_text = bind.strip().rpartition(":")
+    host = host.strip("[]")  # [::1]:9100
+    if not colon or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise section.error("bind", f"expected HOST:PORT (port 0-65535), got {bind!r}")
+    if token is not None and not token.strip():
+        raise section.error("token", "must not be empty (leave the key out for no token)")
+    return HttpSettings(host=host, port=int(port_text), token=token)
 
 
 # ---------------------------------------------------------------------------------------

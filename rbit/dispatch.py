@@ -96,6 +96,8 @@ class JobPool:
         # the broker's prefetch for that and skips the locking.
         self._count_busy = count_busy
         self._busy = 0
+        #: Told of each job's start and settlement (the metrics), when set.
+        self.observer: Any = None
 
     def start(self) -> None:
         """Start the pool's threads, if it has any."""
@@ -151,6 +153,8 @@ class JobPool:
         return True
 
     def _status_callback(self, job_id: str) -> JobStatus:
+        if self.observer is not None:
+            self.observer.job_started(self.settings.queue)
         return JobStatus(self._report, job_id, self.settings.queue)
 
     def _settle(self, delivery: Delivery, outcome: Outcome, set_status: JobStatus) -> None:
@@ -161,6 +165,8 @@ class JobPool:
             self._settled()
             return
         settlement = fate.decide(outcome, delivery, self.settings, worker=self._worker)
+        if self.observer is not None:
+            self.observer.job_settled(self.settings.queue, outcome, settlement, set_status.started)
         last = set_status.last
         # A runner that ended on Done, Uploaded or Cancelled itself has said it all: a
         # Done from rbit after its Uploaded would move the job backwards.
@@ -428,12 +434,13 @@ class JobStatus:
     after its final one.
     """
 
-    __slots__ = ("_report", "_job_id", "_queue", "last", "_settled")
+    __slots__ = ("_report", "_job_id", "_queue", "last", "_settled", "started")
 
     def __init__(self, report: ReportFn, job_id: str, queue_name: str) -> None:
         self._report, self._job_id, self._queue = report, job_id, queue_name
         self.last: Status | None = None
         self._settled = False
+        self.started = time.monotonic()  # the job's start, for its duration
 
     def __call__(self, status: str | Status, message: str = "") -> None:
         parsed = status if status.__class__ is Status else Status.parse(status)

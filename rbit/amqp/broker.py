@@ -101,6 +101,8 @@ class Broker:
         self.stopping = False
         self.start_error: str | None = None  # why the first connection round failed
         self.generation = 0
+        #: Connections lost while running (read by the metrics at scrape time).
+        self.connections_lost = 0
         self._asyncio = loop is not None
         self.ioloop: Any = IOLoop() if loop is None else AsyncioLoop(loop, self._stopped.set)
         self._fd_loop = PikaFdLoop(self.ioloop) if loop is None else None
@@ -333,6 +335,7 @@ class Broker:
             self.ioloop.call_later(self.poller.poll_time, self.connector.connect)
         else:
             log.warning("connection lost: %s", reason)
+            self.connections_lost += 1
             self.connector.schedule_reconnect(str(reason))
 
     def fail_start(self, reason: str) -> None:

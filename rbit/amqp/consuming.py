@@ -38,6 +38,8 @@ class Consumers:
     def __init__(self, broker: Broker, consumers: Sequence[ConsumerSpec]) -> None:
         self._broker = broker
         self.set(consumers)
+        #: queue -> deliveries sent to the dead letters undecoded (read by the metrics).
+        self.refused: dict[str, int] = {}
 
     def set(self, consumers: Sequence[ConsumerSpec]) -> None:
         self._specs = {c.queue: c for c in consumers}
@@ -99,6 +101,8 @@ class Consumers:
 
     def _refuse(self, delivery: Delivery, reason: object) -> None:
         broker = self._broker
+        queue = delivery.message.queue
+        self.refused[queue] = self.refused.get(queue, 0) + 1
         # A publisher may set the header itself: its text is theirs, so escaped.
         settlement = fate.refuse(delivery, delivery.message.queue, escape(reason, 300),
                                  worker=broker.worker_name)

@@ -81,6 +81,8 @@ class Leases:
         self._period = min(max(self.renewal / 5, 0.2), 30.0)
         #: Names this worker process in holding queues: name and a per-run instance id.
         self.holder = f"{worker_name}.{uuid.uuid4().hex[:8]}"
+        #: Leases renewed so far (read by the metrics at scrape time).
+        self.renewed = 0
 
     def reset(self) -> None:
         self._renewals: collections.deque[Delivery] = collections.deque()
@@ -159,6 +161,7 @@ class Leases:
             delivery.tag = method.delivery_tag
             delivery.leased = True
             delivery.received = self._broker.clock()
+            self.renewed += 1
             self._end(delivery)
 
         channel.basic_get(queue, on_get)

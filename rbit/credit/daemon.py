@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 from rbit.credit.server import CreditServer, Limits, Publish, ServerError, broker_publisher
 from rbit.credit.settings import CreditSettings
@@ -260,7 +260,8 @@ def serve(settings: CreditSettings, publish: Publish, ready: Ready | None = None
     asyncio.run(_serve(settings, publish, ready))
 
 
-async def _serve(settings: CreditSettings, publish: Publish, ready: Ready | None) -> None:
+async def _serve(settings: CreditSettings, publish: Publish, ready: Ready | None,
+                 broker: Any = None) -> None:
     server = CreditServer(
         publish,
         unix_path=settings.unix_path,
@@ -269,17 +270,47 @@ async def _serve(settings: CreditSettings, publish: Publish, ready: Ready | None
         limits=_limits(settings),
     )
     await server.start()
+    observer = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
+        observer = _observe(settings, server, broker)
         if ready is not None:
             ready()
         await stop.wait()
         log.info("stopping the credit front door")
     finally:
+        if observer is not None:
+            observer.close()
         await server.stop(STOP_GRACE)
+
+
+def _observe(settings: CreditSettings, server: CreditServer, broker: Any) -> Any:
+    """The ``[http]`` endpoint (/healthz, /metrics), when configured; else None."""
+    if settings.http is None:
+        return None
+    from rbit.observe.credit import CreditMetrics
+    from rbit.observe.http import Endpoints, HttpError, ObserveServer
+
+    def connected() -> bool:
+        return broker is None or (broker.connected and not broker.stopping)
+
+    def healthy() -> tuple[bool, str]:
+        if not connected():
+            return False, "not connected to the broker"
+        return True, f"serving; {server.stats.outstanding} confirms outstanding"
+
+    metrics = CreditMetrics(server.stats, connected)
+    try:
+        observer = ObserveServer(settings.http, Endpoints(healthy=healthy,
+                                                          metrics=metrics.exposition),
+                                 name="rbit-credit-http")
+    except HttpError as exc:
+        raise ServerError(str(exc)) from exc
+    observer.start()
+    return observer
 
 
 def _limits(settings: CreditSettings) -> Limits:
@@ -323,7 +354,7 @@ async def _serve_with_broker(settings: CreditSettings, ready: Ready | None) -> N
     # its confirm never cross threads, which keeps replies fast under load.
     broker = await connect_broker_async(settings)
     try:
-        await _serve(settings, broker_publisher(broker, settings.credit_queue), ready)
+        await _serve(settings, broker_publisher(broker, settings.credit_queue), ready, broker)
     finally:
         await broker.stop_async(STOP_GRACE)
 

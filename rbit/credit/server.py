@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 from rbit.amqp import records
 from rbit.credit.protocol import MAX_LINE_BYTES, ProtocolError, parse_line, reply_for
+from rbit.credit.stats import LineStats
 from rbit.errors import RbitError
 from rbit.topology import QueueDecl
 
@@ -174,6 +175,8 @@ class CreditServer:
         self._shared: _Shared | None = None
         self._socket_inode: int | None = None
         self._stopping = False
+        #: Lines by command and result, reply latency, confirms due (for the metrics).
+        self.stats = LineStats()
 
     @property
     def address(self) -> str | tuple[str, int]:
@@ -192,7 +195,8 @@ class CreditServer:
                 socket, or the TCP port is taken) or cannot be bound.
         """
         loop = asyncio.get_running_loop()
-        self._shared = _Shared(loop, self._publish, self._limits, tcp=self._unix_path is None)
+        self._shared = _Shared(loop, self._publish, self._limits, tcp=self._unix_path is None,
+                               stats=self.stats)
         if self._unix_path is not None:
             self._listeners = [_bind_unix(self._unix_path)]
             self._socket_inode = os.stat(self._unix_path).st_ino
@@ -297,8 +301,9 @@ class _Shared:
     """What every connection of one server uses: loop, outbox, confirms, limits."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, publish: Publish, limits: Limits,
-                 *, tcp: bool) -> None:
+                 *, tcp: bool, stats: LineStats | None = None) -> None:
         self.loop = loop
+        self.stats = LineStats() if stats is None else stats
         self.loop_thread = threading.get_ident()
         self.deadlines = _ReplyDeadlines(loop, limits.reply_timeout)
         self.outbox = _Outbox(loop, publish, self.deadlines)
@@ -443,10 +448,12 @@ class _Reply:
     comes after the reply timeout answered ``ER not confirmed`` changes nothing.
     """
 
-    __slots__ = ("owner", "data", "event_id")
+    __slots__ = ("owner", "data", "event_id", "command", "read_at")
 
-    def __init__(self, owner: _Connection, data: bytes | None, event_id: str | None = None):
+    def __init__(self, owner: _Connection, data: bytes | None, event_id: str | None = None,
+                 command: str | None = None, read_at: float = 0.0):
         self.owner, self.data, self.event_id = owner, data, event_id
+        self.command, self.read_at = command, read_at  # a published line's, for the stats
 
     def __call__(self, ok: bool) -> None:
         data = _OK if ok else _NOT_CONFIRMED
@@ -474,6 +481,9 @@ class _Reply:
             log.warning("credit event %s answered %s", self.event_id,
                         data.decode("utf-8", "replace").strip())
         self.data = data
+        if self.command is not None:
+            shared = self.owner.shared
+            shared.stats.replied(self.command, data is _OK, shared.loop.time() - self.read_at)
 
     def refuse(self) -> None:
         """The publisher raised: the event was not sent (on the loop's thread)."""
@@ -592,9 +602,12 @@ class _Connection:
             event = parse_line(raw)
         except ProtocolError as exc:
             log.info("refused a credit line: %s", exc.reason)
+            self.shared.stats.malformed()
             self._replies.append(_Reply(self, reply_for(exc)))
             return
-        reply = _Reply(self, None, event.id)
+        shared = self.shared
+        reply = _Reply(self, None, event.id, event.command, shared.loop.time())
+        shared.stats.sent()
         self._replies.append(reply)
         self.shared.outbox.put(event.to_json(), event.id, reply)
 

@@ -13,6 +13,8 @@
                only publishes to RabbitMQ
     [amqp]     rbit's broker settings (see :func:`rbit.config.parse_amqp_section`), plus
                credit_queue (default ``rbit.credits``)
+    [http]     rbit's own, optional: bind = HOST:PORT and token, for /healthz and
+               /metrics (see :func:`rbit.config.parse_http_section`)
 
 A site that ran the old daemon moves by adding ``[amqp]``.
 """
@@ -25,7 +27,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from rbit.config import AmqpSettings, parse_amqp_section, read_ini
+from rbit.config import AmqpSettings, HttpSettings, parse_amqp_section, parse_http_section, read_ini
 from rbit.errors import ConfigError
 
 DEFAULT_SOCKET = "/run/rbit/credit.socket"
@@ -72,6 +74,7 @@ class CreditSettings:
     api: ApiSettings = ApiSettings()
     amqp: AmqpSettings = AmqpSettings()
     credit_queue: str = DEFAULT_QUEUE
+    http: HttpSettings | None = None  # None: no HTTP endpoint
     warnings: tuple[str, ...] = ()
 
 
@@ -101,7 +104,9 @@ def load_credit_config(path: str, environ: Mapping[str, str] | None = None) -> C
     amqp, amqp_warnings = parse_amqp_section(
         amqp_values, file=path, environ=environ, extra_keys=("credit_queue",)
     )
-    warnings = [*_unknown(path, "server", server, _SERVER_KEYS),
+    http, http_warnings = parse_http_section(
+        dict(parser["http"]) if parser.has_section("http") else {}, file=path, environ=environ)
+    warnings = [*_unknown(path, "server", server, _SERVER_KEYS), *http_warnings,
                 *_unknown(path, "api", api, _API_KEYS), *amqp_warnings,
                 *_unknown_sections(path, parser.sections())]
     return CreditSettings(
@@ -117,6 +122,7 @@ def load_credit_config(path: str, environ: Mapping[str, str] | None = None) -> C
         api=_api(path, api),
         amqp=amqp,
         credit_queue=_queue(path, amqp_values.get("credit_queue", DEFAULT_QUEUE)),
+        http=http,
         warnings=tuple(warnings),
     )
 
@@ -240,4 +246,4 @@ def _unknown(
 
 def _unknown_sections(path: str, sections: list[str]) -> list[str]:
     return [f"file {path}, section [{name}]: unknown section, ignored"
-            for name in sections if name not in ("server", "api", "amqp")]
+            for name in sections if name not in ("server", "api", "amqp", "http")]

@@ -1,0 +1,1 @@
+"""Watching a running process: the HTTP endpoint, its metrics, systemd notifications."""
