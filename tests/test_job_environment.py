@@ -136,7 +136,10 @@ def test_python_child_gets_the_same_environment_without_secrets(tmp_path, enviro
     config = _config(tmp_path, {"env_keep": "*", "setenv": "BUILD_MODE=debug"},
                      runner="python!env_runners:dump_env")
     runner = load_python_runner(_runner(config))
-    outcome = runner.run(Message(body=b"{}", queue="q", message_id="job-2"), _ignore)
+    try:  # a warm child serves the job: closed with the runner
+        outcome = runner.run(Message(body=b"{}", queue="q", message_id="job-2"), _ignore)
+    finally:
+        runner.close(5)
     assert outcome.kind is Kind.DONE, outcome
     env = json.loads((tmp_path / "env.json").read_text())
     _assert_no_secret(env)
@@ -147,7 +150,10 @@ def test_python_child_gets_the_same_environment_without_secrets(tmp_path, enviro
 def test_python_child_default_environment_drops_unlisted_variables(tmp_path, environ):
     config = _config(tmp_path, {}, runner="python!env_runners:dump_env")
     runner = load_python_runner(_runner(config))
-    outcome = runner.run(Message(body=b"{}", queue="q", message_id="job-3"), _ignore)
+    try:  # a warm child serves the job: closed with the runner
+        outcome = runner.run(Message(body=b"{}", queue="q", message_id="job-3"), _ignore)
+    finally:
+        runner.close(5)
     assert outcome.kind is Kind.DONE, outcome
     env = json.loads((tmp_path / "env.json").read_text())
     _assert_no_secret(env)
