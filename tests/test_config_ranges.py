@@ -94,7 +94,8 @@ def assert_in_range(loaded: Settings) -> None:
         for attempt in sorted({1, 2, 3, runner.retry.max_retries, runner.retry.max_retries + 1}):
             for draw in (0.0, 0.999999):
                 base_ms, wait_ms = retry_delay(runner.retry, attempt, lambda d=draw: d)
-                assert 0 <= base_ms and 1 <= wait_ms <= TTL_MAX_MS
+                assert base_ms >= 0
+                assert 1 <= wait_ms <= TTL_MAX_MS
         for queue in runner_queues(runner, worker.exchange):
             assert len(queue.name.encode("utf-8")) <= AMQP_NAME_MAX
         assert len(runner_queues(runner, worker.exchange)) <= 102
