@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from rbit import backoff
 from rbit.config import Settings, load_config
+from rbit.credit.settings import load_credit_config
 from rbit.errors import ConfigError
 from rbit.fate import retry_delay
 from rbit.topology import runner_queues
@@ -146,3 +147,38 @@ def test_every_key_at_its_largest_accepted_value_at_once_stays_in_range(
     assert loaded is not None
     assert loaded.runners[0].retry.max_retries == 100_000
     assert_in_range(loaded)
+
+
+# --- rbit-credit's config ------------------------------------------------------------------
+
+CREDIT_KEYS = [("server", key) for key in
+               ("idle_timeout", "reply_timeout", "line_timeout", "max_connections", "loglevel")
+               ] + [("api", "flush_interval"), ("server", "bind")]
+
+
+@pytest.mark.parametrize(("section", "key"), CREDIT_KEYS)
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=st.one_of(VALUES, st.sampled_from(["²", "１２", "127.0.0.1:²", "h:" + "9" * 5000,
+                                                "-5", "99999999999999999999"])))
+def test_any_value_of_a_credit_daemon_key_loads_in_range_or_is_a_config_error(
+    tmp_path: Path, section: str, key: str, value: str
+) -> None:
+    lines = {"server": [f"bind = {tmp_path}/c.sock"], "api": [], "amqp": ["host = localhost"]}
+    if key == "bind":
+        lines["server"] = ["socket = tcp"]
+    lines[section].append(f"{key} = {value}")
+    path = tmp_path / "credit.ini"
+    path.write_text("".join(f"[{name}]\n" + "".join(f"{line}\n" for line in body)
+                            for name, body in lines.items()), encoding="utf-8")
+    try:
+        loaded = load_credit_config(str(path), environ={})
+    except ConfigError:
+        return
+
+    for timer in (loaded.idle_timeout or 0, loaded.reply_timeout, loaded.line_timeout,
+                  loaded.api.flush_interval):
+        assert 0 <= timer <= min(POLL_MAX_S, threading.TIMEOUT_MAX)
+    assert 1 <= loaded.max_connections <= 1_000_000
+    assert 0 <= loaded.loglevel <= 50
+    assert loaded.port is None or 0 < loaded.port < 65536
