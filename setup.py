@@ -25,8 +25,10 @@ setup(
     python_requires=">=3.11",
     install_requires=[
         # rbit.amqp.loops writes frames straight to pika's plain-TCP transport, a
-        # private pika API (_AsyncPlaintextTransport, _adapter_emit_data): bounded to
-        # the minor releases known to have them (tested with pika 1.4.4).
+        # private pika API (_AsyncPlaintextTransport, _adapter_emit_data), and
+        # rbit.amqp.frames decodes content headers in Connection._read_frame (with
+        # _frame_buffer; BlockingConnection's _impl_class): bounded to the minor
+        # releases known to have them (tested with pika 1.4.4).
         "pika>=1.3,<1.5",
         "jsonpickle>=3",
         "setuptools",

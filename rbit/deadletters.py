@@ -20,11 +20,13 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from rbit.amqp.admin import AdminSession
+from rbit.amqp.frames import TRIMMED_HEADER
 from rbit.amqp.records import HELD_BY_HEADER, HOLD_ID_HEADER, Delivery, Publish
 from rbit.config import Settings, load_config
 from rbit.errors import BrokerError, BrokerUnreachable, ConfigError, QueueNotFound
 from rbit.fate import DEAD_REASON_HEADER, DEAD_TIME_HEADER, DEAD_WORKER_HEADER
-from rbit.message import ATTEMPTS_HEADER, LAST_ERROR_HEADER
+from rbit.message import ATTEMPTS_HEADER, LAST_ERROR_HEADER, UNDECODABLE_HEADER
+from rbit.safetext import escape
 from rbit.topology import dead_letter_queue
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,8 @@ _DROPPED_ON_REPLAY = (ATTEMPTS_HEADER, LAST_ERROR_HEADER, DEAD_REASON_HEADER,
                       DEAD_TIME_HEADER, DEAD_WORKER_HEADER, "x-rbit-dead-queue", "x-death",
                       "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
                       "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason",
-                      "x-delivery-count", HELD_BY_HEADER, HOLD_ID_HEADER)
+                      "x-delivery-count", HELD_BY_HEADER, HOLD_ID_HEADER, UNDECODABLE_HEADER,
+                      TRIMMED_HEADER)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,19 +86,22 @@ def _check_queue(settings: Settings, queue: str) -> None:
         raise ConfigError(f"no [runner:{queue}] section", file=settings.file)
 
 
-def _text(value: object) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
 def _describe(delivery: Delivery) -> str:
+    # Every value here came from the network: escaped, so that it can neither forge a
+    # line nor send escape sequences to the terminal, and bounded.
     message = delivery.message
     headers = message.headers
-    reason = _text(headers.get(DEAD_REASON_HEADER, headers.get("x-first-death-reason", "?")))
-    body = message.body[:80].decode("utf-8", "replace").replace("\n", " ")
-    return (f"{message.job_id}\ttries={headers.get(ATTEMPTS_HEADER, '?')}\t"
-            f"worker={_text(headers.get(DEAD_WORKER_HEADER, '?'))}\t"
-            f"time={_text(headers.get(DEAD_TIME_HEADER, '?'))}\n"
-            f"    reason: {reason.splitlines()[0] if reason else ''}\n    body: {body}")
+    reason = headers.get(DEAD_REASON_HEADER) or headers.get(UNDECODABLE_HEADER) or \
+        headers.get("x-first-death-reason", "?")
+    reason_text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else reason
+    first_line = reason_text.splitlines()[0] if isinstance(reason_text, str) else reason
+    job_id = message.job_id  # sets raw_job_id when the id had to be made safe
+    raw = f" (named {escape(message.raw_job_id, 200)})" if message.raw_job_id else ""
+    return (f"{job_id}{raw}\ttries={escape(headers.get(ATTEMPTS_HEADER, '?'), 20)}\t"
+            f"worker={escape(headers.get(DEAD_WORKER_HEADER, '?'), 100)}\t"
+            f"time={escape(headers.get(DEAD_TIME_HEADER, '?'), 40)}\n"
+            f"    reason: {escape(first_line or '', 300)}\n"
+            f"    body: {escape(message.body[:80], 80)}")
 
 
 def _take(session: AdminSession, queue: str, limit: int | None):
@@ -124,7 +130,9 @@ def replay(session: AdminSession, queue: str, limit: int | None, out: TextIO) ->
     for delivery in _take(session, queue, limit):
         headers = {k: v for k, v in delivery.message.headers.items()
                    if k not in _DROPPED_ON_REPLAY}
-        headers[REPLAYED_HEADER] = int(delivery.message.headers.get(REPLAYED_HEADER, 0)) + 1
+        replayed = delivery.message.headers.get(REPLAYED_HEADER, 0)
+        replayed = min(max(replayed, 0), 1_000_000) if replayed.__class__ is int else 0
+        headers[REPLAYED_HEADER] = replayed + 1
         session.publish(Publish("", queue, delivery.message.body, headers=headers,
                                 properties=delivery.properties))
         session.ack(delivery)

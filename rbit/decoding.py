@@ -210,8 +210,10 @@ def decode(body: bytes | bytearray | memoryview | str, allowed: frozenset[str]) 
 def pybit_job_id(body: bytes) -> str | None:
     """The ``job.id`` of a PyBit BuildRequest body, or ``None``.
 
-    Cheap for other bodies: unless the class name appears in the raw bytes nothing is
-    parsed. Never raises.
+    Only a string or an integer counts as an id (PyBit's are integers): any other
+    value, which a crafted body could make expand enormously once turned into text,
+    means no PyBit id. The id is never longer than the body. Cheap for other bodies:
+    unless the class name appears in the raw bytes nothing is parsed. Never raises.
     """
     try:
         if _BUILD_REQUEST.encode() not in body:
@@ -222,9 +224,11 @@ def pybit_job_id(body: bytes) -> str | None:
         job_id = request.job.id
     except Exception:  # any malformed body simply has no PyBit id
         return None
-    if job_id is None or isinstance(job_id, (dict, list, Record)):
-        return None
-    return str(job_id)
+    if job_id.__class__ is str:
+        return job_id or None
+    if job_id.__class__ is int:  # not bool; str() of it is at most as long as the body
+        return str(job_id)
+    return None
 
 
 class _Walker:

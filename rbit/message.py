@@ -7,15 +7,49 @@ runner. It never exposes AMQP delivery tags: settling a delivery is rbit's busin
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from rbit import decoding
+from rbit.safetext import escape
+
+log = logging.getLogger(__name__)
 
 #: Header carrying how many tries of this job already ended (absent on the first try).
 ATTEMPTS_HEADER = "x-rbit-attempts"
 #: Header carrying the error of the last try that ended badly.
 LAST_ERROR_HEADER = "x-rbit-last-error"
+#: Header the AMQP boundary sets, in place of a publisher's headers it could not
+#: decode, to the reason; such a job goes to the dead letters at once.
+UNDECODABLE_HEADER = "x-rbit-undecodable-headers"
+
+#: The longest job id; see :func:`safe_job_id`.
+MAX_JOB_ID = 200
+#: A job id used as it is: letters, digits and ``._:@+=-``, not starting with ``-`` or
+#: ``.``, at most :data:`MAX_JOB_ID` characters. Such an id is safe as a file name, as
+#: one path component and as a command argument, and needs no quoting in a log line.
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_:@+=][A-Za-z0-9._:@+=-]{0,%d}" % (MAX_JOB_ID - 1))
+#: The most tries the attempts header may claim (its value is clamped to this).
+MAX_ATTEMPTS = 1_000_000
+#: The longest last error read back from a header.
+MAX_LAST_ERROR = 2000
+
+
+def safe_job_id(raw: str) -> str:
+    """The job id runners see for the id ``raw`` a message names.
+
+    ``raw`` is kept when it matches :data:`JOB_ID_PATTERN`. Any other id (a path
+    separator, ``..`` as a component, a leading ``-``, whitespace, control or non-ASCII
+    characters, too long) becomes ``id-sha256:`` and the first 16 hex digits of the
+    SHA-256 of its UTF-8 bytes: the same for every delivery of the message, for every
+    runner, and safe wherever an id goes.
+    """
+    if JOB_ID_PATTERN.fullmatch(raw):
+        return raw
+    digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return "id-sha256:" + digest
 
 
 class Message:
@@ -30,12 +64,14 @@ class Message:
         message_id: The AMQP ``message_id`` property, if set.
         content_type: The AMQP ``content_type`` property, if set.
         allowed_classes: Dotted class names a jsonpickle body may name.
+        raw_job_id: The id as the message named it, when :attr:`job_id` had to be made
+            safe (:func:`safe_job_id`); else None. Escape it before showing it.
     """
 
     # A plain class with slots: one is built per delivery on the I/O thread, and a
     # frozen dataclass costs several times more to construct.
     __slots__ = ("body", "queue", "headers", "redelivered", "message_id", "content_type",
-                 "allowed_classes", "_job_id")
+                 "allowed_classes", "_job_id", "raw_job_id")
 
     body: bytes
     queue: str
@@ -63,6 +99,7 @@ class Message:
         self.content_type = content_type
         self.allowed_classes = allowed_classes
         self._job_id: str | None = None
+        self.raw_job_id: str | None = None
 
     def __repr__(self) -> str:
         return (f"Message(queue={self.queue!r}, job_id={self.job_id!r}, "
@@ -70,37 +107,52 @@ class Message:
 
     @property
     def job_id(self) -> str:
-        """The job's id.
+        """The job's id, safe as a path component and as an argument.
 
         In order: the AMQP ``message_id`` property; the ``job.id`` of a PyBit
         BuildRequest body; else ``sha256:`` and the first 16 hex digits of the body's
-        SHA-256, which stays the same when the broker redelivers the message.
+        SHA-256, which stays the same when the broker redelivers the message. An id
+        outside :data:`JOB_ID_PATTERN` is replaced by its digest (:func:`safe_job_id`);
+        the original is then in :attr:`raw_job_id`.
         """
         if self._job_id is None:
             self._job_id = self._derive_job_id()
         return self._job_id
 
     def _derive_job_id(self) -> str:
-        if self.message_id:
-            return str(self.message_id)
-        pybit_id = decoding.pybit_job_id(self.body)
-        if pybit_id is not None:
-            return pybit_id
-        return "sha256:" + hashlib.sha256(self.body).hexdigest()[:16]
+        raw = self.message_id
+        if isinstance(raw, bytes):  # pika keeps a short string that is not UTF-8 as bytes
+            raw = raw.decode("utf-8", "surrogateescape")
+        if not raw:
+            raw = decoding.pybit_job_id(self.body)
+        if raw is None:
+            return "sha256:" + hashlib.sha256(self.body).hexdigest()[:16]
+        job_id = safe_job_id(raw)
+        if job_id is not raw:
+            self.raw_job_id = raw
+            log.info("job %s: the message names it %s, unsafe as a path or argument",
+                     job_id, escape(raw, MAX_JOB_ID))
+        return job_id
 
     @property
     def attempt(self) -> int:
-        """Which try this is, counting from 1."""
-        try:
-            return int(self.headers.get(ATTEMPTS_HEADER, 0)) + 1
-        except (TypeError, ValueError):
+        """Which try this is, counting from 1.
+
+        The attempts header counts as 0 unless it is an integer; it is clamped to
+        [0, :data:`MAX_ATTEMPTS`] (the retry policy then bounds it further).
+        """
+        value = self.headers.get(ATTEMPTS_HEADER, 0)
+        if value.__class__ is not int:  # bool, str, float, nested... : not a count
             return 1
+        return min(max(value, 0), MAX_ATTEMPTS) + 1
 
     @property
     def last_error(self) -> str | None:
-        """The error of the previous try, if an earlier try failed."""
+        """The error of the previous try (at most 2000 characters), if a try failed."""
         value = self.headers.get(LAST_ERROR_HEADER)
-        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        if isinstance(value, bytes):
+            value = value[:MAX_LAST_ERROR * 4].decode("utf-8", "replace")
+        return value[-MAX_LAST_ERROR:] if isinstance(value, str) else None
 
     def text(self) -> str:
         """The body as UTF-8 text (raises :class:`rbit.errors.DecodeError`)."""

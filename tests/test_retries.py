@@ -100,7 +100,8 @@ def test_rejected_job_is_dead_at_once_whatever_the_policy():
 
 def test_blocked_with_its_own_delay_waits_that_long():
     settlement = decide(Outcome.blocked("disk full", 12.5), _delivery(), _runner(), worker="w")
-    assert settlement.publish.routing_key == "q.retry.12500"
+    # Its delay queue is the next 1-2-5 step in ms: runners cannot multiply queues.
+    assert settlement.publish.routing_key == "q.retry.20000"
     assert settlement.publish.expiration_ms == 12_500
     assert settlement.status is Status.BLOCKED
 

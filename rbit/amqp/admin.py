@@ -17,6 +17,7 @@ import pika.exceptions
 from pika import spec
 
 from rbit.amqp.connection import parameters
+from rbit.amqp.frames import SafeFrames
 from rbit.amqp.records import Delivery, Publish
 from rbit.config import AmqpSettings
 from rbit.errors import BrokerError, BrokerUnreachable, QueueNotFound
@@ -25,6 +26,10 @@ from rbit.message import Message
 log = logging.getLogger(__name__)
 
 _NOT_FOUND = 404
+
+
+class _SafeConnection(SafeFrames, pika.SelectConnection):
+    """The blocking session's connection: undecodable content headers substituted."""
 
 
 @contextlib.contextmanager
@@ -55,7 +60,7 @@ class AdminSession:
         for index in range(len(amqp.hosts)):
             try:
                 params = parameters(amqp, index, name, amqp.heartbeat)
-                self._connection = pika.BlockingConnection(params)
+                self._connection = pika.BlockingConnection(params, _impl_class=_SafeConnection)
                 break
             except (pika.exceptions.AMQPError, OSError) as exc:
                 errors.append(f"{amqp.hosts[index].host}:{amqp.hosts[index].port}: {exc!r}")
@@ -127,6 +132,9 @@ class AdminSession:
             raise BrokerError(f"publish to {message.routing_key!r} refused: {exc}") from exc
         except pika.exceptions.AMQPError as exc:
             raise BrokerError(f"publish to {message.routing_key!r} failed: {exc!r}") from exc
+        except Exception as exc:  # noqa: BLE001 -- headers pika cannot encode
+            raise BrokerError(f"publish to {message.routing_key!r} failed: "
+                              f"{type(exc).__name__}: {exc}") from exc
 
     def purge(self, queue: str) -> int:
         """Delete every ready message of a queue; returns how many.

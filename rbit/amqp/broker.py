@@ -37,7 +37,6 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
-from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.select_connection import IOLoop
 
 from rbit.amqp.acks import Acks
@@ -46,7 +45,7 @@ from rbit.amqp.connection import Connector
 from rbit.amqp.consuming import Consumers
 from rbit.amqp.declare import Declarer
 from rbit.amqp.leases import Leases
-from rbit.amqp.loops import AsyncioLoop, EagerConnection, PikaFdLoop
+from rbit.amqp.loops import AsyncioLoop, EagerConnection, PikaFdLoop, SafeAsyncioConnection
 from rbit.amqp.polling import Poller
 from rbit.amqp.records import ConfirmCallback, ConsumerSpec, Delivery, Publish
 from rbit.config import AmqpSettings
@@ -96,6 +95,7 @@ class Broker:
     ) -> None:
         self.mode = mode
         self.clock = clock
+        self.worker_name = worker_name  # recorded on the jobs the consumers refuse
         self._ready = threading.Event()
         self._stopped = threading.Event()
         self.stopping = False
@@ -111,7 +111,7 @@ class Broker:
         heartbeat = max(1, min(amqp.heartbeat, int(poll_time))) if amqp.heartbeat else 0
         self.connector = Connector(
             self, amqp, name=name, heartbeat=heartbeat, rng=rng,
-            connection_class=EagerConnection if loop is None else AsyncioConnection,
+            connection_class=EagerConnection if loop is None else SafeAsyncioConnection,
             pika_loop=self.ioloop if loop is None else loop)
         self.consumers = Consumers(self, consumers)
         self.acks = Acks(self, consumers)

@@ -10,6 +10,12 @@ connection (delay and holding queues).
 A ``mandatory`` message that no queue takes comes back as a ``basic.return``, which
 RabbitMQ sends before that message's ``basic.ack``: the ack then means "handled", not
 "stored", so the publish fails with :data:`~rbit.amqp.records.RETURNED`.
+
+A copy of a delivery (retry, dead letter, held copy) is checked before it goes out
+and trimmed if it cannot go out whole (:func:`rbit.amqp.frames.fit`): a frame the
+broker refuses would close the connection, and every reconnect makes the acks of jobs
+in flight stale. Any other message pika cannot encode is failed alone (its confirm
+callback gets False); the connection stays.
 """
 
 from __future__ import annotations
@@ -17,9 +23,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import pika.exceptions
 from pika import spec
 
+from rbit.amqp.frames import fit
 from rbit.amqp.leases import held_back
 from rbit.amqp.records import (
     NOT_CONFIRMED,
@@ -29,6 +35,7 @@ from rbit.amqp.records import (
     Delivery,
     Publish,
 )
+from rbit.safetext import escape
 
 if TYPE_CHECKING:
     from rbit.amqp.broker import Broker
@@ -129,11 +136,15 @@ class Publisher:
         if message.expiration_ms is not None:
             props["expiration"] = str(message.expiration_ms)
         try:
+            if message.trimmed_headers is None:
+                properties = spec.BasicProperties(**props)
+            else:
+                message, properties = fit(message, props, broker.connection.params.frame_max)
             channel.basic_publish(message.exchange, message.routing_key, message.body,
-                                  spec.BasicProperties(**props), mandatory=message.mandatory)
-        except (pika.exceptions.AMQPError, ValueError, TypeError) as exc:
-            log.error("cannot publish to exchange %r key %r: %s",
-                      message.exchange, message.routing_key, exc)
+                                  properties, mandatory=message.mandatory)
+        except Exception as exc:  # noqa: BLE001 -- pika refused this message, not the link
+            log.error("cannot publish to exchange %r key %r: %s", message.exchange,
+                      message.routing_key, escape(f"{type(exc).__name__}: {exc}"))
             fail(message, on_confirm, NOT_SENT)
             return
         self._seq += 1

@@ -4,6 +4,10 @@ The callback is the head of the job path: it builds the
 :class:`~rbit.message.Message` and the :class:`~rbit.amqp.records.Delivery` and hands
 them to the queue's job pool on the I/O thread, with what it needs bound once per
 connection rather than looked up per delivery.
+
+A delivery whose headers the boundary could not decode (they were replaced by
+:data:`~rbit.message.UNDECODABLE_HEADER`, see :mod:`rbit.amqp.frames`) never reaches
+a pool: it goes to the queue's dead letters at once, body kept, with the reason.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import logging
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Callable
 
+from rbit import fate
 from rbit.amqp.records import HELD_BY_HEADER, ConsumerSpec, Delivery
-from rbit.message import Message
+from rbit.message import UNDECODABLE_HEADER, Message
+from rbit.safetext import escape
 
 if TYPE_CHECKING:
     from rbit.amqp.broker import Broker
@@ -84,9 +90,21 @@ class Consumers:
             delivery = Delivery(message, method.delivery_tag, generation, props,
                                 received=clock())
             live[id(delivery)] = delivery
-            deliver(delivery)
+            if UNDECODABLE_HEADER in headers:
+                self._refuse(delivery, headers[UNDECODABLE_HEADER])
+            else:
+                deliver(delivery)
 
         return on_message
+
+    def _refuse(self, delivery: Delivery, reason: object) -> None:
+        broker = self._broker
+        # A publisher may set the header itself: its text is theirs, so escaped.
+        settlement = fate.refuse(delivery, delivery.message.queue, escape(reason, 300),
+                                 worker=broker.worker_name)
+        log.warning("job %s: %s; sent to the dead letters", delivery.message.job_id,
+                    settlement.note)
+        broker.publisher.publish_then_ack(delivery, settlement.publish, None)
 
     def cancel(self) -> None:
         """No new deliveries; the unacked ones stay ours to settle."""

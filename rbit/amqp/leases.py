@@ -34,6 +34,7 @@ import uuid
 from typing import TYPE_CHECKING, Callable
 
 from rbit.amqp.records import HELD_BY_HEADER, HOLD_ID_HEADER, Delivery, Publish
+from rbit.message import ATTEMPTS_HEADER
 from rbit.topology import hold_queue
 
 if TYPE_CHECKING:
@@ -121,12 +122,13 @@ class Leases:
 
     def _park_copy(self, delivery: Delivery) -> None:
         hold_id = uuid.uuid4().hex
-        headers = dict(delivery.message.headers)
-        headers[HELD_BY_HEADER] = self.holder
-        headers[HOLD_ID_HEADER] = hold_id
+        own = {HELD_BY_HEADER: self.holder, HOLD_ID_HEADER: hold_id}
+        headers = {**delivery.message.headers, **own}
         hold = hold_queue(delivery.message.queue, self.holder)
+        # Trimmed (too large to copy whole), the copy keeps at least the try count.
+        trimmed = {**own, ATTEMPTS_HEADER: delivery.message.attempt - 1}
         copy = Publish("", hold.name, delivery.message.body, headers=headers,
-                       properties=delivery.properties, declare=hold)
+                       properties=delivery.properties, declare=hold, trimmed_headers=trimmed)
         log.debug("job %s: renewing its lease through %s", delivery.message.job_id, hold.name)
         self._broker.publisher.publish(
             copy, lambda ok: self._on_copy_parked(delivery, hold.name, hold_id, ok))

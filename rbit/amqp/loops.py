@@ -2,6 +2,7 @@
 
 * :class:`EagerConnection`: pika's ``SelectConnection``, writing a frame at once
   when nothing waits before it (a private pika API: see setup.py's bound on pika);
+  it and :class:`SafeAsyncioConnection` survive undecodable content headers;
 * :class:`PikaFdLoop` and :class:`PikaTimer`: the :class:`~rbit.fdloop.FdLoop` that
   ``shell!`` jobs are supervised on, served by pika's I/O loop;
 * :class:`AsyncioLoop`: the few loop calls the broker makes, served by an asyncio
@@ -16,8 +17,10 @@ import threading
 from typing import Callable
 
 import pika
+from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.select_connection import IOLoop
 
+from rbit.amqp.frames import SafeFrames
 from rbit.fdloop import Timer
 
 try:  # pika's transport for plain TCP, to which EagerConnection writes directly
@@ -26,7 +29,11 @@ except ImportError:  # another pika layout: frames go out on the loop's next pas
     _AsyncPlaintextTransport = None
 
 
-class EagerConnection(pika.SelectConnection):
+class SafeAsyncioConnection(SafeFrames, AsyncioConnection):
+    """pika's ``AsyncioConnection``, with undecodable content headers substituted."""
+
+
+class EagerConnection(SafeFrames, pika.SelectConnection):
     """pika's ``SelectConnection``, sending a frame at once when nothing waits before it.
 
     pika buffers every outgoing frame and watches the socket for writability: each
@@ -34,6 +41,8 @@ class EagerConnection(pika.SelectConnection):
     job at a time the broker sends the next job only once the ack arrived, so that
     pass was a share of every short job. Whatever the socket does not take at once
     (or any error) goes pika's way. Plain TCP only; TLS keeps pika's own course.
+    Content headers that cannot be decoded are substituted
+    (:class:`~rbit.amqp.frames.SafeFrames`).
     """
 
     def _adapter_emit_data(self, data: bytes) -> None:

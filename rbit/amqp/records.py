@@ -108,6 +108,9 @@ class Publish:
     fail_fast: bool = False
     #: Called with the reason instead of ``on_confirm(False)`` when the publish fails.
     on_failure: Callable[[str], None] | None = None
+    #: For a copy of a delivery (retry, dead letter, hold): rbit's own headers, published
+    #: instead of ``headers`` when the whole copy cannot be (see rbit.amqp.confirms).
+    trimmed_headers: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
