@@ -15,8 +15,8 @@ import threading
 from collections.abc import Sequence
 
 from rbit import __version__, logsetup
-from rbit.config import Settings, load_config
-from rbit.errors import BrokerUnreachable, ConfigError, RbitError, RunnerLoadError
+from rbit.config import MAX_POLL_TIME, Settings, check_worker, load_config
+from rbit.errors import BrokerUnreachable, ConfigError, RbitError
 
 log = logging.getLogger("rbit")
 
@@ -57,11 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = _parser().parse_args(args)
     except SystemExit as exc:
         return int(exc.code or 0) and ExitCode.USAGE
-    if options.poll_time is not None and options.poll_time <= 0:
-        print("rbit: --poll-time must be > 0", file=sys.stderr)
+    if options.poll_time is not None and not 0 < options.poll_time <= MAX_POLL_TIME:
+        print(f"rbit: --poll-time must be > 0 and <= {MAX_POLL_TIME:g}", file=sys.stderr)
         return ExitCode.USAGE
     try:
         settings = load_config(options.config)
+        check_worker(settings)
     except ConfigError as exc:
         logsetup.configure(None, options.debug)
         log.error("configuration error: %s", exc)
@@ -98,8 +99,8 @@ def run(settings: Settings, poll_time: float | None = None) -> int:
     except BrokerUnreachable as exc:
         log.error("cannot reach the broker: %s", exc)
         return ExitCode.BROKER_UNREACHABLE
-    except (ConfigError, RunnerLoadError) as exc:
-        log.error("configuration error: %s", exc)
+    except ConfigError as exc:  # RunnerLoadError included
+        log.error("configuration error: %s", exc.located(file=settings.file))
         return ExitCode.CONFIG
     except RbitError as exc:
         log.error("%s", exc)

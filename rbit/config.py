@@ -18,6 +18,7 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from rbit import backoff
 from rbit.errors import ConfigError
 
 
@@ -103,6 +104,15 @@ class RunnerSettings:
     # Environment variables the file interpolated into a secret key (anywhere in it):
     # never passed on to a job's process (rbit.runners.environment).
     secret_env: frozenset[str] = frozenset()
+    # Where the section was written, for errors found when the runner is loaded.
+    file: str = ""
+    section: str = ""
+
+    @property
+    def where(self) -> str:
+        """``section [runner:Q]`` (and the file when known), for error messages."""
+        section = self.section or f"{_RUNNER_PREFIX}{self.queue}"
+        return f"file {self.file}, section [{section}]" if self.file else f"section [{section}]"
 
 
 @dataclass(frozen=True)
@@ -187,6 +197,34 @@ _CLASS_NAME = re.compile(rf"{_IDENT}(?:\.{_IDENT})+")
 _ENV_REFERENCE = re.compile(r"\$(?:(\$)|\{([^}]*)\}|(\{))")
 _ENV_NAME = re.compile(_IDENT)
 
+# The largest values of numeric keys. Each bound keeps every later computation in range:
+# poll() and lock timeouts (about 24 days at most), RabbitMQ's message TTLs (about 49
+# days), AMQP's 16-bit heartbeat and prefetch fields, and the memory a value sizes.
+#: Durations a job or a delay may last: timeout, shutdown_grace, retry delays.
+MAX_LONG_DURATION = 14 * 24 * 3600.0
+#: How long an idle worker may sleep between checks (polling_time, --poll-time).
+MAX_POLL_TIME = 24 * 3600.0
+#: Network waits and reconnect delays: connect_timeout, http_timeout, kill_grace, ...
+MAX_SHORT_DURATION = 3600.0
+MAX_CONCURRENCY = 1000  # each slot is a thread or a process
+MAX_PREFETCH = 65535  # basic.qos prefetch-count is a 16-bit field
+MAX_HEARTBEAT = 65535  # the heartbeat is a 16-bit field in seconds
+MAX_RETRIES = 100_000
+#: Distinct retry delays a policy may have: each is a queue declared on every connect.
+MAX_DELAY_QUEUES = 100
+MAX_BACKOFF = 100.0
+MAX_DELIVERY_LIMIT = 1_000_000
+MAX_PENDING = 10_000_000
+#: The longest value an error message quotes.
+_SHOWN_CHARS = 80
+
+_RESERVED_PREFIX = "amq."
+# The longest name rbit derives from a queue's: a delay queue of the longest delay.
+_LONGEST_SUFFIX = f".retry.{int(MAX_LONG_DURATION * 1000)}"
+#: The longest queue name a runner section may have, in UTF-8 bytes.
+MAX_QUEUE_NAME = 255 - len(_LONGEST_SUFFIX)
+_MAX_AMQP_NAME = 255  # exchange names and routing keys are AMQP short strings
+
 # Keys whose values must never be echoed in an error or warning.
 _SECRET_WORDS = ("password", "secret", "token", "auth", "url", "api_key")
 
@@ -245,6 +283,21 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
         secret_env=secret_env,
         http=http,
     )
+
+
+def check_worker(settings: Settings) -> None:
+    """Refuse settings a worker could do nothing with.
+
+    ``rbit dead-letters`` reads the same file and needs no runner; a worker does.
+
+    Raises:
+        ConfigError: There is no ``[runner:<queue>]`` section.
+    """
+    if not settings.runners:
+        raise ConfigError(
+            "no [runner:<queue>] section: a worker without runners would consume nothing",
+            file=settings.file,
+        )
 
 
 def parse_amqp_section(
@@ -428,16 +481,19 @@ class _Section:
             raise self.error(key, "must not be empty")
         return value
 
-    def integer(self, key: str, default: int | None, minimum: int) -> int | None:
+    def integer(
+        self, key: str, default: int | None, minimum: int, maximum: int | None = None
+    ) -> int | None:
         value = self.text(key)
         if value is None:
             return default
         try:
             number = int(value)
-        except ValueError:
+        except ValueError:  # also a number of more digits than int() converts
             number = minimum - 1
-        if number < minimum:
-            reason = f"expected an integer >= {minimum}, got {self.shown(key, value)}"
+        if number < minimum or (maximum is not None and number > maximum):
+            bounds = f">= {minimum}" if maximum is None else f">= {minimum} and <= {maximum}"
+            reason = f"expected an integer {bounds}, got {self.shown(key, value)}"
             raise self.error(key, reason)
         return number
 
@@ -495,7 +551,11 @@ class _Section:
         return names
 
     def shown(self, key: str, value: str) -> str:
-        return "a value that is not valid (hidden: secret)" if _is_secret(key) else repr(value)
+        if _is_secret(key):
+            return "a value that is not valid (hidden: secret)"
+        if len(value) > _SHOWN_CHARS:
+            return f"{value[:_SHOWN_CHARS]!r}... ({len(value)} characters)"
+        return repr(value)
 
     def unknown_keys(self) -> list[str]:
         return [
@@ -504,6 +564,14 @@ class _Section:
             for key in self._values
             if key not in self._read
         ]
+
+
+def _amqp_name(section: _Section, key: str, default: str) -> str:
+    """An exchange name or routing key: an AMQP short string, at most 255 bytes."""
+    value = section.nonempty(key, default)
+    if len(value.encode("utf-8")) > _MAX_AMQP_NAME:
+        raise section.error(key, f"longer than {_MAX_AMQP_NAME} bytes, which AMQP refuses")
+    return value
 
 
 def _within(number: float, minimum: float, strict: bool, maximum: float | None) -> bool:
@@ -531,14 +599,15 @@ def _worker(section: _Section) -> WorkerSettings:
         architecture=section.text("architecture", ""),
         suites=section.listing("suites"),
         format=section.text("format", ""),
-        polling_time=section.number("polling_time", 60.0),
+        polling_time=section.number("polling_time", 60.0, maximum=MAX_POLL_TIME),
         mode=section.choice("mode", "consume", ("consume", "poll")),
-        concurrency=section.integer("concurrency", 1, 1),
-        prefetch=section.integer("prefetch", None, 1),
-        shutdown_grace=section.number("shutdown_grace", 30.0, strict=False),
-        exchange=section.nonempty("exchange", "pybit"),
+        concurrency=section.integer("concurrency", 1, 1, MAX_CONCURRENCY),
+        prefetch=section.integer("prefetch", None, 1, MAX_PREFETCH),
+        shutdown_grace=section.number(
+            "shutdown_grace", 30.0, strict=False, maximum=MAX_LONG_DURATION),
+        exchange=_amqp_name(section, "exchange", "pybit"),
         queue_type=section.choice("queue_type", "classic", _QUEUE_TYPES),
-        consumer_timeout=section.number("consumer_timeout", None),
+        consumer_timeout=section.number("consumer_timeout", None, maximum=MAX_LONG_DURATION),
         jsonpickle_classes=section.class_names("jsonpickle_classes"),
     )
 
@@ -587,24 +656,23 @@ def _amqp(section: _Section) -> AmqpSettings:
         raise section.error("url", "give the port inside url, not as a separate key")
     parts = _parse_urls(section, url) if url is not None else None
     tls = _amqp_tls(section, parts)
-    default_port = section.integer("port", _AMQPS_PORT if tls else _AMQP_PORT, 1)
-    if default_port > 65535:
-        raise section.error("port", f"expected a port number 1-65535, got {default_port}")
+    default_port = section.integer("port", _AMQPS_PORT if tls else _AMQP_PORT, 1, 65535)
     hosts = parts.hosts if parts else _parse_hosts(section, section.nonempty("host", "localhost"))
     return AmqpSettings(
         hosts=tuple(HostAddress(host, port or default_port) for host, port in hosts),
         user=_from_url_or_key(section, parts, "user", "guest"),
         password=_from_url_or_key(section, parts, "password", "guest"),
         virtual_host=_virtual_host(section, parts),
-        heartbeat=section.integer("heartbeat", 60, 0),
+        heartbeat=section.integer("heartbeat", 60, 0, MAX_HEARTBEAT),
         tls=tls,
         tls_ca_file=section.text("tls_ca_file"),
         tls_cert_file=section.text("tls_cert_file"),
         tls_key_file=section.text("tls_key_file"),
         tls_verify=section.boolean("tls_verify", True),
-        connect_timeout=section.number("connect_timeout", 10.0),
-        reconnect_delay=section.number("reconnect_delay", 1.0),
-        reconnect_max_delay=section.number("reconnect_max_delay", 30.0),
+        connect_timeout=section.number("connect_timeout", 10.0, maximum=MAX_SHORT_DURATION),
+        reconnect_delay=section.number("reconnect_delay", 1.0, maximum=MAX_SHORT_DURATION),
+        reconnect_max_delay=section.number(
+            "reconnect_max_delay", 30.0, maximum=MAX_SHORT_DURATION),
     )
 
 
@@ -724,14 +792,14 @@ def _status(section: _Section) -> StatusSettings:
         _check_http_url(section, http_url)
     return StatusSettings(
         sinks=sinks,
-        exchange=section.nonempty("exchange", "rbit.status"),
+        exchange=_amqp_name(section, "exchange", "rbit.status"),
         routing_key=_routing_template(section),
         http_url=http_url or None,
         http_user=section.text("http_user"),
         http_password=section.text("http_password"),
-        http_timeout=section.number("http_timeout", 10.0),
-        retry_max_delay=section.number("retry_max_delay", 60.0),
-        max_pending=section.integer("max_pending", 100_000, 1),
+        http_timeout=section.number("http_timeout", 10.0, maximum=MAX_SHORT_DURATION),
+        retry_max_delay=section.number("retry_max_delay", 60.0, maximum=MAX_SHORT_DURATION),
+        max_pending=section.integer("max_pending", 100_000, 1, MAX_PENDING),
     )
 
 
@@ -775,6 +843,10 @@ _RUNNER_KEYS = frozenset({
 })
 
 
+# Keys rbit reads that stay among the runner's settings (the supervisor reads them too).
+_RUNNER_SETTINGS_READ = frozenset({"kill_grace"})
+_TYPO_CANDIDATES = sorted(_RUNNER_KEYS | _RUNNER_SETTINGS_READ)
+
 #: How alike an unknown runner key must be to a known one to be reported as a typo.
 _TYPO_CUTOFF = 0.8
 
@@ -783,10 +855,13 @@ def _runner(section: _Section, worker: WorkerSettings, warnings: list[str]) -> R
     queue = _queue_name(section)
     spec = section.text("runner", required=True)
     kind, target = _runner_spec(section, spec)
-    concurrency = section.integer("concurrency", worker.concurrency, 1)
+    concurrency = section.integer("concurrency", worker.concurrency, 1, MAX_CONCURRENCY)
     prefetch = _prefetch(section, worker, concurrency, warnings)
     queue_type = section.choice("queue_type", worker.queue_type, _QUEUE_TYPES)
-    delivery_limit = section.integer("delivery_limit", None, 1)
+    delivery_limit = section.integer("delivery_limit", None, 1, MAX_DELIVERY_LIMIT)
+    # Read by the process supervisor, and left among the runner's settings: checked here
+    # so that its error names the file like every other one.
+    section.number("kill_grace", None, strict=False, maximum=MAX_SHORT_DURATION)
     if delivery_limit is not None and queue_type != "quorum":
         warnings.append(
             f"file {section.file}, section [{section.name}], key 'delivery_limit': "
@@ -797,11 +872,11 @@ def _runner(section: _Section, worker: WorkerSettings, warnings: list[str]) -> R
         runner=spec,
         kind=kind,
         target=target,
-        routing_key=section.nonempty("routing_key", default_routing_key(queue)),
+        routing_key=_amqp_name(section, "routing_key", default_routing_key(queue)),
         concurrency=concurrency,
         prefetch=prefetch,
         prefetch_set=section.has("prefetch") or worker.prefetch is not None,
-        timeout=section.number("timeout", None),
+        timeout=section.number("timeout", None, maximum=MAX_LONG_DURATION),
         python=_python(section, kind),
         max_jobs_per_child=_child_limit(section, kind, "max_jobs_per_child", warnings),
         max_memory_per_child=_child_limit(section, kind, "max_memory_per_child", warnings),
@@ -810,6 +885,8 @@ def _runner(section: _Section, worker: WorkerSettings, warnings: list[str]) -> R
         retry=_retry(section),
         allowed_classes=_allowed_classes(section, worker),
         settings=_runner_options(section, warnings),
+        file=section.file,
+        section=section.name,
     )
 
 
@@ -820,7 +897,7 @@ def _prefetch(section: _Section, worker: WorkerSettings, concurrency: int,
     A section that sets ``batch_size`` (a batching runner's key) takes at least a whole
     batch ahead by default: with less, every batch would be cut at the prefetch.
     """
-    prefetch = section.integer("prefetch", worker.prefetch or concurrency, 1)
+    prefetch = section.integer("prefetch", worker.prefetch or concurrency, 1, MAX_PREFETCH)
     batch = _batch_size(section)
     if batch is None or batch <= prefetch:
         return prefetch
@@ -830,7 +907,7 @@ def _prefetch(section: _Section, worker: WorkerSettings, concurrency: int,
             f"below batch_size ({batch}), so no batch can hold more than {prefetch} events"
         )
         return prefetch
-    return batch
+    return min(batch, MAX_PREFETCH)
 
 
 def _batch_size(section: _Section) -> int | None:
@@ -853,7 +930,9 @@ def _runner_options(section: _Section, warnings: list[str]) -> RunnerOptions:
         if key in _RUNNER_KEYS:
             continue
         options[key] = section.raw(key) or ""
-        close = difflib.get_close_matches(key, _RUNNER_KEYS, n=1, cutoff=_TYPO_CUTOFF)
+        if key in _RUNNER_SETTINGS_READ:
+            continue
+        close = difflib.get_close_matches(key, _TYPO_CANDIDATES, n=1, cutoff=_TYPO_CUTOFF)
         if close:
             warnings.append(
                 f"file {section.file}, section [{section.name}], key {key!r}: not a key rbit "
@@ -892,9 +971,17 @@ def _queue_name(section: _Section) -> str:
     where = {"file": section.file, "section": section.name}
     if not queue:
         raise ConfigError("the queue name after 'runner:' is empty", **where)
-    if len(queue.encode("utf-8")) > 255:
-        # AMQP short strings (queue names) are at most 255 bytes.
-        raise ConfigError("the queue name is longer than 255 bytes", **where)
+    if queue.startswith(_RESERVED_PREFIX):
+        raise ConfigError(
+            "queue names starting with 'amq.' are reserved by RabbitMQ, which refuses to "
+            "declare them; choose another name", **where)
+    if len(queue.encode("utf-8")) > MAX_QUEUE_NAME:
+        # AMQP names are at most 255 bytes, and rbit derives longer ones from this one.
+        raise ConfigError(
+            f"the queue name is longer than {MAX_QUEUE_NAME} bytes: rbit's delay queues "
+            f"('<queue>{_LONGEST_SUFFIX}') must fit in AMQP's 255", **where)
+    if any(not char.isprintable() for char in queue):
+        raise ConfigError("the queue name contains control characters", **where)
     return queue
 
 
@@ -964,10 +1051,32 @@ def _python(section: _Section, kind: str) -> str | None:
 
 
 def _retry(section: _Section) -> RetryPolicy:
-    return RetryPolicy(
-        max_retries=section.integer("max_retries", 3, 0),
-        retry_delay=section.number("retry_delay", 10.0, strict=False),
-        backoff=section.number("retry_backoff", 2.0, 1.0, strict=False),
-        max_delay=section.number("retry_max_delay", 3600.0, strict=False),
+    policy = RetryPolicy(
+        max_retries=section.integer("max_retries", 3, 0, MAX_RETRIES),
+        retry_delay=section.number(
+            "retry_delay", 10.0, strict=False, maximum=MAX_LONG_DURATION),
+        backoff=section.number("retry_backoff", 2.0, 1.0, strict=False, maximum=MAX_BACKOFF),
+        max_delay=section.number(
+            "retry_max_delay", 3600.0, strict=False, maximum=MAX_LONG_DURATION),
         jitter=section.number("retry_jitter", 0.1, strict=False, maximum=1.0),
     )
+    count = _delay_count(policy)
+    if count > MAX_DELAY_QUEUES:
+        raise section.error(
+            "retry_backoff",
+            f"these retry settings need {count} delay queues (one per distinct delay), more "
+            f"than {MAX_DELAY_QUEUES}; raise retry_backoff or lower retry_max_delay or "
+            "max_retries",
+        )
+    return policy
+
+
+def _delay_count(policy: RetryPolicy) -> int:
+    """How many distinct delays (so delay queues) ``policy`` has, counted up to the cap."""
+    delays: set[int] = set()
+    for attempt in range(1, policy.max_retries + 1):
+        delay = backoff.step(attempt, policy.retry_delay, policy.max_delay, policy.backoff)
+        delays.add(int(delay * 1000))
+        if delay >= policy.max_delay or len(delays) > MAX_DELAY_QUEUES:
+            break  # every later delay is the cap, or there are too many already
+    return len(delays)

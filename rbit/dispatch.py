@@ -38,6 +38,7 @@ from rbit.runners.protocols import (
     ThreadRunner,
     runner_kind,
 )
+from rbit.status import one_line
 
 if TYPE_CHECKING:
     from rbit.amqp.broker import Broker
@@ -183,7 +184,8 @@ class JobPool:
         if settlement.publish is None:
             self._broker.ack(delivery)
         else:
-            log.info("job %s: %s", delivery.message.job_id, settlement.note)
+            # The note quotes the runner's error, which may be megabytes long.
+            log.info("job %s: %s", delivery.message.job_id, one_line(settlement.note))
             self._broker.publish_then_ack(delivery, settlement.publish)
 
     def _settled(self) -> None:

@@ -36,6 +36,15 @@ class ConfigError(RbitError):
         )
         super().__init__(f"{where}: {reason}" if where else reason)
 
+    def located(self, *, file: str = "", section: str = "", key: str = "") -> ConfigError:
+        """A copy of this error with the parts of its location it lacks filled in."""
+        return type(self)(
+            self.reason,
+            file=self.file or file,
+            section=self.section or section,
+            key=self.key or key,
+        )
+
 
 class BrokerError(RbitError):
     """Talking to RabbitMQ failed (unreachable, refused, channel closed)."""
@@ -61,8 +70,13 @@ class DecodeError(RbitError):
     """A message body could not be decoded safely (bad JSON, class not allowed, ...)."""
 
 
-class RunnerLoadError(RbitError):
-    """A ``runner =`` spec could not be resolved to something runnable."""
+class RunnerLoadError(ConfigError):
+    """A ``runner =`` spec could not be resolved to something runnable.
+
+    A configuration error found when the worker loads its runners (the module cannot
+    be imported, the callable is missing, a batch runner fails to start); like every
+    :class:`ConfigError` it names file, section and key once the loader knows them.
+    """
 
 
 class Blocked(RbitError):

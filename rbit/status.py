@@ -12,7 +12,7 @@ Sinks (``[status] sinks``):
 
 ``log``
     An INFO line ``job <id> <queue>: <Status> <message>`` on the ``rbit.status`` logger,
-    the message folded to one line and cut at about 500 characters.
+    the message folded to one line and cut at 500 characters (:data:`LOG_MESSAGE_CHARS`).
 
 ``amqp``
     One JSON document per status, ``{"job_id", "status", "message", "worker",
@@ -34,6 +34,12 @@ Sinks (``[status] sinks``):
     delivers the event; network errors, 408, 429 and 5xx are retried; any other reply
     can never succeed, so the event is dropped with an error naming the job. ``PUT`` is
     idempotent, which makes the re-sends after a failure harmless.
+
+Bounds: a status message kept for the network sinks is at most
+:data:`EVENT_MESSAGE_CHARS` characters (a longer one keeps its head and its tail, the
+two ends of a traceback, around a note of how much was cut), so that a runner's huge
+exception text can neither fill the worker's memory while a sink is down nor make
+a message the broker refuses; a log line's message is at most :data:`LOG_MESSAGE_CHARS`.
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ WINDOW = 256  # events published before waiting for their confirms
 FIRST_DELAY = 0.5  # first backoff step, seconds
 CONFIRM_TIMEOUT = 30.0  # a confirm that never comes counts as a failure after this
 LOG_MESSAGE_CHARS = 500
+#: The longest status message the network sinks carry (the amqp event's ``message``).
+EVENT_MESSAGE_CHARS = 8000
 _MAX_ROUTING_KEY_BYTES = 255  # AMQP short string
 _IDLE_WAIT = 5.0  # an idle sink thread re-checks for shutdown this often
 _STOP_JOIN = 2.0  # how long close() waits for a thread after telling it to stop
@@ -143,6 +151,8 @@ class StatusReporter:
         # The event, its time included, only exists for the network sinks: the log sink
         # on its own (the default) costs a job one log record and nothing else.
         if self._sinks and not self._control.stop.is_set():
+            if len(message) > EVENT_MESSAGE_CHARS:
+                message = bounded(message)
             event = _Event(job_id, queue, status, message, self._clock())
             for sink in self._sinks:
                 sink.put(event)
@@ -238,8 +248,21 @@ def one_line(text: str, limit: int = LOG_MESSAGE_CHARS) -> str:
 
     Whitespace runs, newlines included, become single spaces; a cut ends with an ellipsis.
     """
-    folded = " ".join(text.split())
+    # Only a head of a huge text is folded: enough for ``limit`` characters unless it is
+    # almost all whitespace, and the cost stays the same for a 10 MB message.
+    head = text if len(text) <= limit * 8 else text[: limit * 8] + "\u2026"
+    folded = " ".join(head.split())
     return folded if len(folded) <= limit else folded[: limit - 1] + "\u2026"
+
+
+def bounded(text: str, limit: int = EVENT_MESSAGE_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters, keeping its head and its tail."""
+    if len(text) <= limit:
+        return text
+    note = f"\n[... {len(text) - limit} characters cut ...]\n"
+    keep = max(0, limit - len(note))
+    head = keep // 4
+    return text[:head] + note + text[len(text) - (keep - head):]
 
 
 # ---------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from rbit import backoff
 from rbit.config import RetryPolicy, RunnerSettings, Settings
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -92,11 +93,11 @@ def hold_queue(queue: str, holder: str) -> QueueDecl:
 
 def policy_delays_ms(policy: RetryPolicy) -> list[int]:
     """The base delay (before jitter) of each retry the policy allows, in ms."""
-    delays = []
-    for attempt in range(1, policy.max_retries + 1):
-        delay = policy.retry_delay * policy.backoff ** (attempt - 1)
-        delays.append(int(min(delay, policy.max_delay) * 1000))
-    return delays
+    # backoff.step: a long policy must not overflow a float (retry_backoff ** 1000).
+    return [
+        int(backoff.step(attempt, policy.retry_delay, policy.max_delay, policy.backoff) * 1000)
+        for attempt in range(1, policy.max_retries + 1)
+    ]
 
 
 def work_queue(runner: RunnerSettings, exchange: str) -> QueueDecl:

@@ -16,6 +16,7 @@ from rbit.config import (
     parse_bool,
 )
 from rbit.errors import ConfigError
+from rbit.topology import delay_queue, policy_delays_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -172,20 +173,20 @@ def test_a_missing_name_is_an_error_naming_the_key(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("section", "key", "value", "reason"),
     [
-        ("rbit", "concurrency", "abc", "expected an integer >= 1, got 'abc'"),
-        ("rbit", "concurrency", "0", "expected an integer >= 1, got '0'"),
-        ("rbit", "prefetch", "1.5", "expected an integer >= 1, got '1.5'"),
-        ("rbit", "polling_time", "0", "expected a number > 0, got '0'"),
-        ("rbit", "polling_time", "soon", "expected a number > 0, got 'soon'"),
-        ("rbit", "shutdown_grace", "-1", "expected a number >= 0, got '-1'"),
+        ("rbit", "concurrency", "abc", "expected an integer >= 1 and <= 1000, got 'abc'"),
+        ("rbit", "concurrency", "0", "expected an integer >= 1 and <= 1000, got '0'"),
+        ("rbit", "prefetch", "1.5", "expected an integer >= 1 and <= 65535, got '1.5'"),
+        ("rbit", "polling_time", "0", "expected a number > 0 and <= 86400, got '0'"),
+        ("rbit", "polling_time", "soon", "expected a number > 0 and <= 86400, got 'soon'"),
+        ("rbit", "shutdown_grace", "-1", "expected a number >= 0 and <= 1.2096e+06, got '-1'"),
         ("rbit", "mode", "push", "expected one of consume, poll, got 'push'"),
         ("rbit", "queue_type", "stream", "expected one of classic, quorum, got 'stream'"),
-        ("rbit", "consumer_timeout", "inf", "expected a number > 0, got 'inf'"),
+        ("rbit", "consumer_timeout", "inf", "expected a number > 0 and <= 1.2096e+06, got 'inf'"),
         ("rbit", "jsonpickle_classes", "Build Request", "expected dotted class names"),
-        ("amqp", "heartbeat", "often", "expected an integer >= 0, got 'often'"),
-        ("amqp", "port", "70000", "expected a port number 1-65535"),
+        ("amqp", "heartbeat", "often", "expected an integer >= 0 and <= 65535, got 'often'"),
+        ("amqp", "port", "70000", "expected an integer >= 1 and <= 65535, got '70000'"),
         ("amqp", "tls", "maybe", "expected yes/no, true/false, on/off or 1/0, got 'maybe'"),
-        ("amqp", "connect_timeout", "nan", "expected a number > 0, got 'nan'"),
+        ("amqp", "connect_timeout", "nan", "expected a number > 0 and <= 3600, got 'nan'"),
     ],
 )
 def test_a_wrong_type_is_an_error_naming_file_section_key_and_reason(
@@ -614,11 +615,12 @@ def test_allowed_classes_join_the_worker_wide_and_the_runners_own(tmp_path: Path
         ("runner = shell!echo 'unbalanced\n", "runner", "cannot split the shell command"),
         ("runner = shell!\n", "runner", "the shell command is empty"),
         ("runner = shell!true\npython = /usr/bin/python3\n", "python", "only python! runners"),
-        ("runner = shell!true\ntimeout = 0\n", "timeout", "expected a number > 0, got '0'"),
-        ("runner = shell!true\nconcurrency = x\n", "concurrency", "integer >= 1, got 'x'"),
-        ("runner = shell!true\nprefetch = 0\n", "prefetch", "integer >= 1, got '0'"),
+        ("runner = shell!true\ntimeout = 0\n", "timeout", "> 0 and <= 1.2096e+06, got '0'"),
+        ("runner = shell!true\nconcurrency = x\n", "concurrency", ">= 1 and <= 1000, got 'x'"),
+        ("runner = shell!true\nprefetch = 0\n", "prefetch", "integer >= 1 and <= 65535, got '0'"),
         ("runner = shell!true\ndelivery_limit = 0\n", "delivery_limit", "integer >= 1"),
-        ("runner = shell!true\nmax_retries = -1\n", "max_retries", "integer >= 0, got '-1'"),
+        ("runner = shell!true\nmax_retries = -1\n", "max_retries",
+         "integer >= 0 and <= 100000, got '-1'"),
         ("runner = shell!true\nretry_delay = -1\n", "retry_delay", "number >= 0"),
         ("runner = shell!true\nretry_backoff = 0.5\n", "retry_backoff", "number >= 1"),
         ("runner = shell!true\nretry_jitter = 1.5\n", "retry_jitter", ">= 0 and <= 1"),
@@ -650,7 +652,16 @@ def test_a_bad_runner_kind_error_does_not_echo_the_command(tmp_path: Path) -> No
     assert SECRET not in str(error)
 
 
-@pytest.mark.parametrize(("queue", "reason"), [("", "is empty"), ("q" * 256, "255 bytes")])
+@pytest.mark.parametrize(
+    ("queue", "reason"),
+    [
+        ("", "is empty"),
+        ("q" * 239, "longer than 238 bytes"),
+        ("é" * 120, "longer than 238 bytes"),  # 240 bytes in UTF-8
+        ("amq.x", "reserved by RabbitMQ"),
+        ("a\x7fb", "control characters"),
+    ],
+)
 def test_a_bad_queue_name_is_an_error(tmp_path: Path, queue: str, reason: str) -> None:
     error = load_error(tmp_path, runner_section("runner = shell!true\n", queue))
 
@@ -658,10 +669,16 @@ def test_a_bad_queue_name_is_an_error(tmp_path: Path, queue: str, reason: str) -
     assert reason in error.reason
 
 
-def test_a_queue_name_of_255_bytes_is_accepted(tmp_path: Path) -> None:
-    settings = load(tmp_path, runner_section("runner = shell!true\n", "q" * 255))
+def test_the_longest_queue_name_leaves_room_for_the_longest_delay_queue(tmp_path: Path) -> None:
+    queue = "q" * 238
+    body = "runner = shell!true\nretry_delay = 1209600\nretry_max_delay = 1209600\n"
 
-    assert settings.runners[0].queue == "q" * 255
+    settings = load(tmp_path, runner_section(body, queue))
+
+    policy = settings.runners[0].retry
+    longest = delay_queue(queue, max(policy_delays_ms(policy)))
+    assert settings.runners[0].queue == queue
+    assert len(longest.name.encode("utf-8")) == 255
 
 
 # --- [status] ---------------------------------------------------------------------------

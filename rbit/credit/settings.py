@@ -148,9 +148,21 @@ def _listen(path: str, server: Mapping[str, str]) -> dict[str, object]:
 def _host_port(path: str, bind: str) -> tuple[str, int]:
     host, colon, port_text = bind.rpartition(":")
     host = host.strip("[]")  # [::1]:9999
-    if not colon or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    port = _whole(port_text)
+    if not colon or not host or port is None or not 0 < port < 65536:
         raise _error(path, "server", "bind", f"expected host:port for a tcp socket, got {bind!r}")
-    return host, int(port_text)
+    return host, port
+
+
+def _whole(text: str) -> int | None:
+    """``text`` as a whole number of ASCII digits, or None.
+
+    ``int()`` itself accepts more, and raises on superscripts and on thousands of digits.
+    """
+    text = text.strip()
+    if not text or len(text) > 18 or not (text.isascii() and text.isdigit()):
+        return None
+    return int(text)
 
 
 def _path(value: str, path: str, section: str, key: str) -> str:
@@ -162,12 +174,11 @@ def _path(value: str, path: str, section: str, key: str) -> str:
 
 def _loglevel(path: str, value: str) -> int:
     text = value.strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    level = logging.getLevelName(text.upper())
-    if not isinstance(level, int):
+    number = _whole(text)
+    level = number if number is not None else logging.getLevelName(text.upper())
+    if not isinstance(level, int) or not 0 <= level <= logging.CRITICAL:
         raise _error(path, "server", "loglevel",
-                     f"expected a number (10-50) or a level name such as INFO, got {text!r}")
+                     f"expected a number (0-50) or a level name such as INFO, got {text[:80]!r}")
     return level
 
 
@@ -177,13 +188,17 @@ def _logfile(path: str, value: str | None) -> str | None:
     return _path(value, path, "server", "logfile")
 
 
+#: The longest ``idle_timeout`` and ``flush_interval``: a day keeps every timer in range.
+MAX_SECONDS = 86400.0
+
+
 def _number(path: str, section: str, key: str, value: str) -> float:
     try:
         number = float(value)
     except ValueError:
-        raise _error(path, section, key, f"expected a number, got {value.strip()!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise _error(path, section, key, "expected a finite number >= 0")
+        raise _error(path, section, key, f"expected a number, got {value.strip()[:80]!r}") from None
+    if not math.isfinite(number) or not 0 <= number <= MAX_SECONDS:
+        raise _error(path, section, key, f"expected a number >= 0 and <= {MAX_SECONDS:g}")
     return number
 
 
@@ -208,11 +223,11 @@ def _bound(path: str, server: Mapping[str, str], key: str, default: float) -> fl
 def _max_connections(path: str, value: str | None) -> int:
     if value is None:
         return 1000
-    text = value.strip()
-    if not text.isdigit() or not 1 <= int(text) <= 1_000_000:
+    number = _whole(value)
+    if number is None or not 1 <= number <= 1_000_000:
         raise _error(path, "server", "max_connections",
-                     f"expected a whole number from 1 to 1000000, got {text!r}")
-    return int(text)
+                     f"expected a whole number from 1 to 1000000, got {value.strip()[:80]!r}")
+    return number
 
 
 def _api(path: str, api: Mapping[str, str]) -> ApiSettings:

@@ -111,14 +111,19 @@ def load_python_runner(
 
     Raises:
         RunnerLoadError: The module cannot be imported, the attribute is missing or not
-            callable, or a batch runner lacks ``submit``/``close``.
+            callable, or a batch runner lacks ``submit``/``close``; the error names the
+            section's file, section and the key ``runner``.
     """
-    if runner.python:
-        _check_in_interpreter(runner.python, runner.target, job_environment(runner))
-        return PythonRunner(runner, None)
-    target = resolve_target(runner.target)
-    if is_batch_factory(target):
-        return _build_batch_runner(target, runner, status_factory)
+    try:
+        if runner.python:
+            _check_in_interpreter(runner.python, runner.target, job_environment(runner))
+            return PythonRunner(runner, None)
+        target = resolve_target(runner.target)
+        if is_batch_factory(target):
+            return _build_batch_runner(target, runner, status_factory)
+    except RunnerLoadError as exc:
+        where = runner.section or f"runner:{runner.queue}"
+        raise exc.located(file=runner.file, section=where, key="runner") from exc
     return PythonRunner(runner, target)
 
 
@@ -135,18 +140,33 @@ def resolve_target(spec: str) -> Callable[..., Any]:
         )
     try:
         target: Any = importlib.import_module(module_name.strip())
-    except Exception as exc:  # a broken runner module may raise anything on import
-        raise RunnerLoadError(
-            f"cannot import {module_name!r}: {type(exc).__name__}: {exc}"
-        ) from exc
+    # A broken runner module may raise anything on import, sys.exit() included.
+    except (Exception, SystemExit) as exc:
+        raise RunnerLoadError(f"cannot import {module_name!r}: {_brief(exc)}") from exc
     for attr in attr_path.strip().split("."):
         try:
             target = getattr(target, attr)
-        except AttributeError as exc:
-            raise RunnerLoadError(f"{spec!r}: no attribute {attr!r}") from exc
+        except AttributeError:
+            raise RunnerLoadError(
+                f"{spec!r}: {type(target).__name__} {getattr(target, '__name__', '?')!r} "
+                f"has no attribute {attr!r}"
+            ) from None
+        except Exception as exc:  # a module's __getattr__ may raise anything
+            raise RunnerLoadError(f"{spec!r}: reading {attr!r} failed: {_brief(exc)}") from exc
     if not callable(target):
         raise RunnerLoadError(f"{spec!r} is not callable")
     return target
+
+
+#: The longest exception text a load error quotes (a module may raise a huge one).
+_LOAD_REASON_CHARS = 500
+
+
+def _brief(exc: BaseException) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    if len(text) > _LOAD_REASON_CHARS:
+        text = text[:_LOAD_REASON_CHARS] + f"... ({len(text)} characters)"
+    return text
 
 
 def is_batch_factory(target: Any) -> bool:
