@@ -28,9 +28,12 @@ Sinks (``[status] sinks``):
 
 ``http``
     PyBit's web front-end: ``PUT {http_url}/job/{job_id}`` with the form body
-    ``status=<Status>``; PyBit reads nothing else, so the message is not sent. HTTP basic
-    authentication from ``http_user`` / ``http_password`` (or the URL's user info) when
-    set. One persistent connection, events sent one by one in order. A 2xx reply
+    ``status=<Status>&client=<worker>`` (``[rbit] name``, the building client's name,
+    as PyBit's own client sends it); PyBit reads nothing else, so the message is not
+    sent. HTTP basic authentication from ``http_user`` / ``http_password`` (or the URL's
+    user info) when set. Only ``http_url`` is ever used: the ``web_host`` a PyBit
+    BuildRequest names is ignored, so the credentials never go to a host a message
+    chose. One persistent connection, events sent one by one in order. A 2xx reply
     delivers the event; network errors, 408, 429 and 5xx are retried; any other reply
     can never succeed, so the event is dropped with an error naming the job. ``PUT`` is
     idempotent, which makes the re-sends after a failure harmless.
@@ -129,7 +132,7 @@ class StatusReporter:
                 raise ValueError("the amqp status sink needs a publish callable")
             self._sinks.append(_AmqpSink(settings, self._control, worker, publish))
         if "http" in settings.sinks:
-            self._sinks.append(_HttpSink(settings, self._control))
+            self._sinks.append(_HttpSink(settings, self._control, worker))
         for sink in self._sinks:
             sink.start()
 
@@ -569,8 +572,9 @@ class _HttpSink(_QueuedSink):
 
     name = "http"
 
-    def __init__(self, settings: StatusSettings, control: _Control) -> None:
+    def __init__(self, settings: StatusSettings, control: _Control, worker: str = "") -> None:
         super().__init__(settings, control)
+        self._client = worker
         if not settings.http_url:
             raise ConfigError("required when the http sink is chosen", section="status",
                               key="http_url")
@@ -615,7 +619,8 @@ class _HttpSink(_QueuedSink):
 
     def _put(self, event: _Event) -> int:
         path = f"{self._base}/job/{urllib.parse.quote(event.job_id, safe='')}"
-        body = urllib.parse.urlencode({"status": event.status.value}).encode("ascii")
+        body = urllib.parse.urlencode(
+            {"status": event.status.value, "client": self._client}).encode("ascii")
         while True:
             conn = self._connection()
             # A kept-alive socket may have been closed by the server meanwhile: one

@@ -217,7 +217,8 @@ def test_http_sink_puts_status_form_with_basic_auth(reporters, http_server):
     assert request.method == "PUT"
     assert request.path == "/pybit/job/a%2Fb%20c"
     assert request.header("Content-Type") == "application/x-www-form-urlencoded"
-    assert urllib.parse.parse_qs(request.body.decode()) == {"status": ["Building"]}
+    form = urllib.parse.parse_qs(request.body.decode())
+    assert form == {"status": ["Building"], "client": ["worker-1"]}
     expected = base64.b64encode(b"front:s3cr:et").decode()
     assert request.header("Authorization") == "Basic " + expected
 
