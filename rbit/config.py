@@ -148,6 +148,7 @@ class WorkerSettings:
     queue_type: str = "classic"  # default for runners
     consumer_timeout: float | None = None  # broker's delivery-ack timeout, if lowered
     jsonpickle_classes: tuple[str, ...] = ()  # extra classes every runner may decode
+    pybit_commands: bool = False  # a command queue for PyBit's CancelRequest/StatusRequest
 
 
 @dataclass(frozen=True)
@@ -609,7 +610,14 @@ def _worker(section: _Section) -> WorkerSettings:
         queue_type=section.choice("queue_type", "classic", _QUEUE_TYPES),
         consumer_timeout=section.number("consumer_timeout", None, maximum=MAX_LONG_DURATION),
         jsonpickle_classes=section.class_names("jsonpickle_classes"),
+        pybit_commands=_pybit_commands(section),
     )
+
+
+def _pybit_commands(section: _Section) -> bool:
+    """``pybit_commands``: on by default when the exchange is PyBit's ``pybit``."""
+    default = (section.text("exchange", "pybit") or "pybit") == "pybit"
+    return section.boolean("pybit_commands", default)
 
 
 # ---------------------------------------------------------------------------------------

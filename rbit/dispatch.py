@@ -99,6 +99,8 @@ class JobPool:
         self._busy = 0
         #: Told of each job's start and settlement (the metrics), when set.
         self.observer: Any = None
+        #: Told of each job's start and end (PyBit's commands, :mod:`rbit.pybit`), when set.
+        self.tracker: Any = None
 
     def start(self) -> None:
         """Start the pool's threads, if it has any."""
@@ -149,16 +151,33 @@ class JobPool:
         if self._closing:
             self._broker.requeue(delivery)
         elif self._broker.is_current(delivery):
-            return False
+            if not delivery.message.is_cancelled():
+                return False
+            # Cancelled (a PyBit CancelRequest) while it waited here: never started.
+            set_status = JobStatus(self._report, delivery.message.job_id, self.settings.queue)
+            self._settle(delivery, Outcome.cancelled("cancelled before it started"),
+                         set_status)
+            return True
+        if self.tracker is not None:
+            self.tracker.ended(delivery.message)
         self._settled()
         return True
 
-    def _status_callback(self, job_id: str) -> JobStatus:
+    def _status_callback(self, delivery: Delivery) -> JobStatus:
         if self.observer is not None:
             self.observer.job_started(self.settings.queue)
-        return JobStatus(self._report, job_id, self.settings.queue)
+        set_status = JobStatus(self._report, delivery.message.job_id, self.settings.queue)
+        if self.tracker is not None:
+            self.tracker.started(delivery.message, set_status)
+        return set_status
 
     def _settle(self, delivery: Delivery, outcome: Outcome, set_status: JobStatus) -> None:
+        if self.tracker is not None:
+            self.tracker.ended(delivery.message)
+            if delivery.message.is_cancelled() and outcome.status is not Status.CANCELLED:
+                # Stopped for a CancelRequest (or a runner that saw message.cancelled):
+                # whatever the try returned, the job was cancelled, and is not retried.
+                outcome = Outcome.cancelled()
         if self._cancelled:  # cut short by a second signal: left unacked, so redelivered
             set_status.final(None)
             log.warning("job %s: stopped before it ended; the broker will redeliver it",
@@ -290,7 +309,7 @@ class ThreadPool(_QueuedPool):
         self.runner.cancel()
 
     def _start(self, delivery: Delivery) -> None:
-        set_status = self._status_callback(delivery.message.job_id)
+        set_status = self._status_callback(delivery)
         set_status(Status.BUILDING, "")
         try:
             outcome = self.runner.run(delivery.message, set_status)
@@ -316,7 +335,7 @@ class BatchPool(_QueuedPool):
         return False  # its work runs in this process: nothing to stop but the process
 
     def _start(self, delivery: Delivery) -> None:
-        set_status = self._status_callback(delivery.message.job_id)
+        set_status = self._status_callback(delivery)
         self.runner.submit(delivery.message, set_status,
                            lambda outcome: self._settle(delivery, outcome, set_status))
 
@@ -399,7 +418,7 @@ class EventedPool(JobPool):
             self._idle.set()
 
     def _start_job(self, delivery: Delivery) -> None:
-        set_status = self._status_callback(delivery.message.job_id)
+        set_status = self._status_callback(delivery)
         ended = False
 
         def done(outcome: Outcome) -> None:
@@ -415,7 +434,11 @@ class EventedPool(JobPool):
 
         set_status(Status.BUILDING, "")
         try:
-            self.runner.start_job(delivery.message, set_status, done, self._broker.fd_loop())
+            job = self.runner.start_job(delivery.message, set_status, done,
+                                        self._broker.fd_loop())
+            if job is not None and self.tracker is not None:
+                # A CancelRequest arrives on this (the I/O) thread, the job's own loop.
+                delivery.message.cancelled.on_set(lambda: job.stop("cancelled"))
         except Exception as exc:  # a runner must not take the I/O thread down
             log.exception("job %s: cannot start", delivery.message.job_id)
             done(Outcome.failed(f"{type(exc).__name__}: {exc}"))

@@ -74,6 +74,8 @@ def decide(
 ) -> Settlement:
     """Decide the fate of a delivery whose try ended with ``outcome``."""
     if outcome.kind is Kind.DONE:
+        if outcome.status is not None:
+            return Settlement(None, outcome.status, outcome.reason)
         return Settlement(None, Status.DONE, outcome.reason) if outcome.reason else _ACK
     if outcome.kind is Kind.REJECTED:
         return _dead(delivery, runner.queue, worker, outcome.reason or "rejected", now)

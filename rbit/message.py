@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,6 +53,40 @@ def safe_job_id(raw: str) -> str:
     return "id-sha256:" + digest
 
 
+class Cancellation(threading.Event):
+    """A job's cancel signal: an event, plus hooks run once when it is set.
+
+    In-thread runners poll :meth:`is_set` (or :meth:`wait` on it); rbit's own runners
+    register a hook that stops the job's process.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hooks: list = []
+        self._hook_lock = threading.Lock()
+
+    def on_set(self, hook) -> None:
+        """Call ``hook()`` when the signal is set (at once if it already is)."""
+        with self._hook_lock:
+            if not self.is_set():
+                self._hooks.append(hook)
+                return
+        hook()
+
+    def set(self) -> None:
+        with self._hook_lock:
+            super().set()
+            hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:  # one broken hook must not keep the others from running
+                log.exception("a cancel hook failed")
+
+
+_CANCEL_LOCK = threading.Lock()
+
+
 class Message:
     """One job delivery. Runners treat it as read-only.
 
@@ -71,7 +106,7 @@ class Message:
     # A plain class with slots: one is built per delivery on the I/O thread, and a
     # frozen dataclass costs several times more to construct.
     __slots__ = ("body", "queue", "headers", "redelivered", "message_id", "content_type",
-                 "allowed_classes", "_job_id", "raw_job_id")
+                 "allowed_classes", "_job_id", "raw_job_id", "_cancel")
 
     body: bytes
     queue: str
@@ -100,6 +135,25 @@ class Message:
         self.allowed_classes = allowed_classes
         self._job_id: str | None = None
         self.raw_job_id: str | None = None
+        self._cancel: Cancellation | None = None
+
+    @property
+    def cancelled(self) -> Cancellation:
+        """The job's cancel signal, set when a PyBit ``CancelRequest`` names the job.
+
+        A ``python!`` runner in a thread cannot be stopped from outside: it checks
+        ``message.cancelled.is_set()`` and returns; the job is then reported Cancelled
+        whatever it returned. Made on first use (most jobs never need one).
+        """
+        if self._cancel is None:
+            with _CANCEL_LOCK:
+                if self._cancel is None:
+                    self._cancel = Cancellation()
+        return self._cancel
+
+    def is_cancelled(self) -> bool:
+        """Whether the job was cancelled (cheap; makes no signal)."""
+        return self._cancel is not None and self._cancel.is_set()
 
     def __repr__(self) -> str:
         return (f"Message(queue={self.queue!r}, job_id={self.job_id!r}, "

@@ -63,10 +63,17 @@ class Outcome:
     kind: Kind
     reason: str = ""
     delay: float | None = None
+    #: For ``DONE``: the status to report instead of Done (Cancelled).
+    status: Status | None = None
 
     @classmethod
     def done(cls, reason: str = "") -> Outcome:
         return cls(Kind.DONE, reason) if reason else _DONE
+
+    @classmethod
+    def cancelled(cls, reason: str = "cancelled") -> Outcome:
+        """Cancelled (by a PyBit CancelRequest, or on the front-end): acked, not retried."""
+        return cls(Kind.DONE, reason, status=Status.CANCELLED)
 
     @classmethod
     def failed(cls, reason: str) -> Outcome:

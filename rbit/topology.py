@@ -46,6 +46,8 @@ class QueueDecl:
     durable: bool = True
     arguments: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     bindings: tuple[tuple[str, str], ...] = ()  # (exchange, routing key)
+    exclusive: bool = False  # this connection's only (a worker's command queue)
+    auto_delete: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,17 +14,17 @@ import threading
 import time
 from typing import Any, Callable
 
-from rbit import decoding, jobguard
+from rbit import decoding, jobguard, pybit
 from rbit.amqp.broker import Broker
 from rbit.amqp.records import ConsumerSpec
 from rbit.config import RunnerSettings, Settings
 from rbit.dispatch import JobPool, JobStatus, pool_for
-from rbit.errors import BrokerUnreachable
+from rbit.errors import BrokerUnreachable, ConfigError
 from rbit.runners.protocols import BatchRunner
 from rbit.runners.python import load_python_runner
 from rbit.runners.shell import ShellRunner
 from rbit.status import StatusReporter
-from rbit.topology import worker_topology
+from rbit.topology import Topology, worker_topology
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Worker:
         self.poll_time = poll_time if poll_time is not None else worker.polling_time
         self.broker = Broker(
             settings.amqp,
-            worker_topology(settings),
+            _topology(settings),
             name=f"rbit {worker.name}",
             mode=worker.mode,
             poll_time=self.poll_time,
@@ -55,7 +55,23 @@ class Worker:
         )
         self.reporter = StatusReporter(settings.status, worker.name, publish=self._publish_status)
         self.pools = [self._pool(runner) for runner in settings.runners]
-        self.broker.set_consumers([self._consumer(pool) for pool in self.pools])
+        consumers = [self._consumer(pool) for pool in self.pools]
+        self.pybit_check: pybit.QueuedCheck | None = None
+        if pybit.commands_enabled(settings):
+            consumers = self._pybit_consumers(consumers)
+        self.broker.set_consumers(consumers)
+
+    def _pybit_consumers(self, consumers: list[ConsumerSpec]) -> list[ConsumerSpec]:
+        """PyBit's commands: jobs tracked and checked, and the command queue consumed."""
+        tracker = pybit.JobTracker(self.reporter.report)
+        check = self.pybit_check = pybit.QueuedCheck(
+            self.broker, pybit.front_end(self.settings), tracker)
+        for pool in self.pools:
+            pool.tracker = tracker
+        consumers = [dataclasses.replace(spec, on_delivery=check.gate(pool))
+                     for spec, pool in zip(consumers, self.pools)]
+        commands = pybit.Commands(self.broker, tracker)
+        return consumers + [commands.spec(self.settings.worker.name)]
 
     def _publish_status(self, exchange: str, routing_key: str, body: bytes,
                         on_confirm: Callable[[bool], None]) -> None:
@@ -108,6 +124,11 @@ class Worker:
         if not self.broker.wait_ready(limit):
             self.broker.stop(1.0)
             jobguard.close_record()
+            if self.broker.locked:
+                raise ConfigError(
+                    f"another worker named {self.settings.worker.name!r} is running: its "
+                    f"command queue is held by another connection ({self.broker.locked}); "
+                    "every worker needs a name of its own", section="rbit", key="name")
             raise BrokerUnreachable(self.broker.start_error or "timed out connecting")
         log.info("worker %s consuming %s", self.settings.worker.name,
                  ", ".join(r.queue for r in self.settings.runners))
@@ -136,6 +157,8 @@ class Worker:
         for pool in self.pools:
             pool.close(max(1.0, deadline - time.monotonic()))
         self.reporter.close(timeout=5.0)
+        if self.pybit_check is not None:
+            self.pybit_check.close()
         self.broker.stop()
         jobguard.close_record()
         return clean
@@ -167,3 +190,11 @@ def _batch_prefetch(runner: RunnerSettings, job_runner: BatchRunner) -> RunnerSe
         return runner
     log.info("[runner:%s]: prefetch %d, the runner's batch size", runner.queue, batch)
     return dataclasses.replace(runner, prefetch=batch)
+
+
+def _topology(settings: Settings) -> Topology:
+    """What the worker declares: its runners' queues, and its PyBit command queue."""
+    topology = worker_topology(settings)
+    if not pybit.commands_enabled(settings):
+        return topology
+    return dataclasses.replace(topology, queues=topology.queues + (pybit.command_queue(settings),))

@@ -100,6 +100,8 @@ class Broker:
         self._stopped = threading.Event()
         self.stopping = False
         self.start_error: str | None = None  # why the first connection round failed
+        #: Set when the start failed on an exclusive queue held by another connection.
+        self.locked: str | None = None
         self.generation = 0
         #: Connections lost while running (read by the metrics at scrape time).
         self.connections_lost = 0

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_RESOURCE_LOCKED = 405  # AMQP reply code: an exclusive queue held by another connection
+
 
 def parameters(amqp: AmqpSettings, index: int, name: str,
                heartbeat: int) -> pika.ConnectionParameters:
@@ -219,6 +221,12 @@ class Connector:
 
     def on_channel_closed(self, channel, reason) -> None:
         broker = self._broker
+        if getattr(reason, "reply_code", None) == _RESOURCE_LOCKED and not self._hosts.ever_connected:
+            # An exclusive queue (the worker's command queue) is another connection's:
+            # another worker of the same name runs. Retrying would not change that.
+            broker.locked = str(reason)
+            broker.fail_start(f"resource locked: {reason}")
+            return
         if not broker.stopping and not broker.poller.closing:
             log.warning("channel %s closed: %s", channel.channel_number, reason)
         self.close()

@@ -65,5 +65,6 @@ class Declarer:
             exchange, key = queue.bindings[index]
             channel.queue_bind(queue.name, exchange, key, callback=lambda _f: bind(index + 1))
 
-        channel.queue_declare(queue.name, durable=queue.durable,
+        channel.queue_declare(queue.name, durable=queue.durable, exclusive=queue.exclusive,
+                              auto_delete=queue.auto_delete,
                               arguments=dict(queue.arguments), callback=lambda _f: bind(0))

@@ -117,11 +117,19 @@ class ChildPool:
         except OSError as exc:
             return Outcome.failed(f"cannot start runner process: {exc}")
         line = json.dumps(request(message, self.settings.settings)) + "\n"
+        running = [True]
+        # A CancelRequest comes from another thread than the child's supervisor: only a
+        # signal is thread-safe. The child dies of it and is replaced; the job ends
+        # Cancelled (rbit.dispatch).
+        message.cancelled.on_set(
+            lambda: running[0] and signal_group(child.pgid, signal.SIGTERM, message.job_id))
         try:
             outcome = child.run_job(message.job_id, line.encode(), set_status)
         except BaseException:  # e.g. KeyboardInterrupt: the child must not outlive us
             child.abort()
             raise
+        finally:
+            running[0] = False
         self._give_back(child)
         return outcome
 
