@@ -198,7 +198,8 @@ class FrontEnd:
         """The job's current status on the front-end; None when it cannot tell."""
         url = f"{self._base}/job/{urllib.parse.quote(job_id, safe='')}/status"
         try:
-            request = urllib.request.Request(url, headers=self._headers, method="GET")
+            request = urllib.request.Request(url, headers=self._headers, method="GET")  # noqa: S310
+            # The configured http_url only (http or https), never a URL from a message.
             with urllib.request.urlopen(request, timeout=self._timeout) as response:  # noqa: S310
                 statuses = json.loads(response.read(1 << 20))
         except (OSError, ValueError) as exc:
@@ -246,10 +247,11 @@ class QueuedCheck:
     def _check(self, take: Callable[[Delivery], None], delivery: Delivery) -> None:
         message = delivery.message
         job_id = decoding.pybit_job_id(message.body)
-        if job_id is not None and self._front_end is not None:
-            if self._front_end.last_status(job_id) == Status.CANCELLED.value:
-                log.info("job %s: cancelled on the front-end before it started", message.job_id)
-                message.cancelled.set()  # the pool settles it Cancelled without running it
+        front_end = self._front_end
+        if (job_id is not None and front_end is not None
+                and front_end.last_status(job_id) == Status.CANCELLED.value):
+            log.info("job %s: cancelled on the front-end before it started", message.job_id)
+            message.cancelled.set()  # the pool settles it Cancelled without running it
         self._broker.call_soon(lambda: take(delivery))
 
     def close(self) -> None:

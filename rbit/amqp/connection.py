@@ -221,7 +221,8 @@ class Connector:
 
     def on_channel_closed(self, channel, reason) -> None:
         broker = self._broker
-        if getattr(reason, "reply_code", None) == _RESOURCE_LOCKED and not self._hosts.ever_connected:
+        locked = getattr(reason, "reply_code", None) == _RESOURCE_LOCKED
+        if locked and not self._hosts.ever_connected:
             # An exclusive queue (the worker's command queue) is another connection's:
             # another worker of the same name runs. Retrying would not change that.
             broker.locked = str(reason)
