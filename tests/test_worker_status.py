@@ -53,7 +53,8 @@ def test_http_front_end_gets_a_put_per_status_with_basic_auth(
 
     assert [(r.method, r.path) for r in requests] == [("PUT", "/job/job-7")] * 2
     assert [urllib.parse.parse_qs(r.body.decode()) for r in requests] == [
-        {"status": ["Building"]}, {"status": ["Done"]}]
+        {"status": ["Building"], "client": ["test-worker"]},
+        {"status": ["Done"], "client": ["test-worker"]}]
     expected = "Basic " + base64.b64encode(b"pybit:s3cret").decode()
     assert all(r.header("Authorization") == expected for r in requests)
 
