@@ -16,7 +16,13 @@ from collections.abc import Sequence
 
 from rbit import __version__, logsetup
 from rbit.config import Settings, load_config
-from rbit.errors import BrokerUnreachable, ConfigError, RbitError, RunnerLoadError
+from rbit.errors import (
+    BrokerUnreachable,
+    ConfigError,
+    DuplicateWorker,
+    RbitError,
+    RunnerLoadError,
+)
 
 log = logging.getLogger("rbit")
 
@@ -28,6 +34,7 @@ class ExitCode(enum.IntEnum):
     ERROR = 1  # an unexpected error
     USAGE = 2  # bad command line
     FORCED = 3  # a second signal cut running jobs short (they are redelivered)
+    DUPLICATE_NAME = 73  # another worker of the same [rbit] name is running (EX_CANTCREAT)
     NO_QUEUE = 66  # rbit dead-letters: the queue to read does not exist (EX_NOINPUT)
     BROKER_UNREACHABLE = 69  # no AMQP host accepted a connection at start (EX_UNAVAILABLE)
     CONFIG = 78  # the configuration is invalid (EX_CONFIG)
@@ -48,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "ctl":
+        from rbit.control.client import main as ctl_main
+        return ctl_main(args[1:])
     if args and args[0] in ("dead-letters", "dlq"):
         from rbit.deadletters import main as dead_letters_main
         return dead_letters_main(args[1:])
@@ -85,7 +95,7 @@ def run(settings: Settings, poll_time: float | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        worker = Worker(settings, poll_time=poll_time)
+        worker = Worker(settings, poll_time=poll_time, request_stop=stop.set)
         worker.start()
     except BrokerUnreachable as exc:
         log.error("cannot reach the broker: %s", exc)
@@ -93,6 +103,9 @@ def run(settings: Settings, poll_time: float | None = None) -> int:
     except (ConfigError, RunnerLoadError) as exc:
         log.error("configuration error: %s", exc)
         return ExitCode.CONFIG
+    except DuplicateWorker as exc:
+        log.error("%s; not starting", exc)
+        return ExitCode.DUPLICATE_NAME
     except RbitError as exc:
         log.error("%s", exc)
         return ExitCode.ERROR

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from rbit import fate
 from rbit.amqp.records import Delivery
 from rbit.config import RunnerSettings
-from rbit.outcome import Outcome, Status
+from rbit.outcome import Kind, Outcome, Status
 from rbit.runners.protocols import (
     BatchRunner,
     EventedRunner,
@@ -41,6 +41,7 @@ from rbit.runners.protocols import (
 
 if TYPE_CHECKING:
     from rbit.amqp.broker import Broker
+    from rbit.control.observer import JobObserver
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class JobPool:
         # the broker's prefetch for that and skips the locking.
         self._count_busy = count_busy
         self._busy = 0
+        #: Told of each job's start and fate (running jobs, counts, history), if set.
+        self.observer: JobObserver | None = None
 
     def start(self) -> None:
         """Start the pool's threads, if it has any."""
@@ -151,15 +154,25 @@ class JobPool:
         return True
 
     def _status_callback(self, job_id: str) -> JobStatus:
+        if self.observer is not None:  # every pool builds this once, as its job starts
+            self.observer.started(job_id, self.settings.queue)
         return JobStatus(self._report, job_id, self.settings.queue)
 
     def _settle(self, delivery: Delivery, outcome: Outcome, set_status: JobStatus) -> None:
         if self._cancelled:  # cut short by a second signal: left unacked, so redelivered
             log.warning("job %s: stopped before it ended; the broker will redeliver it",
                         delivery.message.job_id)
+            if self.observer is not None:
+                self.observer.ended(delivery.message.job_id, self.settings.queue, None, 0,
+                                    "", False)
             self._settled()
             return
         settlement = fate.decide(outcome, delivery, self.settings, worker=self._worker)
+        if self.observer is not None:
+            message = delivery.message
+            self.observer.ended(message.job_id, self.settings.queue, settlement.status,
+                                message.attempt, settlement.note or outcome.reason,
+                                outcome.kind is not Kind.DONE)
         last = set_status.last
         # A runner that ended on Done, Uploaded or Cancelled itself has said it all: a
         # Done from rbit after its Uploaded would move the job backwards.

@@ -18,6 +18,7 @@ from rbit import decoding
 from rbit.amqp.broker import Broker
 from rbit.amqp.records import ConsumerSpec
 from rbit.config import RunnerSettings, Settings
+from rbit.control.plane import ControlPlane
 from rbit.dispatch import JobPool, JobStatus, pool_for
 from rbit.errors import BrokerUnreachable
 from rbit.runners.protocols import BatchRunner
@@ -38,9 +39,11 @@ class Worker:
     Args:
         settings: The validated configuration.
         poll_time: Overrides ``[rbit] polling_time`` (the ``--poll-time`` option).
+        request_stop: What ``rbit ctl ... shutdown`` calls: the caller's graceful stop.
     """
 
-    def __init__(self, settings: Settings, *, poll_time: float | None = None) -> None:
+    def __init__(self, settings: Settings, *, poll_time: float | None = None,
+                 request_stop: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
         worker = settings.worker
         self.poll_time = poll_time if poll_time is not None else worker.polling_time
@@ -56,6 +59,8 @@ class Worker:
         self.reporter = StatusReporter(settings.status, worker.name, publish=self._publish_status)
         self.pools = [self._pool(runner) for runner in settings.runners]
         self.broker.set_consumers([self._consumer(pool) for pool in self.pools])
+        self.control = ControlPlane(settings, self.broker, self.pools,
+                                    backlog=self.reporter.pending, request_stop=request_stop)
 
     def _publish_status(self, exchange: str, routing_key: str, body: bytes,
                         on_confirm: Callable[[bool], None]) -> None:
@@ -96,14 +101,18 @@ class Worker:
 
         Raises:
             BrokerUnreachable: No host accepted a connection in a first round.
+            DuplicateWorker: Another worker of this name is running.
         """
         for pool in self.pools:
             pool.start()
+        self.control.start()
         self.broker.start()
         amqp = self.settings.amqp
         limit = timeout or (amqp.connect_timeout * 2 + 5) * len(amqp.hosts)
         if not self.broker.wait_ready(limit):
             self.broker.stop(1.0)
+            self.control.close()
+            self.control.check_start()
             raise BrokerUnreachable(self.broker.start_error or "timed out connecting")
         log.info("worker %s consuming %s", self.settings.worker.name,
                  ", ".join(r.queue for r in self.settings.runners))
@@ -132,7 +141,9 @@ class Worker:
         for pool in self.pools:
             pool.close(max(1.0, deadline - time.monotonic()))
         self.reporter.close(timeout=5.0)
+        self.control.say_goodbye()
         self.broker.stop()
+        self.control.close()
         return clean
 
     def _wait_pools(self, deadline: float, force: threading.Event,
