@@ -162,7 +162,12 @@ def test_history_lists_the_jobs_from_before_a_restart(tmp_path, rabbit, vhost, o
         wait_until(lambda: len(runs(out)) == 5, timeout=15, what="five jobs")
         wait_until(lambda: replies(ctl(config, "status")[1])["historian"]["counts"]["done"]
                    == 5, timeout=10, what="the counts")
-        proc.kill()  # SIGKILL: what was committed must survive, untorn
+        # The writer commits every 0.2 s; once an outcome is committed, a SIGKILL
+        # must not lose it nor tear the file.
+        wait_until(lambda: (tmp_path / "state-historian" / "state.sqlite3-wal").exists()
+                   and _committed(tmp_path / "state-historian") == 3,
+                   timeout=10, what="the history to be committed")
+        proc.kill()
         proc = start_worker(config, "historian")
         code, result = ctl(config, "history", QUEUE, "--depth", "10")
         assert code == CtlExit.OK, result
@@ -193,6 +198,17 @@ def test_a_command_from_a_user_not_in_the_list_is_refused_and_changes_nothing(
         assert "control command refused" in proc.output
     finally:
         proc.kill()
+
+
+def _committed(state_dir: Path) -> int:
+    """Rows committed to the history, read as another process would."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{state_dir / 'state.sqlite3'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT COUNT(*) FROM history").fetchone()[0]
+    finally:
+        db.close()
 
 
 def start_worker_refusing(config: Path) -> WorkerProcess:
