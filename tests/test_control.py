@@ -13,10 +13,6 @@ from typing import Any
 
 import pika
 import pytest
-
-from rbit.cli import ExitCode
-from rbit.control.client import CtlExit
-from rbit.control.client import main as ctl_main
 from worker_helpers import (
     QUEUE,
     ROOT_DIR,
@@ -26,6 +22,10 @@ from worker_helpers import (
     wait_until,
     write_config,
 )
+
+from rbit.cli import ExitCode
+from rbit.control.client import CtlExit
+from rbit.control.client import main as ctl_main
 
 RUNNER = {"runner": "python!worker_runners:succeed"}
 
@@ -76,7 +76,9 @@ def test_three_workers_answer_ping_and_a_killed_one_is_named_missing(
         assert set(replies(result)) == set(names)
         for name, reply in replies(result).items():
             assert reply["pid"] == procs[name].proc.pid
-            assert reply["uptime"] >= 0 and reply["version"] and reply["host"]
+            assert reply["uptime"] >= 0
+            assert reply["version"]
+            assert reply["host"]
         assert result["missing"] == []
 
         procs["w3"].kill()
@@ -87,7 +89,8 @@ def test_three_workers_answer_ping_and_a_killed_one_is_named_missing(
             env={"PYTHONPATH": f"{ROOT_DIR}:{TESTS_DIR}", "PATH": "/usr/bin:/bin"})
         assert done.returncode == CtlExit.NOT_ANSWERED == 4, done.stdout + done.stderr
         assert "w3: no answer" in done.stdout
-        assert "w1\t" in done.stdout and "w2\t" in done.stdout
+        assert "w1\t" in done.stdout
+        assert "w2\t" in done.stdout
     finally:
         for proc in procs.values():
             proc.kill()
@@ -101,7 +104,8 @@ def test_a_gracefully_stopped_worker_is_not_reported_missing(tmp_path, rabbit, v
         procs["b"].signal(signal.SIGTERM)
         assert procs["b"].wait(30) == ExitCode.OK
         code, result = ctl(configs["a"], "ping")
-        assert code == CtlExit.OK and set(replies(result)) == {"a"}, result
+        assert code == CtlExit.OK, result
+        assert set(replies(result)) == {"a"}
     finally:
         for proc in procs.values():
             proc.kill()
@@ -128,7 +132,8 @@ def test_pause_keeps_jobs_waiting_across_a_restart_and_resume_drains_them(
         amqp.publish(pybit_body(1))
         wait_until(lambda: len(runs(out)) == 1, timeout=15, what="the first job")
         code, result = ctl(config, "pause", QUEUE)
-        assert code == CtlExit.OK and replies(result)["pauser"]["paused"] == [QUEUE], result
+        assert code == CtlExit.OK, result
+        assert replies(result)["pauser"]["paused"] == [QUEUE]
         amqp.publish_jobs([f"p{n}" for n in range(5)])
         wait_until(lambda: rabbit.list_queues(vhost).get(QUEUE) == (5, 0), timeout=10,
                    what="five jobs waiting in the paused queue")
@@ -145,7 +150,8 @@ def test_pause_keeps_jobs_waiting_across_a_restart_and_resume_drains_them(
         assert len(runs(out)) == 1
 
         code, result = ctl(config, "resume", QUEUE)
-        assert code == CtlExit.OK and replies(result)["pauser"]["paused"] == [], result
+        assert code == CtlExit.OK, result
+        assert replies(result)["pauser"]["paused"] == []
         wait_until(lambda: len(runs(out)) == 6, timeout=15, what="the waiting jobs to run")
         assert sorted(runs(out)[1:]) == [f"p{n}" for n in range(5)]
         wait_until(lambda: rabbit.list_queues(vhost).get(QUEUE) == (0, 0), timeout=10,

@@ -13,7 +13,8 @@ On every connection, before any job is consumed, a channel of its own declares:
 An exclusive queue can be held by one connection only: when another connection holds
 ``rbit.control.<name>``, RabbitMQ refuses the declaration (405, RESOURCE_LOCKED). On the
 first connection that means another worker of the same name is running, and the start
-fails (:attr:`ControlChannel.duplicate`); on a reconnect it may be this worker's own old
+fails (:attr:`ControlChannel.duplicate`) once :data:`HELD_RETRIES` more tries, a second
+apart, found it held too; on a reconnect it may be this worker's own old
 connection that the broker has not yet dropped, so it reconnects after a while.
 
 Replies go out on the publish channel (:class:`~rbit.amqp.confirms.Publisher`) to the
@@ -44,6 +45,11 @@ SEEN_MAX = 10_000
 #: after it while connected, so that a long-lived worker stays "seen lately".
 ANNOUNCE_EVERY = 3600.0
 _RESOURCE_LOCKED = 405
+#: At start, a held control queue is tried again this often (seconds) and this many
+#: times before the name is taken to be in use: a worker restarted at once after it
+#: was killed may find its predecessor's connection not yet dropped by the broker.
+HELD_RETRY_DELAY = 1.0
+HELD_RETRIES = 5
 
 #: The arguments of ``rbit.fleet.seen`` (every declarer must give the same).
 FLEET_QUEUE_ARGUMENTS = {"x-message-ttl": SEEN_TTL_MS, "x-max-length": SEEN_MAX}
@@ -83,6 +89,8 @@ class ControlChannel:
         self.channel: Any = None
         self._was_open = False  # a control queue was ours once: a 405 then is our own
         self._announced: float | None = None  # monotonic time of the last hello
+        self._then: Callable[[], None] = lambda: None
+        self._held = 0  # declarations refused at start because the queue was held
 
     def reset(self) -> None:
         self.channel = None
@@ -90,6 +98,7 @@ class ControlChannel:
     def open(self, then: Callable[[], None]) -> None:
         """Declare everything on a new channel, consume, announce; then ``then``."""
         broker = self._broker
+        self._then = then
 
         def on_channel(channel: Any) -> None:
             self.channel = channel
@@ -158,12 +167,23 @@ class ControlChannel:
             Publish("", props.reply_to, answer, content_type="application/json",
                     properties=properties, persistent=False, fail_fast=True), None)
 
+    def _retry(self) -> None:
+        broker = self._broker
+        if broker.connection is not None and broker.connection.is_open and not broker.stopping:
+            self.open(self._then)
+
     def _on_closed(self, _channel: Any, reason: Any) -> None:
         broker = self._broker
         self.channel = None
         if broker.stopping:
             return
         if getattr(reason, "reply_code", None) == _RESOURCE_LOCKED:
+            if not self._was_open and self._held < HELD_RETRIES:
+                self._held += 1
+                log.info("control queue %s is held; trying again in %.0f s",
+                         control_queue(self.name), HELD_RETRY_DELAY)
+                broker.ioloop.call_later(HELD_RETRY_DELAY, self._retry)
+                return
             if not self._was_open:
                 self.duplicate = True
                 log.error("another worker named %r is running (its control queue %s is "

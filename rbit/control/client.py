@@ -214,7 +214,8 @@ def _describe(name: str, doc: dict[str, Any]) -> str:
     if command == "shutdown":
         return f"{name}: stopping"
     if command == "loglevel":
-        return f"{name}: logger {escape(doc.get('logger'), 255)} at {escape(doc.get('level'), 10)}"
+        level = escape(doc.get("level"), 10)
+        return f"{name}: logger {escape(doc.get('logger'), 255)} at {level}"
     rows = [f"{name}: history of {escape(doc.get('queue'), 255)}"]
     for item in doc.get("history") or []:
         rows.append(f"  {escape(item.get('job_id'), 200)}\t{escape(item.get('status'), 20)}"
