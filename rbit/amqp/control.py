@@ -175,8 +175,10 @@ class ControlChannel:
     def _on_closed(self, _channel: Any, reason: Any) -> None:
         broker = self._broker
         self.channel = None
-        if broker.stopping:
-            return
+        connection = broker.connection
+        if broker.stopping or broker.poller.closing or connection is None \
+                or connection.is_closing or connection.is_closed:
+            return  # the connection ends: nothing to say about its channels
         if getattr(reason, "reply_code", None) == _RESOURCE_LOCKED:
             if not self._was_open and self._held < HELD_RETRIES:
                 self._held += 1

@@ -156,7 +156,7 @@ class Controller:
             "queues": [{"queue": q, "consuming": q in consuming, "paused": q in paused}
                        for q in self._queues],
             "running_count": len(running),
-            "counts": dict(self._observer.counts),
+            "counts": self._observer.snapshot_counts(),
             "broker_connected": self._broker.connected,
             "status_backlog": self._backlog(),
         }

@@ -1,13 +1,14 @@
 """What the job pools tell about each job: running now, counts, history.
 
 A pool calls :meth:`JobObserver.started` when a job starts and :meth:`JobObserver.ended`
-once its fate is decided, from whatever thread runs it. Both are a few dict and
-integer operations (atomic under the GIL) and one deque append: nothing here waits
-for a lock, a disk or the network.
+once its fate is decided, from whatever thread runs it. Both are a few dict operations
+(atomic under the GIL), two counter increments under a lock held for nothing else, and
+one deque append: nothing here waits for a disk or the network.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable
 
@@ -34,6 +35,7 @@ class JobObserver:
         #: job id -> (queue, started): the jobs running now.
         self.running: dict[str, tuple[str, float]] = {}
         self.counts = dict.fromkeys(COUNTS, 0)
+        self._lock = threading.Lock()  # += is not atomic across job threads
 
     def started(self, job_id: str, queue: str) -> None:
         self.running[job_id] = (queue, self._clock())
@@ -53,20 +55,27 @@ class JobObserver:
         begun = self.running.pop(job_id, None)
         if status is None:
             return
-        counts = self.counts
-        if failed:
-            counts["failed"] += 1
         if status is Status.FAILED:
-            counts["dead_lettered"] += 1
+            key = "dead_lettered"
         elif status is Status.WAITING or status is Status.BLOCKED:
-            counts["retried"] += 1
+            key = "retried"
         else:
-            counts["done"] += 1
+            key = "done"
+        counts = self.counts
+        with self._lock:
+            counts[key] += 1
+            if failed:
+                counts["failed"] += 1
         if self._record is not None:
             now = self._clock()
             started = begun[1] if begun is not None else now
             self._record(JobRecord(job_id, queue, status.value, attempt, started, now,
                                    now - started, note))
+
+    def snapshot_counts(self) -> dict[str, int]:
+        """The counts since start, consistent with each other."""
+        with self._lock:
+            return dict(self.counts)
 
     def running_jobs(self) -> list[dict[str, Any]]:
         """The jobs running now: job id, queue, since (Unix seconds), oldest first."""
