@@ -15,7 +15,7 @@ from rbit.control.client import exit_code, seen_lately
 from rbit.control.commands import Command, CommandError, parse
 from rbit.control.handler import Controller
 from rbit.control.observer import JobObserver
-from rbit.control.state import JobRecord, StateStore
+from rbit.control.state import StateStore
 from rbit.errors import ConfigError
 from rbit.outcome import Status
 
@@ -47,8 +47,8 @@ def test_every_command_survives_its_own_json():
 def test_history_is_pruned_per_queue_and_survives_reopening(tmp_path):
     store = StateStore(str(tmp_path / "state"), history_depth=2)
     for n in range(4):
-        store.record(JobRecord(f"a{n}", "a", "Done", 1, 10.0, 11.0, 1.0, "x" * 900))
-    store.record(JobRecord("b0", "b", "Failed", 3, 10.0, 12.0, 2.0, "boom"))
+        store.record((f"a{n}", "a", "Done", 1, 10.0, 11.0, 1.0, "x" * 900))
+    store.record(("b0", "b", "Failed", 3, 10.0, 12.0, 2.0, "boom"))
     store.set_paused({"a"})
     store.close()
     again = StateStore(str(tmp_path / "state"), history_depth=2)
@@ -66,7 +66,7 @@ def test_history_is_pruned_per_queue_and_survives_reopening(tmp_path):
 
 def test_recording_only_appends_in_memory(tmp_path):
     store = StateStore(str(tmp_path / "s"), history_depth=5)  # writer not started
-    store.record(JobRecord("j", "q", "Done", 1, 1.0, 2.0, 1.0, ""))
+    store.record(("j", "q", "Done", 1, 1.0, 2.0, 1.0, ""))
     assert store._pending  # noqa: SLF001 -- nothing was written on the job's path
     store.close()
 
@@ -84,7 +84,7 @@ def test_observer_counts_and_records_each_fate():
     observer.ended("j3", "q", Status.FAILED, 4, "failed after 4 tries", True)
     assert observer.snapshot_counts() == {"done": 1, "failed": 2, "retried": 1,
                                           "dead_lettered": 1}
-    assert [(r.job_id, r.status, r.duration) for r in records] == [
+    assert [(r[0], r[2], r[6]) for r in records] == [
         ("j1", "Done", 0.5), ("j2", "Waiting", 1.0), ("j3", "Failed", 0.25)]
     assert observer.running_jobs() == []
 

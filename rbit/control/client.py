@@ -202,7 +202,8 @@ def print_result(result: dict[str, Any], out: TextIO) -> None:
 
 def _describe(name: str, doc: dict[str, Any]) -> str:
     command = doc.get("command")
-    ident = (f"{name}\thost={escape(doc.get('host'), 100)}\tpid={escape(doc.get('pid'), 20)}"
+    ident = (f"{name}\thost={escape(doc.get('host'), 100)}"
+             f"\tpid={escape(doc.get('pid'), 20)}"
              f"\tversion={escape(doc.get('version'), 40)}\tuptime={escape(doc.get('uptime'), 20)} s")
     if command == "ping":
         return ident

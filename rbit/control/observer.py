@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from rbit.control.state import JobRecord
+from rbit.control.state import MAX_MESSAGE, RecordTuple
 from rbit.outcome import Status
 
 #: The counters kept since start, as named in the status snapshot.
@@ -23,12 +23,12 @@ class JobObserver:
     """Running jobs and counts since start; outcomes go to ``record``.
 
     Args:
-        record: Takes each outcome (a :class:`JobRecord`); must not block. None: no
-            history.
+        record: Takes each outcome (a :data:`~rbit.control.state.RecordTuple`); must
+            not block. None: no history.
         clock: Wall-clock time (Unix seconds).
     """
 
-    def __init__(self, record: Callable[[JobRecord], None] | None = None,
+    def __init__(self, record: Callable[[RecordTuple], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._record = record
         self._clock = clock
@@ -69,8 +69,8 @@ class JobObserver:
         if self._record is not None:
             now = self._clock()
             started = begun[1] if begun is not None else now
-            self._record(JobRecord(job_id, queue, status.value, attempt, started, now,
-                                   now - started, note))
+            self._record((job_id, queue, status.value, attempt, started, now,
+                          now - started, note[-MAX_MESSAGE:] if note else ""))
 
     def snapshot_counts(self) -> dict[str, int]:
         """The counts since start, consistent with each other."""
