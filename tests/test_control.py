@@ -252,3 +252,23 @@ def test_loglevel_changes_a_level_at_run_time(tmp_path, rabbit, vhost, out, leve
                                            "logger": "rbit.dispatch", "level": level}
     finally:
         proc.kill()
+
+
+def test_poll_mode_skips_a_paused_queue_until_resumed(tmp_path, rabbit, vhost, out, amqp):
+    from worker_helpers import running_worker
+
+    config = write_config(tmp_path, rabbit.url(vhost), {QUEUE: {**RUNNER, "outdir": out}},
+                          rbit={"name": "poller", "mode": "poll"})
+    with running_worker(config, poll_time=0.2) as worker:
+        worker.broker.pause(QUEUE)
+        wait_until(lambda: QUEUE in worker.broker.paused(), timeout=5, what="the pause")
+        amqp.publish_jobs(["q1", "q2"])
+        # Several passes go by (each reconnects): the jobs stay in their queue.
+        generation = worker.broker.generation
+        wait_until(lambda: worker.broker.generation >= generation + 3, timeout=15,
+                   what="three more passes")
+        assert runs(out) == []
+        assert rabbit.list_queues(vhost).get(QUEUE) == (2, 0)
+        assert worker.control.status()["queues"][0]["paused"] is True
+        worker.broker.resume(QUEUE)
+        wait_until(lambda: sorted(runs(out)) == ["q1", "q2"], timeout=15, what="the jobs")
