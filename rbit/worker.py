@@ -2,9 +2,10 @@
 
 It only orchestrates. The broker owns the network, the job pools own the work, the
 status reporter owns the statuses, the control plane (:mod:`rbit.control`) owns the
-history, the pause state and the answers to ``rbit ctl``. Shutdown runs in the order that keeps heartbeats
-alive while jobs finish: stop consuming, requeue what never started, wait for running
-jobs (up to ``shutdown_grace``), flush statuses, and only then close the connection.
+history, the pause state and the answers to ``rbit ctl``. Shutdown runs in the order
+that keeps heartbeats alive while jobs finish: stop consuming, requeue what never
+started, wait for running jobs (up to ``shutdown_grace``), flush statuses, and only
+then close the connection.
 """
 
 from __future__ import annotations

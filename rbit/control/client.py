@@ -204,7 +204,8 @@ def _describe(name: str, doc: dict[str, Any]) -> str:
     command = doc.get("command")
     ident = (f"{name}\thost={escape(doc.get('host'), 100)}"
              f"\tpid={escape(doc.get('pid'), 20)}"
-             f"\tversion={escape(doc.get('version'), 40)}\tuptime={escape(doc.get('uptime'), 20)} s")
+             f"\tversion={escape(doc.get('version'), 40)}"
+             f"\tuptime={escape(doc.get('uptime'), 20)} s")
     if command == "ping":
         return ident
     if command == "status":
