@@ -1,4 +1,4 @@
-"""``rbit CONFIG [--poll-time SECONDS] [--debug]`` and ``rbit dead-letters ...``.
+"""``rbit CONFIG [--poll-time SECONDS] [--debug]``, ``rbit dead-letters ...``, ``rbit ctl ...``.
 
 Thin: parse arguments, configure logging, build the worker, run it, map errors to
 exit codes.

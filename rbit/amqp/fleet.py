@@ -20,7 +20,13 @@ import pika.exceptions
 from pika import spec
 
 from rbit.amqp.connection import parameters
-from rbit.amqp.control import CONTROL_EXCHANGE, FLEET_QUEUE, SEEN_MAX
+from rbit.amqp.control import (
+    CONTROL_EXCHANGE,
+    FLEET_EXCHANGE,
+    FLEET_QUEUE,
+    FLEET_QUEUE_ARGUMENTS,
+    SEEN_MAX,
+)
 from rbit.config import AmqpSettings
 from rbit.errors import BrokerError, BrokerUnreachable
 
@@ -70,14 +76,18 @@ class FleetSession:
         bodies: list[bytes] = []
         try:
             channel = self._connection.channel()
+            # Declared as the workers declare it: before any worker started, it is
+            # simply empty.
+            channel.exchange_declare(FLEET_EXCHANGE, "fanout", durable=True)
+            channel.queue_declare(FLEET_QUEUE, durable=True,
+                                  arguments=dict(FLEET_QUEUE_ARGUMENTS))
+            channel.queue_bind(FLEET_QUEUE, FLEET_EXCHANGE, "")
             while len(bodies) < SEEN_MAX:
                 method, _props, body = channel.basic_get(FLEET_QUEUE, auto_ack=False)
                 if method is None:
                     break
                 bodies.append(body)
             channel.close()  # hands every announce back, in its place
-        except pika.exceptions.ChannelClosedByBroker:
-            return []  # no such queue yet: no worker ever started on this vhost
         except pika.exceptions.AMQPError as exc:
             raise BrokerError(f"cannot read {FLEET_QUEUE}: {exc!r}") from exc
         return bodies

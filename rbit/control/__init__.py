@@ -17,11 +17,9 @@ the direct exchange ``rbit.control`` with routing key ``all`` or ``worker:<name>
 Each worker consumes one exclusive, auto-delete queue ``rbit.control.<name>`` bound with
 both keys; a second worker of the same name finds that queue held and does not start.
 Each worker also announces itself on the fanout exchange ``rbit.fleet``, whose queue
-``rbit.fleet.seen`` keeps the announces for :data:`SEEN_TTL` (one day): ``ctl`` reads it
-without consuming it, to name the workers seen lately that did not answer.
+``rbit.fleet.seen`` keeps the announces for one day
+(:data:`rbit.amqp.control.SEEN_TTL_MS`): ``ctl`` reads it without consuming it, to
+name the workers seen lately that did not answer.
 
 No pika is imported here: everything that talks AMQP is in :mod:`rbit.amqp`.
 """
-
-#: How long a worker's announce stays in ``rbit.fleet.seen`` ("seen lately"), in ms.
-SEEN_TTL_MS = 24 * 3600 * 1000
