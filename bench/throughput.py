@@ -343,6 +343,8 @@ name = bench
 polling_time = 60
 concurrency = 1
 prefetch = {prefetch}
+state_dir = {state_dir}
+history_depth = {history_depth}
 
 [amqp]
 url = {url}
@@ -357,10 +359,13 @@ max_retries = 0
 """
 
 
-def _rbit_ini(run: Run, runner: str, sinks: str, prefetch: int, extra: str = "") -> Path:
+def _rbit_ini(run: Run, runner: str, sinks: str, prefetch: int, extra: str = "",
+              history_depth: int = 100) -> Path:
     path = run.workdir / "rbit.ini"
     path.write_text(RBIT_INI.format(prefetch=prefetch, url=run.url, sinks=sinks,
-                                    queue=QUEUE, runner=runner, extra=extra))
+                                    queue=QUEUE, runner=runner, extra=extra,
+                                    state_dir=run.workdir / "state",
+                                    history_depth=history_depth))
     return path
 
 
@@ -384,9 +389,10 @@ def _declare_rbit(run: Run) -> None:
 
 
 def rbit_contender(name: str, reference: str, runner: str, sinks: str, prefetch: int,
-                   detect: str = "tick", extra: str = "", jobs: int | None = None) -> Contender:
+                   detect: str = "tick", extra: str = "", jobs: int | None = None,
+                   history_depth: int = 100) -> Contender:
     def prepare(run: Run) -> None:
-        _rbit_ini(run, runner, sinks, prefetch, extra)
+        _rbit_ini(run, runner, sinks, prefetch, extra, history_depth)
         _declare_rbit(run)
         _fill_raw(run)
 
@@ -435,6 +441,10 @@ def contenders() -> dict[str, Contender]:
         rbit_contender("rbit-python-http", baseline,
                        "python!bench.bench_runners:noop", "", 100,
                        extra="\n[http]\nbind = 127.0.0.1:0\n"),
+        # The job history off ([rbit] history_depth = 0): the rows above keep it on,
+        # as a worker does by default; compare with rbit-python-nostatus.
+        rbit_contender("rbit-python-nohistory", baseline,
+                       "python!bench.bench_runners:noop", "", 100, history_depth=0),
         Contender(spawn, spawn, _prepare_baseline,
                   lambda run: [sys.executable, "-m", "bench.baselines", "spawn",
                                run.url, QUEUE], detect="poll"),

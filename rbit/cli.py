@@ -1,4 +1,4 @@
-"""``rbit CONFIG [--poll-time SECONDS] [--debug]`` and ``rbit dead-letters ...``.
+"""``rbit CONFIG [--poll-time SECONDS] [--debug]``, ``rbit dead-letters ...``, ``rbit ctl ...``.
 
 Thin: parse arguments, configure logging, build the worker, run it, map errors to
 exit codes.
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from rbit import __version__, logsetup
 from rbit.config import MAX_POLL_TIME, Settings, check_worker, load_config
-from rbit.errors import BrokerUnreachable, ConfigError, RbitError
+from rbit.errors import BrokerUnreachable, ConfigError, DuplicateWorker, RbitError
 
 log = logging.getLogger("rbit")
 
@@ -30,6 +30,7 @@ class ExitCode(enum.IntEnum):
     # Running jobs were cut short, by a second signal or because shutdown_grace ran
     # out; they are redelivered.
     FORCED = 3
+    DUPLICATE_NAME = 73  # another worker of the same [rbit] name is running (EX_CANTCREAT)
     NO_QUEUE = 66  # rbit dead-letters: the queue to read does not exist (EX_NOINPUT)
     BROKER_UNREACHABLE = 69  # no AMQP host accepted a connection at start (EX_UNAVAILABLE)
     CONFIG = 78  # the configuration is invalid (EX_CONFIG)
@@ -50,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "ctl":
+        from rbit.control.client import main as ctl_main
+        return ctl_main(args[1:])
     if args and args[0] in ("dead-letters", "dlq"):
         from rbit.deadletters import main as dead_letters_main
         return dead_letters_main(args[1:])
@@ -92,7 +96,7 @@ def run(settings: Settings, poll_time: float | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
     try:
-        worker = Worker(settings, poll_time=poll_time)
+        worker = Worker(settings, poll_time=poll_time, request_stop=stop.set)
         observation = WorkerObservation(worker, Notifier.from_environ())
         worker.start()
         observation.start()
@@ -102,6 +106,9 @@ def run(settings: Settings, poll_time: float | None = None) -> int:
     except ConfigError as exc:  # RunnerLoadError included
         log.error("configuration error: %s", exc.located(file=settings.file))
         return ExitCode.CONFIG
+    except DuplicateWorker as exc:
+        log.error("%s; not starting", exc)
+        return ExitCode.DUPLICATE_NAME
     except RbitError as exc:
         log.error("%s", exc)
         return ExitCode.ERROR

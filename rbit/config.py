@@ -174,6 +174,8 @@ class Settings:
     # Environment variables interpolated into a secret key (see RunnerSettings).
     secret_env: frozenset[str] = frozenset()
     http: HttpSettings | None = None  # None: no HTTP endpoint
+    control: ControlSettings = field(default_factory=lambda: ControlSettings())
+    state: StateSettings = field(default_factory=lambda: StateSettings())
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,6 +262,7 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
     worker = _worker(readers["rbit"])
     amqp = _amqp(readers["amqp"])
     status = _status(readers["status"]) if "status" in readers else StatusSettings()
+    control, state = _control_and_state(readers, worker, amqp, env)
     runners = tuple(
         _runner(reader, worker, warnings)
         for name, reader in readers.items()
@@ -270,7 +273,7 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
     runners = tuple(dataclasses.replace(runner, secret_env=secret_env) for runner in runners)
     http = _http(readers["http"]) if "http" in readers else None
     warnings.extend(_unknown_sections(path, parser.sections()))
-    for name in ("rbit", "amqp", "status", "http"):
+    for name in ("rbit", "amqp", "status", "http", "control"):
         if name in readers:
             warnings.extend(readers[name].unknown_keys())
     return Settings(
@@ -283,6 +286,8 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
         logging_sections=tuple(n for n in parser.sections() if _is_logging_section(n)),
         secret_env=secret_env,
         http=http,
+        control=control,
+        state=state,
     )
 
 
@@ -395,7 +400,7 @@ def _is_logging_section(name: str) -> bool:
 
 
 def _unknown_sections(path: str, names: Sequence[str]) -> list[str]:
-    known = {"rbit", "amqp", "status", "http"}
+    known = {"rbit", "amqp", "status", "http", "control"}
     return [
         f"file {path}, section [{name}]: unknown section, ignored"
         + _suggestion(name, sorted(known) + ["runner:<queue>"])
@@ -1088,3 +1093,60 @@ def _delay_count(policy: RetryPolicy) -> int:
         if delay >= policy.max_delay or len(delays) > MAX_DELAY_QUEUES:
             break  # every later delay is the cap, or there are too many already
     return len(delays)
+
+
+# ---------------------------------------------------------------------------------------
+# [control] and the state directory ([rbit] state_dir, history_depth)
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """The ``[control]`` section: who may send ``rbit ctl`` commands to this worker."""
+
+    enabled: bool = True
+    #: AMQP users whose commands are obeyed (matched against the validated ``user_id``).
+    users: tuple[str, ...] = ("guest",)
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    """Where a worker keeps what survives a restart (history, paused queues)."""
+
+    state_dir: str = ""
+    history_depth: int = 100  # outcomes kept per queue; 0: no history
+
+
+def default_state_dir(name: str, environ: Mapping[str, str], *, is_root: bool,
+                      home: str) -> str:
+    """The state directory when ``[rbit] state_dir`` is not set.
+
+    ``$STATE_DIRECTORY`` (set by systemd's ``StateDirectory=``; its first entry), else
+    ``/var/lib/rbit/<name>`` for root, else ``~/.local/state/rbit/<name>``.
+    """
+    given = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if given:
+        return given
+    if is_root:
+        return os.path.join("/var/lib/rbit", name)
+    return os.path.join(home, ".local", "state", "rbit", name)
+
+
+def _control_and_state(readers: Mapping[str, _Section], worker: WorkerSettings,
+                       amqp: AmqpSettings, environ: Mapping[str, str],
+                       ) -> tuple[ControlSettings, StateSettings]:
+    rbit = readers["rbit"]
+    state_dir = rbit.text("state_dir") or default_state_dir(
+        worker.name, environ, is_root=os.geteuid() == 0, home=os.path.expanduser("~"))
+    if not os.path.isabs(state_dir):
+        raise rbit.error("state_dir", f"expected an absolute path, got {state_dir!r}")
+    depth = rbit.integer("history_depth", 100, 0)
+    if depth > 100_000:
+        raise rbit.error("history_depth", f"expected an integer <= 100000, got {depth}")
+    state = StateSettings(state_dir=state_dir, history_depth=depth)
+    section = readers.get("control")
+    if section is None:
+        return ControlSettings(users=(amqp.user,)), state
+    users = section.listing("users", (amqp.user,))
+    if not users:
+        raise section.error("users", "must name at least one AMQP user")
+    return ControlSettings(enabled=section.boolean("enabled", True), users=users), state

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from rbit import fate
 from rbit.amqp.records import Delivery
 from rbit.config import RunnerSettings
-from rbit.outcome import Outcome, Status
+from rbit.outcome import Kind, Outcome, Status
 from rbit.runners.protocols import (
     BatchRunner,
     EventedRunner,
@@ -42,6 +42,7 @@ from rbit.status import one_line
 
 if TYPE_CHECKING:
     from rbit.amqp.broker import Broker
+    from rbit.control.observer import JobObserver
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,9 @@ class JobPool:
         self._count_busy = count_busy
         self._busy = 0
         #: Told of each job's start and settlement (the metrics), when set.
-        self.observer: Any = None
+        self.metrics: Any = None
+        #: Told of each job's start and fate (running jobs, counts, history), if set.
+        self.observer: JobObserver | None = None
         #: Told of each job's start and end (PyBit's commands, :mod:`rbit.pybit`), when set.
         self.tracker: Any = None
 
@@ -164,9 +167,12 @@ class JobPool:
         return True
 
     def _status_callback(self, delivery: Delivery) -> JobStatus:
+        job_id = delivery.message.job_id
+        if self.metrics is not None:
+            self.metrics.job_started(self.settings.queue)
         if self.observer is not None:
-            self.observer.job_started(self.settings.queue)
-        set_status = JobStatus(self._report, delivery.message.job_id, self.settings.queue)
+            self.observer.started(job_id, self.settings.queue)
+        set_status = JobStatus(self._report, job_id, self.settings.queue)
         if self.tracker is not None:
             self.tracker.started(delivery.message, set_status)
         return set_status
@@ -182,11 +188,19 @@ class JobPool:
             set_status.final(None)
             log.warning("job %s: stopped before it ended; the broker will redeliver it",
                         delivery.message.job_id)
+            if self.observer is not None:
+                self.observer.ended(delivery.message.job_id, self.settings.queue, None, 0,
+                                    "", False)
             self._settled()
             return
         settlement = fate.decide(outcome, delivery, self.settings, worker=self._worker)
+        if self.metrics is not None:
+            self.metrics.job_settled(self.settings.queue, outcome, settlement, set_status.started)
         if self.observer is not None:
-            self.observer.job_settled(self.settings.queue, outcome, settlement, set_status.started)
+            message = delivery.message
+            self.observer.ended(message.job_id, self.settings.queue, settlement.status,
+                                message.attempt, settlement.note or outcome.reason,
+                                outcome.kind is not Kind.DONE)
         last = set_status.last
         # A runner that ended on Done, Uploaded or Cancelled itself has said it all: a
         # Done from rbit after its Uploaded would move the job backwards.

@@ -54,6 +54,15 @@ class BrokerUnreachable(BrokerError):
     """No configured host accepted a connection."""
 
 
+class DuplicateWorker(RbitError):
+    """Another worker of the same name is running (it holds the control queue)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"another worker named {name!r} is running on this broker "
+                         f"(it holds the control queue rbit.control.{name})")
+        self.name = name
+
+
 class QueueNotFound(BrokerError):
     """A queue named in a command does not exist on the broker.
 

@@ -4,9 +4,12 @@ PyBit's web front-end cancels a job whose last status is Building by publishing 
 jsonpickle ``pybit.models.CancelRequest`` (the job and the web host) to the ``pybit``
 exchange with the *building client's name* as routing key; ``StatusRequest`` travels
 the same way. rbit reports ``[rbit] name`` as the client with every status
-(:mod:`rbit.status`), and each worker keeps a command queue named after it:
-exclusive (a second worker of the same name is refused at start), auto-deleted, bound
-to the exchange with its name as routing key (:func:`command_queue`).
+(:mod:`rbit.status`), and each worker keeps a command queue named after it,
+auto-deleted, bound to the exchange with its name as routing key (:func:`command_queue`).
+It is not exclusive: after a reconnect the broker may still hold the dropped
+connection, and the worker must not wait for that to consume its jobs. Two workers of
+one name are refused at start by the worker's exclusive control queue
+(:mod:`rbit.amqp.control`) instead.
 
 * ``CancelRequest`` for a job this worker holds sets the job's
   :attr:`rbit.message.Message.cancelled`: a ``shell!`` job's process group gets SIGTERM,
@@ -66,9 +69,9 @@ def commands_enabled(settings: Settings) -> bool:
 
 
 def command_queue(settings: Settings) -> QueueDecl:
-    """The worker's command queue: ``[rbit] name``, exclusive, bound with its name."""
+    """The worker's command queue: ``[rbit] name``, auto-deleted, bound with its name."""
     name = settings.worker.name
-    return QueueDecl(name, durable=False, exclusive=True, auto_delete=True,
+    return QueueDecl(name, durable=False, auto_delete=True,
                      bindings=((settings.worker.exchange, name),))
 
 

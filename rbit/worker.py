@@ -1,9 +1,11 @@
 """The worker: builds the parts from the settings and runs them until told to stop.
 
 It only orchestrates. The broker owns the network, the job pools own the work, the
-status reporter owns the statuses. Shutdown runs in the order that keeps heartbeats
-alive while jobs finish: stop consuming, requeue what never started, wait for running
-jobs (up to ``shutdown_grace``), flush statuses, and only then close the connection.
+status reporter owns the statuses, the control plane (:mod:`rbit.control`) owns the
+history, the pause state and the answers to ``rbit ctl``. Shutdown runs in the order
+that keeps heartbeats alive while jobs finish: stop consuming, requeue what never
+started, wait for running jobs (up to ``shutdown_grace``), flush statuses, and only
+then close the connection.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from rbit import decoding, jobguard, pybit
 from rbit.amqp.broker import Broker
 from rbit.amqp.records import ConsumerSpec
 from rbit.config import RunnerSettings, Settings
+from rbit.control.plane import ControlPlane
 from rbit.dispatch import JobPool, JobStatus, pool_for
 from rbit.errors import BrokerUnreachable, ConfigError
 from rbit.runners.protocols import BatchRunner
@@ -38,9 +41,11 @@ class Worker:
     Args:
         settings: The validated configuration.
         poll_time: Overrides ``[rbit] polling_time`` (the ``--poll-time`` option).
+        request_stop: What ``rbit ctl ... shutdown`` calls: the caller's graceful stop.
     """
 
-    def __init__(self, settings: Settings, *, poll_time: float | None = None) -> None:
+    def __init__(self, settings: Settings, *, poll_time: float | None = None,
+                 request_stop: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
         worker = settings.worker
         self.poll_time = poll_time if poll_time is not None else worker.polling_time
@@ -60,6 +65,8 @@ class Worker:
         if pybit.commands_enabled(settings):
             consumers = self._pybit_consumers(consumers)
         self.broker.set_consumers(consumers)
+        self.control = ControlPlane(settings, self.broker, self.pools,
+                                    backlog=self.reporter.pending, request_stop=request_stop)
 
     def _pybit_consumers(self, consumers: list[ConsumerSpec]) -> list[ConsumerSpec]:
         """PyBit's commands: jobs tracked and checked, and the command queue consumed."""
@@ -112,23 +119,22 @@ class Worker:
 
         Raises:
             BrokerUnreachable: No host accepted a connection in a first round.
+            DuplicateWorker: Another worker of this name is running.
         """
         # Before any job: what a killed worker left running must not run beside it.
         jobguard.reap_orphans()
         jobguard.open_record()
         for pool in self.pools:
             pool.start()
+        self.control.start()
         self.broker.start()
         amqp = self.settings.amqp
         limit = timeout or (amqp.connect_timeout * 2 + 5) * len(amqp.hosts)
         if not self.broker.wait_ready(limit):
             self.broker.stop(1.0)
             jobguard.close_record()
-            if self.broker.locked:
-                raise ConfigError(
-                    f"another worker named {self.settings.worker.name!r} is running: its "
-                    f"command queue is held by another connection ({self.broker.locked}); "
-                    "every worker needs a name of its own", section="rbit", key="name")
+            self.control.close()
+            self.control.check_start()
             raise BrokerUnreachable(self.broker.start_error or "timed out connecting")
         log.info("worker %s consuming %s", self.settings.worker.name,
                  ", ".join(r.queue for r in self.settings.runners))
@@ -159,7 +165,9 @@ class Worker:
         self.reporter.close(timeout=5.0)
         if self.pybit_check is not None:
             self.pybit_check.close()
+        self.control.say_goodbye()
         self.broker.stop()
+        self.control.close()
         jobguard.close_record()
         return clean
 

@@ -28,7 +28,7 @@ def write_config(path: Path, amqp: dict[str, Any], runner: dict[str, Any], *,
     """Write a worker ini file with one runner section for ``queue``."""
     sections = {
         "rbit": {"name": "fault-worker", "polling_time": 5, "shutdown_grace": 5,
-                 **(rbit or {})},
+                 "state_dir": path.parent / f"state-{path.stem}", **(rbit or {})},
         "amqp": {"connect_timeout": 2, "reconnect_delay": 0.2, "reconnect_max_delay": 1,
                  "heartbeat": 5, **amqp},
         f"runner:{queue}": {"routing_key": queue, **runner},

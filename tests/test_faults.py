@@ -197,7 +197,10 @@ def test_other_worker_finishes_everything_when_one_is_killed_mid_job(tmp_path, r
     config = _config(tmp_path, rabbit, vhost, {
         "runner": "python!fault_runners:long_job", "sleep": 0.3, "prefetch": 2}, queue_type)
     first = _start(tmp_path, config, rabbit, vhost, "first")
-    second = WorkerProcess(config, tmp_path / "second.log").start()
+    # Two workers of one fleet need two names (a name is held by one worker at a time).
+    other = tmp_path / "second.ini"
+    other.write_text(config.read_text().replace("name = fault-worker", "name = second", 1))
+    second = WorkerProcess(other, tmp_path / "second.log").start()
     records = Records(tmp_path / "record")
     ids = _ids("job", 40)
     publisher = Publisher(rabbit.url(vhost))

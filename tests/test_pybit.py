@@ -26,7 +26,7 @@ from pybit.models import (
 )
 from worker_helpers import QUEUE, running_worker, wait_until, write_config
 
-from rbit.errors import ConfigError
+from rbit.errors import DuplicateWorker
 
 NAME = "buildbox-1"
 KILL_GRACE = 1.0
@@ -165,7 +165,7 @@ def test_two_workers_with_one_name_the_second_refuses_to_start(tmp_path, rabbit,
         from rbit.worker import Worker
 
         second = Worker(load_config(str(path)))
-        with pytest.raises(ConfigError, match=f"another worker named '{NAME}'"):
+        with pytest.raises(DuplicateWorker, match=f"another worker named '{NAME}'"):
             second.start(timeout=20)
 
 

@@ -55,8 +55,11 @@ def write_config(tmp_path: Path, url: str, runners: dict[str, dict[str, Any]], *
                  rbit: dict[str, Any] | None = None, amqp: dict[str, Any] | None = None,
                  status: dict[str, Any] | None = None, name: str = "worker.ini") -> Path:
     """Write an rbit ini file; ``runners`` maps queue names to their section's keys."""
+    # Each config gets a state directory of its own: no history or pause shared.
+    state_dir = tmp_path / f"state-{Path(name).stem}"
     sections: dict[str, dict[str, Any]] = {
-        "rbit": {"name": "test-worker", "polling_time": 1, **(rbit or {})},
+        "rbit": {"name": "test-worker", "polling_time": 1, "state_dir": state_dir,
+                 **(rbit or {})},
         "amqp": {"url": url, "connect_timeout": 2, **(amqp or {})},
     }
     if status is not None:

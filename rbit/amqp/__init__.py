@@ -14,6 +14,8 @@
 * :mod:`rbit.amqp.leases` -- renewing the lease of long jobs (holding queues);
 * :mod:`rbit.amqp.polling` -- ``mode = poll``'s ``basic_get`` passes;
 * :mod:`rbit.amqp.loops` -- pika's I/O loop and asyncio's, adapted to the broker;
+* :mod:`rbit.amqp.control` -- the worker's control queue and fleet announces;
+* :mod:`rbit.amqp.fleet` -- ``rbit ctl``'s session: ask the workers, gather replies;
 * :mod:`rbit.amqp.admin` -- a blocking session for command-line verbs.
 
 pika errors do not leave this package: they become :class:`rbit.errors.BrokerError`

@@ -43,6 +43,7 @@ from rbit.amqp.acks import Acks
 from rbit.amqp.confirms import Publisher, confirm
 from rbit.amqp.connection import Connector
 from rbit.amqp.consuming import Consumers
+from rbit.amqp.control import ControlChannel, Handler
 from rbit.amqp.declare import Declarer
 from rbit.amqp.leases import Leases
 from rbit.amqp.loops import AsyncioLoop, EagerConnection, PikaFdLoop, SafeAsyncioConnection
@@ -129,6 +130,8 @@ class Broker:
         self.holder = self.leases.holder
         # The hot path: a job's ack goes straight to the ack queue, no hop through here.
         self.ack = self.acks.submit
+        #: The worker's control queue (:meth:`set_control`), if it has one.
+        self.control: ControlChannel | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -144,6 +147,8 @@ class Broker:
         for part in (self.consumers, self.acks, self.publisher, self.declarer,
                      self.leases, self.poller):
             part.reset()
+        if self.control is not None:
+            self.control.reset()
 
     # ----------------------------------------------------------- public, any thread
 
@@ -151,6 +156,39 @@ class Broker:
         """Set the queues to consume (before :meth:`start`)."""
         self.consumers.set(consumers)
         self.acks.set_batch(consumers)
+
+    def set_control(self, handle: Handler, announce: Callable[[], dict[str, Any]]) -> None:
+        """Serve ``rbit ctl`` commands (before :meth:`start`); see :mod:`rbit.amqp.control`.
+
+        Args:
+            handle: Runs on the I/O thread for each command: ``handle(body, user_id)``
+                returns the reply document (or None).
+            announce: The worker's announce document, published on each connection.
+        """
+        self.control = ControlChannel(self, self.worker_name, handle, announce)
+
+    def set_paused(self, queues: Sequence[str]) -> None:
+        """Start with these queues paused (before :meth:`start`)."""
+        self.consumers.paused.update(queues)
+
+    def pause(self, queue: str) -> None:
+        """Take no more jobs from ``queue``, on this connection and the next ones.
+
+        Running jobs and deliveries already received go on (thread-safe).
+        """
+        self.call_soon(lambda: self.consumers.pause(queue))
+
+    def resume(self, queue: str) -> None:
+        """Take jobs from ``queue`` again (thread-safe)."""
+        self.call_soon(lambda: self.consumers.resume(queue))
+
+    def paused(self) -> frozenset[str]:
+        """The queues paused now (any thread)."""
+        return frozenset(self.consumers.paused)
+
+    def consuming(self) -> frozenset[str]:
+        """The queues taking jobs now: consumed, or polled (any thread)."""
+        return self.consumers.active()
 
     def start(self) -> None:
         """Start the I/O thread, or the connection on an asyncio loop.
@@ -312,6 +350,14 @@ class Broker:
 
     def on_connected(self) -> None:
         """The connector opened every channel and the topology is declared."""
+        control = self.control
+        if control is not None and control.channel is None:
+            if not control.was_open:
+                control.open(self.on_connected)  # a duplicate name fails the start first
+                return
+            # A reconnect: jobs do not wait for the control queue, which the broker may
+            # still hold for the dropped connection (see rbit.amqp.control).
+            control.open(lambda: None)
         self._ready.set()
         self.publisher.release_held()
         self.leases.start(self.generation)
@@ -344,7 +390,11 @@ class Broker:
         """A first round of connection attempts failed: give up."""
         self.start_error = reason
         self._ready.set()
-        self.ioloop.stop()
+        if self.connection is not None:  # refused once connected: close, then stop
+            self.stopping = True
+            self.connector.close()
+        else:
+            self.ioloop.stop()
 
     def is_ready(self) -> bool:
         return self._ready.is_set()

@@ -37,6 +37,9 @@ class Consumers:
 
     def __init__(self, broker: Broker, consumers: Sequence[ConsumerSpec]) -> None:
         self._broker = broker
+        #: Queues not to consume (kept across connections: a pause outlives one).
+        self.paused: set[str] = set()
+        self._cancelled = False  # stop_consuming: no resume brings a consumer back
         self.set(consumers)
         #: queue -> deliveries sent to the dead letters undecoded (read by the metrics).
         self.refused: dict[str, int] = {}
@@ -60,15 +63,46 @@ class Consumers:
             return
         consumer = pending[0]
         channel = broker.consume_channel
+        if consumer.queue in self.paused:
+            self.start(pending[1:])
+            return
 
         def consume(_frame) -> None:
             # basic_qos without global applies to consumers created after it on this
             # channel, so each queue gets its own prefetch window.
-            self._tags[consumer.queue] = channel.basic_consume(
-                consumer.queue, self.on_message(consumer))
+            if consumer.queue not in self.paused and consumer.queue not in self._tags:
+                self._tags[consumer.queue] = channel.basic_consume(
+                    consumer.queue, self.on_message(consumer))
             self.start(pending[1:])
 
         channel.basic_qos(prefetch_count=consumer.prefetch, callback=consume)
+
+    def pause(self, queue: str) -> None:
+        """Cancel the queue's consumer and keep it cancelled (I/O thread)."""
+        self.paused.add(queue)
+        self._broker.poller.skip(queue)
+        tag = self._tags.pop(queue, None)
+        channel = self._broker.consume_channel
+        if tag is not None and channel is not None and channel.is_open:
+            channel.basic_cancel(tag)
+
+    def resume(self, queue: str) -> None:
+        """Consume the queue again, if connected (I/O thread)."""
+        self.paused.discard(queue)
+        broker = self._broker
+        spec = self._specs.get(queue)
+        channel = broker.consume_channel
+        if (spec is None or self._cancelled or broker.mode != "consume" or channel is None
+                or not channel.is_open or not broker.is_ready() or queue in self._tags):
+            return
+        self.start([spec])
+
+    def active(self) -> frozenset[str]:
+        """The queues taking jobs now (any thread: a snapshot)."""
+        if self._broker.mode == "poll":
+            return frozenset(self._specs.keys() - self.paused) if not self._cancelled \
+                else frozenset()
+        return frozenset(list(self._tags))
 
     def on_message(self, consumer: ConsumerSpec) -> Callable[..., None]:
         """The delivery callback of one queue on the current connection."""
@@ -113,6 +147,7 @@ class Consumers:
     def cancel(self) -> None:
         """No new deliveries; the unacked ones stay ours to settle."""
         broker = self._broker
+        self._cancelled = True
         if broker.mode == "poll":
             broker.poller.end_pass()
         channel = broker.consume_channel

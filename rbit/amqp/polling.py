@@ -39,8 +39,12 @@ class Poller:
         self.closing = False
 
     def start_pass(self) -> None:
-        self._empty_queues = set()
+        self._empty_queues = set(self._broker.consumers.paused)  # paused: skipped
         self.next()
+
+    def skip(self, queue: str) -> None:
+        """Take nothing more from ``queue`` in this pass (it was paused)."""
+        self._empty_queues.add(queue)
 
     def end_pass(self) -> None:
         """Take nothing more in this pass (the consumers are being cancelled)."""
@@ -59,7 +63,7 @@ class Poller:
                 self._get_queue = consumer
                 channel.basic_get(consumer.queue, self._on_get_ok)
                 return
-        if (len(self._empty_queues) == len(consumers) and not broker.acks.outstanding
+        if (all(c.queue in self._empty_queues for c in consumers) and not broker.acks.outstanding
                 and not broker.live):
             self._finish_pass()
 

@@ -42,7 +42,7 @@ class WorkerObservation:
         self._stopping = False
         self.jobs = JobMetrics(pool.settings.queue for pool in worker.pools)
         for pool in worker.pools:
-            pool.observer = self.jobs
+            pool.metrics = self.jobs
         broker = worker.broker
         self.metrics = WorkerMetrics(self.jobs, WorkerSources(
             connected=lambda: broker.connected,

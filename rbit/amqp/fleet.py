@@ -1,0 +1,125 @@
+"""``rbit ctl``'s AMQP session: ask the fleet, gather the replies, read who was seen.
+
+Blocking, for the command line only. A command is published to the control exchange
+with ``reply_to = amq.rabbitmq.reply-to`` (RabbitMQ's direct reply-to: no reply queue
+is declared; replies come straight back on this channel) and ``user_id`` set to the
+user this session logged in as, which RabbitMQ checks. The announces kept in
+``rbit.fleet.seen`` are read with ``basic_get`` and never acked: closing their channel
+hands them back, so reading them removes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Callable
+
+import pika
+import pika.exceptions
+from pika import spec
+
+from rbit.amqp.connection import parameters
+from rbit.amqp.control import (
+    CONTROL_EXCHANGE,
+    FLEET_EXCHANGE,
+    FLEET_QUEUE,
+    FLEET_QUEUE_ARGUMENTS,
+    SEEN_MAX,
+)
+from rbit.config import AmqpSettings
+from rbit.errors import BrokerError, BrokerUnreachable
+
+log = logging.getLogger(__name__)
+
+_REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class FleetSession:
+    """One blocking connection to ask the workers of a vhost.
+
+    Args:
+        amqp: Where and how to connect; hosts are tried in order.
+
+    Raises:
+        BrokerUnreachable: No host accepts a connection.
+    """
+
+    def __init__(self, amqp: AmqpSettings, name: str = "rbit ctl") -> None:
+        self._user = amqp.user
+        errors = []
+        for index in range(len(amqp.hosts)):
+            try:
+                self._connection = pika.BlockingConnection(
+                    parameters(amqp, index, name, amqp.heartbeat))
+                break
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                errors.append(f"{amqp.hosts[index].host}:{amqp.hosts[index].port}: {exc!r}")
+        else:
+            raise BrokerUnreachable("; ".join(errors))
+
+    def __enter__(self) -> FleetSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            if self._connection.is_open:
+                self._connection.close()
+        except pika.exceptions.AMQPError as exc:
+            log.debug("closing the ctl session: %r", exc)
+
+    def seen(self) -> list[bytes]:
+        """The announces in ``rbit.fleet.seen``, oldest first (left in the queue)."""
+        bodies: list[bytes] = []
+        try:
+            channel = self._connection.channel()
+            # Declared as the workers declare it: before any worker started, it is
+            # simply empty.
+            channel.exchange_declare(FLEET_EXCHANGE, "fanout", durable=True)
+            channel.queue_declare(FLEET_QUEUE, durable=True,
+                                  arguments=dict(FLEET_QUEUE_ARGUMENTS))
+            channel.queue_bind(FLEET_QUEUE, FLEET_EXCHANGE, "")
+            while len(bodies) < SEEN_MAX:
+                method, _props, body = channel.basic_get(FLEET_QUEUE, auto_ack=False)
+                if method is None:
+                    break
+                bodies.append(body)
+            channel.close()  # hands every announce back, in its place
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerError(f"cannot read {FLEET_QUEUE}: {exc!r}") from exc
+        return bodies
+
+    def ask(self, routing_key: str, body: bytes, timeout: float,
+            enough: Callable[[list[bytes]], bool]) -> list[bytes]:
+        """Publish a command and gather replies until ``timeout`` or ``enough(replies)``.
+
+        Raises:
+            BrokerError: The broker refused the command or the session failed.
+        """
+        replies: list[bytes] = []
+        correlation = uuid.uuid4().hex
+
+        def on_reply(_channel, _method, props, reply: bytes) -> None:
+            if props.correlation_id == correlation:
+                replies.append(reply)
+
+        try:
+            channel = self._connection.channel()
+            channel.exchange_declare(CONTROL_EXCHANGE, "direct", durable=True)
+            channel.basic_consume(_REPLY_TO, on_reply, auto_ack=True)
+            props = spec.BasicProperties(reply_to=_REPLY_TO, correlation_id=correlation,
+                                         user_id=self._user, content_type="application/json",
+                                         delivery_mode=1)
+            channel.basic_publish(CONTROL_EXCHANGE, routing_key, body, props)
+            deadline = time.monotonic() + timeout
+            while not enough(replies):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._connection.process_data_events(time_limit=min(left, 0.1))
+        except pika.exceptions.AMQPError as exc:
+            raise BrokerError(f"cannot send the command: {exc!r}") from exc
+        return replies

@@ -1,0 +1,199 @@
+"""The state directory: job history and paused queues, kept across restarts.
+
+One SQLite database, ``state.sqlite3`` in ``[rbit] state_dir`` (directory created 0700,
+files 0600). It runs in WAL mode with ``synchronous=NORMAL``: a commit is atomic and
+durable against a killed process (SIGKILL loses nothing that was committed, and never
+leaves a torn write: SQLite's log makes each transaction all or nothing); only a power
+loss may lose the last transactions, never corrupt the file. FULL would add an fsync
+per commit for that case alone, which history does not need. Paused queues are
+written with ``synchronous=FULL`` at once, since an operator relies on them.
+
+Recording never blocks a job: :meth:`StateStore.record` appends a tuple to an
+in-memory deque (one atomic append), and a writer thread commits what has gathered
+every :data:`FLUSH_INTERVAL` seconds, then prunes each queue to its last
+``history_depth`` outcomes. Of a batch it writes only the last ``history_depth`` rows
+of each queue (the others would be pruned at once), so a busy worker's history costs
+a bounded number of rows per batch, however many jobs it runs. A worker killed before
+a flush loses at most the outcomes of that last interval from its history (never a
+job: history is a record, not the source of truth).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: The writer's pause between two batches (seconds).
+FLUSH_INTERVAL = 0.2
+#: A history message keeps at most this many characters (the end of it).
+MAX_MESSAGE = 500
+DB_NAME = "state.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL, queue TEXT NOT NULL, status TEXT NOT NULL,
+    attempt INTEGER NOT NULL, started REAL NOT NULL, ended REAL NOT NULL,
+    duration REAL NOT NULL, message TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS history_queue ON history (queue, id);
+CREATE TABLE IF NOT EXISTS paused (queue TEXT PRIMARY KEY);
+"""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job's outcome as kept in the history (times are Unix seconds)."""
+
+    job_id: str
+    queue: str
+    status: str
+    attempt: int
+    started: float
+    ended: float
+    duration: float
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: What :meth:`StateStore.record` takes: the fields of a :class:`JobRecord`, in order,
+#: as a plain tuple (built on a job's path, where a tuple costs least).
+RecordTuple = tuple[str, str, str, int, float, float, float, str]
+
+
+def open_state_dir(path: str) -> str:
+    """Create ``path`` (0700) if needed and return the database file's path."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    db = os.path.join(path, DB_NAME)
+    if not os.path.exists(db):
+        os.close(os.open(db, os.O_CREAT | os.O_WRONLY, 0o600))
+    return db
+
+
+class StateStore:
+    """History and paused queues in SQLite, with a writer thread.
+
+    Args:
+        path: The state directory.
+        history_depth: Outcomes kept per queue (0: record none).
+    """
+
+    def __init__(self, path: str, history_depth: int = 100) -> None:
+        self.path = path
+        self.depth = history_depth
+        self._db_path = open_state_dir(path)
+        self._pending: collections.deque[RecordTuple] = collections.deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # one connection, shared by the writer and readers
+        self._db = sqlite3.connect(self._db_path, check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        for suffix in ("-wal", "-shm"):  # SQLite creates them with the umask
+            if os.path.exists(self._db_path + suffix):
+                os.chmod(self._db_path + suffix, 0o600)
+        self._thread = threading.Thread(target=self._run, name="rbit-state", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Write what is pending and close the database."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(10.0)
+        self._flush()
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------ history
+
+    def record(self, item: RecordTuple) -> None:
+        """Queue an outcome for the writer (any thread; never blocks)."""
+        self._pending.append(item)
+
+    def history(self, queue: str, depth: int) -> list[dict[str, Any]]:
+        """The last ``depth`` outcomes of ``queue``, newest first (pending ones too)."""
+        self._flush()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id, queue, status, attempt, started, ended, duration, message "
+                "FROM history WHERE queue = ? ORDER BY id DESC LIMIT ?",
+                (queue, max(0, depth))).fetchall()
+        return [JobRecord(*row).to_dict() for row in rows]
+
+    def flush(self) -> None:
+        """Commit what is pending now (the writer does it on its own)."""
+        self._flush()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(FLUSH_INTERVAL)
+            self._wake.clear()
+            try:
+                self._flush()
+            except sqlite3.Error:
+                log.exception("cannot write the job history to %s", self._db_path)
+                time.sleep(1.0)  # a full disk: do not spin
+
+    def _flush(self) -> None:
+        pending = self._pending
+        batch = [pending.popleft() for _ in range(len(pending))]
+        if not batch or not self.depth:
+            return
+        rows = _last_per_queue(batch, self.depth)
+        queues = {row[1] for row in rows}
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO history (job_id, queue, status, attempt, started, ended, "
+                "duration, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            for queue in queues:
+                self._db.execute(
+                    "DELETE FROM history WHERE queue = ? AND id <= (SELECT id FROM history "
+                    "WHERE queue = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    (queue, queue, self.depth))
+
+    # ------------------------------------------------------------------- paused
+
+    def paused(self) -> set[str]:
+        """The queues paused, as last saved."""
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT queue FROM paused")}
+
+    def set_paused(self, queues: set[str]) -> None:
+        """Save the paused queues now (durably: an operator relies on it)."""
+        with self._lock, self._db:
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM paused")
+            self._db.executemany("INSERT INTO paused (queue) VALUES (?)",
+                                 [(q,) for q in sorted(queues)])
+        with self._lock:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+
+
+def _last_per_queue(batch: list[RecordTuple], depth: int) -> list[RecordTuple]:
+    """The last ``depth`` rows of each queue in ``batch``, in order, messages bounded."""
+    kept: dict[str, int] = {}
+    rows: list[RecordTuple] = []
+    for row in reversed(batch):
+        seen = kept.get(row[1], 0)
+        if seen < depth:
+            kept[row[1]] = seen + 1
+            rows.append(row if len(row[7]) <= MAX_MESSAGE else
+                        (*row[:7], row[7][-MAX_MESSAGE:]))
+    rows.reverse()
+    return rows

@@ -1,0 +1,190 @@
+"""The control plane's parts without a broker: commands, the state store, the observer,
+the controller's authorization, the config keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from rbit.config import default_state_dir, load_config
+from rbit.control.client import exit_code, seen_lately
+from rbit.control.commands import Command, CommandError, parse
+from rbit.control.handler import Controller
+from rbit.control.observer import JobObserver
+from rbit.control.state import StateStore
+from rbit.errors import ConfigError
+from rbit.outcome import Status
+
+
+@pytest.mark.parametrize("body", [
+    b"not json", b"[1]", b'{"command": "rm -rf"}', b'{"command": "ping", "x": 1}',
+    b'{"command": "pause"}', b'{"command": "pause", "queue": "q", "all": true}',
+    b'{"command": "history", "queue": "q", "depth": "5"}',
+    b'{"command": "history", "queue": "q", "depth": 0}',
+    b'{"command": "loglevel", "logger": "x", "level": "LOUD"}',
+    b'{"command": "status", "verbose": 1}',
+    b'{"py/object": "os.system", "command": "ping"}',
+    b'{"command": "pause", "queue": "a\\nb"}',
+    b"x" * 5000,
+])
+def test_anything_but_a_valid_command_is_refused(body):
+    with pytest.raises(CommandError):
+        parse(body)
+
+
+def test_every_command_survives_its_own_json():
+    for command in [Command("ping"), Command("status", verbose=True),
+                    Command("pause", queue="q"), Command("resume", all=True),
+                    Command("shutdown"), Command("loglevel", logger="rbit", level="DEBUG"),
+                    Command("history", queue="q", depth=7)]:
+        assert parse(command.to_json()) == command
+
+
+def test_history_is_pruned_per_queue_and_survives_reopening(tmp_path):
+    store = StateStore(str(tmp_path / "state"), history_depth=2)
+    for n in range(4):
+        store.record((f"a{n}", "a", "Done", 1, 10.0, 11.0, 1.0, "x" * 900))
+    store.record(("b0", "b", "Failed", 3, 10.0, 12.0, 2.0, "boom"))
+    store.set_paused({"a"})
+    store.close()
+    again = StateStore(str(tmp_path / "state"), history_depth=2)
+    assert [h["job_id"] for h in again.history("a", 10)] == ["a3", "a2"]
+    assert len(again.history("a", 10)[0]["message"]) == 500
+    assert again.history("b", 10)[0]["status"] == "Failed"
+    assert again.paused() == {"a"}
+    again.close()
+    assert stat.S_IMODE(os.stat(tmp_path / "state").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "state" / "state.sqlite3").st_mode) == 0o600
+    db = sqlite3.connect(tmp_path / "state" / "state.sqlite3")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+
+
+def test_recording_only_appends_in_memory(tmp_path):
+    store = StateStore(str(tmp_path / "s"), history_depth=5)  # writer not started
+    store.record(("j", "q", "Done", 1, 1.0, 2.0, 1.0, ""))
+    assert store._pending  # noqa: SLF001 -- nothing was written on the job's path
+    store.close()
+
+
+def test_observer_counts_and_records_each_fate():
+    records = []
+    clock = iter([100.0, 100.5, 200.0, 201.0, 300.0, 300.25]).__next__
+    observer = JobObserver(records.append, clock=clock)
+    observer.started("j1", "q")
+    assert observer.running_jobs() == [{"job_id": "j1", "queue": "q", "since": 100.0}]
+    observer.ended("j1", "q", Status.DONE, 1, "", False)
+    observer.started("j2", "q")
+    observer.ended("j2", "q", Status.WAITING, 1, "try 1 of 4 failed", True)
+    observer.started("j3", "q")
+    observer.ended("j3", "q", Status.FAILED, 4, "failed after 4 tries", True)
+    assert observer.snapshot_counts() == {"done": 1, "failed": 2, "retried": 1,
+                                          "dead_lettered": 1}
+    assert [(r[0], r[2], r[6]) for r in records] == [
+        ("j1", "Done", 0.5), ("j2", "Waiting", 1.0), ("j3", "Failed", 0.25)]
+    assert observer.running_jobs() == []
+
+
+class _Broker:
+    connected = True
+
+    def __init__(self):
+        self._paused = set()
+
+    def paused(self):
+        return frozenset(self._paused)
+
+    def consuming(self):
+        return frozenset({"q"} - self._paused)
+
+    def pause(self, queue):
+        self._paused.add(queue)
+
+    def resume(self, queue):
+        self._paused.discard(queue)
+
+
+def _controller(store=None, stops=None):
+    return Controller("w", ["ops"], broker=_Broker(), queues=["q"], observer=JobObserver(),
+                      store=store, backlog=lambda: 3,
+                      request_stop=lambda: stops.append(1) if stops is not None else None)
+
+
+def test_a_command_without_an_authorized_user_id_has_no_effect(caplog):
+    stops = []
+    controller = _controller(stops=stops)
+    for user in (None, "guest"):
+        answer = json.loads(controller.handle(b'{"command": "shutdown"}', user))
+        assert answer["ok"] is False
+        assert "refused" in answer
+    assert stops == []
+    assert "control command refused" in caplog.text
+    answer = json.loads(controller.handle(b'{"command": "shutdown"}', "ops"))
+    assert answer == {"worker": "w", "ok": True, "command": "shutdown", "stopping": True}
+    assert stops == [1]
+
+
+def test_pause_of_an_unknown_queue_is_an_error_and_changes_nothing(tmp_path):
+    store = StateStore(str(tmp_path / "s"))
+    controller = _controller(store)
+    answer = json.loads(controller.handle(b'{"command": "pause", "queue": "nope"}', "ops"))
+    assert answer["ok"] is False
+    assert store.paused() == set()
+    answer = json.loads(controller.handle(b'{"command": "pause", "all": true}', "ops"))
+    assert answer["paused"] == ["q"]
+    assert store.paused() == {"q"}
+    status = controller.status(verbose=True)
+    assert status["queues"] == [{"queue": "q", "consuming": False, "paused": True}]
+    assert status["status_backlog"] == 3
+    assert status["running"] == []
+    json.dumps(status)
+    store.close()
+
+
+def test_ctl_names_the_workers_seen_lately_and_forgets_those_that_left():
+    announces = [json.dumps({"name": n, "event": e}).encode()
+                 for n, e in [("a", "hello"), ("b", "hello"), ("a", "bye"), ("c", "hello")]]
+    assert set(seen_lately(announces + [b"garbage", b"[]"])) == {"b", "c"}
+    ok = {"worker": "b", "ok": True}
+    assert exit_code({"replies": [ok], "missing": []}) == 0
+    assert exit_code({"replies": [ok], "missing": [{"name": "c"}]}) == 4
+    assert exit_code({"replies": [], "missing": []}) == 4
+    assert exit_code({"replies": [{"worker": "b", "ok": False, "refused": "x"}],
+                      "missing": []}) == 5
+
+
+def _ini(tmp_path, extra):
+    path = tmp_path / "w.ini"
+    path.write_text("[rbit]\nname = w\n" + extra.get("rbit", "") +
+                    "\n[amqp]\nuser = builder\n" + extra.get("rest", ""))
+    return str(path)
+
+
+def test_control_and_state_settings(tmp_path):
+    settings = load_config(_ini(tmp_path, {}), environ={})
+    assert settings.control.users == ("builder",)
+    assert settings.state.history_depth == 100
+    settings = load_config(_ini(tmp_path, {
+        "rbit": f"state_dir = {tmp_path}/st\nhistory_depth = 0\n",
+        "rest": "[control]\nusers = ops, admin\nenabled = no\n"}), environ={})
+    assert settings.control.users == ("ops", "admin")
+    assert settings.control.enabled is False
+    assert settings.state.state_dir == f"{tmp_path}/st"
+    assert settings.state.history_depth == 0
+    assert not settings.warnings
+    for extra, key in [({"rbit": "state_dir = relative\n"}, "state_dir"),
+                       ({"rbit": "history_depth = -1\n"}, "history_depth"),
+                       ({"rest": "[control]\nusers = ,\n"}, "users")]:
+        with pytest.raises(ConfigError, match=key):
+            load_config(_ini(tmp_path, extra), environ={})
+
+
+def test_default_state_dir():
+    assert default_state_dir("w", {"STATE_DIRECTORY": "/run/x:/run/y"}, is_root=True,
+                             home="/h") == "/run/x"
+    assert default_state_dir("w", {}, is_root=True, home="/h") == "/var/lib/rbit/w"
+    assert default_state_dir("w", {}, is_root=False, home="/h") == "/h/.local/state/rbit/w"
