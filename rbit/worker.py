@@ -22,7 +22,7 @@ from rbit.amqp.records import ConsumerSpec
 from rbit.config import RunnerSettings, Settings
 from rbit.control.plane import ControlPlane
 from rbit.dispatch import JobPool, JobStatus, pool_for
-from rbit.errors import BrokerUnreachable, ConfigError
+from rbit.errors import BrokerUnreachable
 from rbit.runners.protocols import BatchRunner
 from rbit.runners.python import load_python_runner
 from rbit.runners.shell import ShellRunner

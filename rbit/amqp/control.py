@@ -202,6 +202,5 @@ class ControlChannel:
             broker.ioloop.call_later(
                 REOPEN_DELAY, lambda: self._retry() if broker.generation == generation else None)
             return
-        else:
-            log.warning("control channel closed: %s", reason)
+        log.warning("control channel closed: %s", reason)
         broker.connector.close()
