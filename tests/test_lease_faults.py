@@ -199,3 +199,44 @@ def test_a_held_job_burns_no_quorum_deliveries(tmp_path, rabbit, vhost):
     assert records.count("start") == {"long-1": 1}
     assert records.count("end") == {"long-1": 1}
     assert worker.text().count("renewing its lease") >= 3
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_memory_alarm_longer_than_consumer_timeout_loses_no_job(tmp_path, rabbit, vhost,
+                                                                queue_type):
+    # Long jobs under a memory alarm: their renewals cannot publish the copy (the broker
+    # blocks the connection), so the broker's delivery-ack timeout ends the hold and the
+    # broker requeues them. The copy that waited in the worker may still be stored once
+    # the alarm clears: one more run, never a loss.
+    ids = ["long-1", "long-2", "long-3"]
+    worker = _worker(tmp_path, amqp_keys(rabbit, vhost),
+                     {"sleep": 1.2 * CONSUMER_TIMEOUT, "concurrency": 3, "prefetch": 3},
+                     rbit={"queue_type": queue_type})
+    publisher = Publisher(rabbit.url(vhost))
+    records = Records(tmp_path / "record")
+    try:
+        publisher.jobs(ids)
+        wait_until(lambda: len(records.events("start")) == 3, 30, "the jobs running")
+        rabbit.set_memory_alarm(True)
+        try:
+            wait_until(lambda: "acknowledgement on channel" in worker.text(),
+                       2 * CONSUMER_TIMEOUT + 10, "the broker's delivery-ack timeout")
+            # The first runs end during the alarm; their acks belong to a channel the
+            # broker closed, so every job is still in its queue (a classic queue has
+            # them ready again, a quorum queue once the blocked connection ends).
+            wait_until(lambda: len(records.events("end")) == 3, 2 * CONSUMER_TIMEOUT,
+                       "the first runs to end")
+            assert sum(queue_totals(rabbit, vhost)[QUEUE]) == 3
+        finally:
+            rabbit.set_memory_alarm(False)
+        wait_until(lambda: set(records.count("end")) == set(ids) and _every_run_ended(records)
+                   and all_empty(rabbit, vhost), 5 * CONSUMER_TIMEOUT, "every job done")
+        assert worker.alive
+    finally:
+        rabbit.set_memory_alarm(False)
+        worker.stop()
+        publisher.close()
+    runs = records.count("start")
+    assert set(runs) == set(ids)
+    # The first run, the requeued delivery, the renewal copy stored late: three at most.
+    assert all(n <= 3 for n in runs.values()), runs
