@@ -114,3 +114,20 @@ def slow_when_redelivered(message, set_status, settings):
     key = "sleep_redelivered" if message.redelivered else "sleep"
     time.sleep(float(settings[key]))
     _write(settings, "end", message)
+
+
+def gated_each(message, set_status, settings):
+    """Like :func:`gated`, with one gate per job: the file ``<gate>/<job id>``; with
+    ``first_try = pass`` every try is ``done``."""
+    _write(settings, "start", message)
+    gate = Path(settings["gate"]) / message.job_id
+    deadline = time.monotonic() + 120
+    while not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a file the test creates
+    if settings.get("first_try") == "reject":
+        _write(settings, "failed", message)
+        raise Reject("rejected at the gate")
+    if message.attempt == 1 and settings.get("first_try") != "pass":
+        _write(settings, "failed", message)
+        raise RuntimeError("first try always fails")
+    _write(settings, "done", message)

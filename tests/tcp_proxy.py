@@ -5,6 +5,11 @@ calls :meth:`Proxy.hold`: from then on the bytes the worker writes (acks above a
 in the proxy instead of reaching the broker, while the broker's bytes still reach the
 worker. :meth:`Proxy.sever` then drops every connection and what was held, as a worker
 killed before its acks left the machine would.
+
+:meth:`Proxy.hold_from_broker` holds the other way: what the broker sends (confirms,
+declare-oks, deliveries) stays in the proxy while the worker's bytes still reach the
+broker -- a confirm lost on the way. :meth:`Proxy.release` then forwards what was held,
+late but in order (a worker that stalled), or :meth:`Proxy.sever` drops it.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ class Proxy:
         self._lock = threading.Condition()
         self._holding = False
         self._held = bytearray()
+        self._holding_broker = False
+        self._held_for: dict[socket.socket, bytearray] = {}  # client -> broker's bytes
         self._sockets: list[socket.socket] = []
+        self._every: list[socket.socket] = []  # closed by close(), whatever happened
         self._closed = False
         threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
 
@@ -50,12 +58,27 @@ class Proxy:
         with self._lock:
             return self._lock.wait_for(lambda: needle in self._held, timeout)
 
+    def hold_from_broker(self) -> None:
+        """Keep what the broker sends from now on, instead of forwarding it."""
+        with self._lock:
+            self._holding_broker = True
+
+    def release(self) -> None:
+        """Forward what the broker sent while held, then forward as usual again."""
+        with self._lock:
+            for client, data in self._held_for.items():
+                with contextlib.suppress(OSError):
+                    client.sendall(data)
+            self._held_for.clear()
+            self._holding_broker = False
+
     def sever(self) -> None:
         """Close every connection, dropping held bytes; forward again for new ones."""
         with self._lock:
             sockets, self._sockets = self._sockets, []
-            self._holding = False
+            self._holding = self._holding_broker = False
             self._held.clear()
+            self._held_for.clear()
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -65,6 +88,10 @@ class Proxy:
         self._closed = True
         self._listener.close()
         self.sever()
+        with self._lock:
+            every, self._every = self._every, []
+        for sock in every:
+            sock.close()
 
     def _accept(self) -> None:
         while not self._closed:
@@ -80,6 +107,7 @@ class Proxy:
                 continue
             with self._lock:
                 self._sockets += [client, upstream]
+                self._every += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream, True),
                              daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False),
@@ -93,7 +121,11 @@ class Proxy:
                         self._held += data
                         self._lock.notify_all()
                         continue
-                sink.sendall(data)
+                    if not from_client and self._holding_broker:
+                        self._held_for.setdefault(sink, bytearray()).extend(data)
+                        continue
+                    # Under the lock, so that nothing overtakes what release() forwards.
+                    sink.sendall(data)
         except OSError:
             pass
         # One side went away: the other sees the connection end (held bytes never go).
