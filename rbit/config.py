@@ -104,6 +104,8 @@ class RunnerSettings:
     # Environment variables the file interpolated into a secret key (anywhere in it):
     # never passed on to a job's process (rbit.runners.environment).
     secret_env: frozenset[str] = frozenset()
+    # Verify job signatures before anything else (None: as [security] require_signed).
+    require_signed: bool | None = None
     # Where the section was written, for errors found when the runner is loaded.
     file: str = ""
     section: str = ""
@@ -160,6 +162,17 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class SecuritySettings:
+    """``[security]``: signing published jobs, verifying consumed ones (rbit.security)."""
+
+    signing_key: str | None = None  # Ed25519 private key (PEM): signs jobs and retries
+    trusted_keys: str | None = None  # directory of trusted public keys (*.pub)
+    require_signed: bool = False  # default of every runner section
+    max_skew: float = 300.0  # seconds a signature's time may be off from the clock
+    replay_file: str = ""  # SQLite file of the replay window ("" = beside nothing: unset)
+
+
+@dataclass(frozen=True)
 class Settings:
     file: str
     worker: WorkerSettings
@@ -173,6 +186,13 @@ class Settings:
     # Environment variables interpolated into a secret key (see RunnerSettings).
     secret_env: frozenset[str] = frozenset()
     http: HttpSettings | None = None  # None: no HTTP endpoint
+    security: SecuritySettings = SecuritySettings()
+
+    def require_signed(self, runner: RunnerSettings) -> bool:
+        """Whether ``runner``'s jobs must carry a trusted signature."""
+        if runner.require_signed is not None:
+            return runner.require_signed
+        return self.security.require_signed
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,8 +288,9 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
     secret_env = secret_env_names(parser)
     runners = tuple(dataclasses.replace(runner, secret_env=secret_env) for runner in runners)
     http = _http(readers["http"]) if "http" in readers else None
+    security = parse_security(readers.get("security"), worker.name, env)
     warnings.extend(_unknown_sections(path, parser.sections()))
-    for name in ("rbit", "amqp", "status", "http"):
+    for name in ("rbit", "amqp", "status", "http", "security"):
         if name in readers:
             warnings.extend(readers[name].unknown_keys())
     return Settings(
@@ -282,6 +303,7 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
         logging_sections=tuple(n for n in parser.sections() if _is_logging_section(n)),
         secret_env=secret_env,
         http=http,
+        security=security,
     )
 
 
@@ -394,7 +416,7 @@ def _is_logging_section(name: str) -> bool:
 
 
 def _unknown_sections(path: str, names: Sequence[str]) -> list[str]:
-    known = {"rbit", "amqp", "status", "http"}
+    known = {"rbit", "amqp", "status", "http", "security"}
     return [
         f"file {path}, section [{name}]: unknown section, ignored"
         + _suggestion(name, sorted(known) + ["runner:<queue>"])
@@ -840,6 +862,7 @@ _RUNNER_KEYS = frozenset({
     "runner", "routing_key", "concurrency", "prefetch", "timeout", "python", "queue_type",
     "delivery_limit", "max_retries", "retry_delay", "retry_backoff", "retry_max_delay",
     "retry_jitter", "jsonpickle_classes", "max_jobs_per_child", "max_memory_per_child",
+    "require_signed",
 })
 
 
@@ -885,6 +908,7 @@ def _runner(section: _Section, worker: WorkerSettings, warnings: list[str]) -> R
         retry=_retry(section),
         allowed_classes=_allowed_classes(section, worker),
         settings=_runner_options(section, warnings),
+        require_signed=section.boolean("require_signed", None),  # type: ignore[arg-type]
         file=section.file,
         section=section.name,
     )
@@ -1080,3 +1104,31 @@ def _delay_count(policy: RetryPolicy) -> int:
         if delay >= policy.max_delay or len(delays) > MAX_DELAY_QUEUES:
             break  # every later delay is the cap, or there are too many already
     return len(delays)
+
+
+# ---------------------------------------------------------------------------------------
+# [security]
+
+#: The largest max_skew: a replay record is kept this long at most.
+MAX_SKEW = 7 * 24 * 3600.0
+
+
+def parse_security(section: _Section | None, name: str,
+                   environ: Mapping[str, str]) -> SecuritySettings:
+    """The ``[security]`` section (defaults when there is none).
+
+    Keys are checked for form here; whether the key files are usable is checked where
+    they are loaded (:mod:`rbit.security.keys`), with the same file, section and key.
+    """
+    if section is None:
+        return SecuritySettings()
+    home = environ.get("HOME") or os.path.expanduser("~")
+    state = environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+    default_replay = os.path.join(state, "rbit", f"{name}.replay.sqlite")
+    return SecuritySettings(
+        signing_key=section.text("signing_key") or None,
+        trusted_keys=section.text("trusted_keys") or None,
+        require_signed=section.boolean("require_signed", False),
+        max_skew=section.number("max_skew", 300.0, maximum=MAX_SKEW),
+        replay_file=section.nonempty("replay_file", default_replay),
+    )

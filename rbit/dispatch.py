@@ -99,6 +99,9 @@ class JobPool:
         self._busy = 0
         #: Told of each job's start and settlement (the metrics), when set.
         self.observer: Any = None
+        #: ``sealer(delivery, publish) -> publish``: counter-signs retry copies of signed
+        #: jobs (rbit.security.gate), when set.
+        self.sealer: Callable[[Delivery, Any], Any] | None = None
 
     def start(self) -> None:
         """Start the pool's threads, if it has any."""
@@ -186,7 +189,10 @@ class JobPool:
         else:
             # The note quotes the runner's error, which may be megabytes long.
             log.info("job %s: %s", delivery.message.job_id, one_line(settlement.note))
-            self._broker.publish_then_ack(delivery, settlement.publish)
+            publish = settlement.publish
+            if self.sealer is not None:
+                publish = self.sealer(delivery, publish)
+            self._broker.publish_then_ack(delivery, publish)
 
     def _settled(self) -> None:
         if self._count_busy:

@@ -23,6 +23,7 @@ from rbit.errors import BrokerUnreachable
 from rbit.runners.protocols import BatchRunner
 from rbit.runners.python import load_python_runner
 from rbit.runners.shell import ShellRunner
+from rbit.security.gate import WorkerSecurity
 from rbit.status import StatusReporter
 from rbit.topology import worker_topology
 
@@ -54,6 +55,9 @@ class Worker:
             worker_name=worker.name,
         )
         self.reporter = StatusReporter(settings.status, worker.name, publish=self._publish_status)
+        # Signed jobs (rbit.security): loaded before the runners, so that a config asking
+        # for signatures without a usable key fails first.
+        self.security = WorkerSecurity.for_worker(settings)
         self.pools = [self._pool(runner) for runner in settings.runners]
         self.broker.set_consumers([self._consumer(pool) for pool in self.pools])
 
@@ -80,13 +84,16 @@ class Worker:
     def _status_factory(self, queue: str) -> Callable[[str], JobStatus]:
         return lambda job_id: JobStatus(self.reporter.report, job_id, queue)
 
-    @staticmethod
-    def _consumer(pool: JobPool) -> ConsumerSpec:
+    def _consumer(self, pool: JobPool) -> ConsumerSpec:
         runner = pool.settings
+        on_delivery = pool.on_delivery
+        if self.security is not None and self.settings.require_signed(runner):
+            on_delivery = self.security.gate(runner, self.broker, on_delivery)
+            pool.sealer = self.security.seal
         return ConsumerSpec(
             queue=runner.queue,
             prefetch=runner.prefetch,
-            on_delivery=pool.on_delivery,
+            on_delivery=on_delivery,
             capacity=pool.capacity,
             allowed_classes=decoding.DEFAULT_ALLOWED_CLASSES | runner.allowed_classes,
         )
@@ -137,6 +144,8 @@ class Worker:
             pool.close(max(1.0, deadline - time.monotonic()))
         self.reporter.close(timeout=5.0)
         self.broker.stop()
+        if self.security is not None:
+            self.security.close()
         jobguard.close_record()
         return clean
 
