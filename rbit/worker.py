@@ -88,7 +88,8 @@ class Worker:
         runner = pool.settings
         on_delivery = pool.on_delivery
         if self.security is not None and self.settings.require_signed(runner):
-            on_delivery = self.security.gate(runner, self.broker, on_delivery)
+            on_delivery = self.security.gate(runner, self.broker, on_delivery,
+                                             self.reporter.report)
             pool.sealer = self.security.seal
         return ConsumerSpec(
             queue=runner.queue,

@@ -24,6 +24,7 @@ from rbit.amqp.records import HELD_BY_HEADER, Delivery, Publish
 from rbit.config import RunnerSettings, Settings
 from rbit.errors import ConfigError, SignatureError
 from rbit.message import ATTEMPTS_HEADER
+from rbit.outcome import Status
 from rbit.safetext import escape
 from rbit.security import keys as keyfiles
 from rbit.security.replay import ReplayWindow
@@ -77,8 +78,12 @@ class WorkerSecurity:
         return cls(settings)
 
     def gate(self, runner: RunnerSettings, broker: Broker,
-             on_delivery: Callable[[Delivery], None]) -> Callable[[Delivery], None]:
-        """``on_delivery`` behind the signature check for ``runner``'s queue."""
+             on_delivery: Callable[[Delivery], None],
+             report: Callable[[str, str, Status, str], None]) -> Callable[[Delivery], None]:
+        """``on_delivery`` behind the signature check for ``runner``'s queue.
+
+        ``report(job_id, queue, status, message)`` is told of each refused job (Failed).
+        """
         targets = {(self.exchange, runner.routing_key), ("", runner.queue)}
         queue = runner.queue
 
@@ -86,7 +91,8 @@ class WorkerSecurity:
             try:
                 self.check(delivery, targets, queue)
             except SignatureError as exc:
-                self._refuse(delivery, exc, broker)
+                reason = self._refuse(delivery, exc, broker)
+                report(delivery.message.job_id, queue, Status.FAILED, reason)
                 return
             on_delivery(delivery)
 
@@ -113,7 +119,7 @@ class WorkerSecurity:
             error.key_id = verified.key_id  # type: ignore[attr-defined]
             raise error
 
-    def _refuse(self, delivery: Delivery, exc: SignatureError, broker: Broker) -> None:
+    def _refuse(self, delivery: Delivery, exc: SignatureError, broker: Broker) -> str:
         message = delivery.message
         key_id = getattr(exc, "key_id", None)
         reason = f"signature refused: {exc}"
@@ -122,6 +128,7 @@ class WorkerSecurity:
                     escape(message.message_id or "-", 200))
         settlement = fate.refuse(delivery, message.queue, reason, worker=self.worker_name)
         broker.publisher.publish_then_ack(delivery, settlement.publish, None)  # I/O thread
+        return reason
 
     def seal(self, delivery: Delivery, publish: Publish) -> Publish:
         """Counter-sign a retry copy of a signed job; other copies pass unchanged."""
