@@ -28,14 +28,10 @@ from typing import Any
 
 from rbit.amqp.publisher import PublisherSession
 from rbit.config import Settings, default_routing_key, load_config
-from rbit.errors import BrokerError, RbitError
+from rbit.errors import RbitError
 from rbit.message import JOB_ID_PATTERN
 from rbit.outcome import Status
 from rbit.safetext import escape
-
-#: The status a watched job ends with when it went to the dead letters (rbit reports
-#: Failed with the reason; ``dead_lettered`` tells the two apart).
-_DEAD_MARKERS = ("rejected", "after", "signature refused", "dead letters")
 
 
 @dataclass(frozen=True)
@@ -96,6 +92,7 @@ class Client:
                                                    file=settings.file))
         self._session = PublisherSession(settings.amqp, name)
         self._watching = False
+        self._filter: tuple[str | None, str | None] = (None, None)
 
     @classmethod
     def from_config(cls, path: str) -> Client:
@@ -175,7 +172,7 @@ class Client:
 
         Stops after ``timeout`` seconds without a matching event (None: never).
         """
-        job, queue = getattr(self, "_filter", (None, None))
+        job, queue = self._filter
         while True:
             event = self._session.next_event(3600.0 if timeout is None else timeout)
             if event is None:
@@ -222,4 +219,4 @@ def _result(job_id: str, event: Mapping[str, Any]) -> JobResult:
     return JobResult(job_id, status, message, final, status is Status.FAILED)
 
 
-__all__ = ["Client", "JobResult", "target", "new_job_id", "BrokerError"]
+__all__ = ["Client", "JobResult", "target", "new_job_id"]
