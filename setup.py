@@ -36,6 +36,9 @@ setup(
         # used here.
         "prometheus_client>=0.17,<1",
         "setuptools",
+        # Ed25519 signatures of jobs (rbit.security): a vetted implementation instead of
+        # a hand-made primitive; 41 has the Ed25519 and serialization APIs used here.
+        "cryptography>=41,<50",
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "hypothesis"],

@@ -61,8 +61,12 @@ def job_body(index: int) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def publish_raw(url: str, queue: str, count: int, window: int = 1000) -> None:
-    """Publish ``count`` persistent jobs to ``queue`` with pipelined publisher confirms."""
+def publish_raw(url: str, queue: str, count: int, window: int = 1000,
+                sign: Callable[[str, bytes], dict[str, Any]] | None = None) -> None:
+    """Publish ``count`` persistent jobs to ``queue`` with pipelined publisher confirms.
+
+    ``sign(message_id, body)``, when given, returns each job's headers (a signature).
+    """
     import pika
 
     state = {"sent": 0, "confirmed": 0, "error": None}
@@ -72,7 +76,10 @@ def publish_raw(url: str, queue: str, count: int, window: int = 1000) -> None:
         while state["sent"] < count and state["sent"] - state["confirmed"] < window:
             state["sent"] += 1
             props.message_id = "job-%d" % state["sent"]
-            channel.basic_publish("", queue, job_body(state["sent"]), props)
+            body = job_body(state["sent"])
+            if sign is not None:
+                props.headers = sign(props.message_id, body)
+            channel.basic_publish("", queue, body, props)
 
     def on_confirm(frame) -> None:
         method = frame.method
@@ -402,6 +409,24 @@ def rbit_contender(name: str, reference: str, runner: str, sinks: str, prefetch:
     return Contender(name, reference, prepare, command, detect, jobs=jobs)
 
 
+def _signed_fill(run: Run) -> None:
+    """Keys in the run's directory, [security] in its rbit.ini, signed jobs."""
+    from rbit.security import keys
+    from rbit.security.signing import Signer
+
+    trusted = run.workdir / "trusted"
+    keys.generate("publisher", trusted)
+    signer = Signer(keys.load_private(trusted / "publisher.key"))
+    (trusted / "publisher.key").rename(run.workdir / "publisher.key")
+    with open(run.workdir / "rbit.ini", "a") as ini:
+        # max_skew: the queue is filled before the worker starts, and drained later.
+        ini.write(f"\n[security]\ntrusted_keys = {trusted}\nrequire_signed = yes\n"
+                  f"max_skew = 86400\nreplay_file = {run.workdir / 'replay.sqlite'}\n")
+    _declare_rbit(run)
+    publish_raw(run.url, QUEUE, run.n, sign=lambda job_id, body: signer.sign(
+        "", QUEUE, job_id, "application/json", {}, body))
+
+
 def _framework_fill(module: str) -> Callable[[Run], None]:
     def prepare(run: Run) -> None:
         subprocess.run([sys.executable, "-m", module, "publish", str(run.n),
@@ -437,6 +462,12 @@ def contenders() -> dict[str, Contender]:
                        "python!bench.bench_runners:noop", "", 100),
         rbit_contender("rbit-python-logsink", baseline,
                        "python!bench.bench_runners:noop", "log", 100),
+        # The same with every job Ed25519-signed and verified (and its replay record).
+        Contender("rbit-python-signed", baseline,
+                  lambda run: (_rbit_ini(run, "python!bench.bench_runners:noop", "", 100),
+                               _signed_fill(run)),
+                  lambda run: [sys.executable, "-m", "rbit", str(run.workdir / "rbit.ini")],
+                  "tick"),
         # The same with the HTTP endpoint on (its metrics count every job).
         rbit_contender("rbit-python-http", baseline,
                        "python!bench.bench_runners:noop", "", 100,

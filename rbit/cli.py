@@ -1,4 +1,7 @@
-"""``rbit CONFIG [--poll-time SECONDS] [--debug]``, ``rbit dead-letters ...``, ``rbit ctl ...``.
+"""``rbit CONFIG [--poll-time SECONDS] [--debug]``; dispatches the other verbs.
+
+``rbit dead-letters ...`` (:mod:`rbit.deadletters`), ``rbit ctl ...``
+(:mod:`rbit.control`), ``rbit submit|watch|keys ...`` (:mod:`rbit.submit`).
 
 Thin: parse arguments, configure logging, build the worker, run it, map errors to
 exit codes.
@@ -31,6 +34,11 @@ class ExitCode(enum.IntEnum):
     # out; they are redelivered.
     FORCED = 3
     DUPLICATE_NAME = 73  # another worker of the same [rbit] name is running (EX_CANTCREAT)
+    # rbit submit --wait: the job ended Failed (failed for good: it is in its dead
+    # letters, after its last try, rejected, or refused for its signature).
+    JOB_FAILED = 10
+    JOB_TIMEOUT = 11  # rbit submit --wait: no final status within --timeout
+    UNROUTABLE = 12  # rbit submit: no queue is bound to the job's route (returned)
     NO_QUEUE = 66  # rbit dead-letters: the queue to read does not exist (EX_NOINPUT)
     BROKER_UNREACHABLE = 69  # no AMQP host accepted a connection at start (EX_UNAVAILABLE)
     CONFIG = 78  # the configuration is invalid (EX_CONFIG)
@@ -57,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] in ("dead-letters", "dlq"):
         from rbit.deadletters import main as dead_letters_main
         return dead_letters_main(args[1:])
+    if args and args[0] in ("submit", "watch", "keys"):
+        from rbit import submit
+        return submit.main(args)
     try:
         options = _parser().parse_args(args)
     except SystemExit as exc:

@@ -104,6 +104,8 @@ class RunnerSettings:
     # Environment variables the file interpolated into a secret key (anywhere in it):
     # never passed on to a job's process (rbit.runners.environment).
     secret_env: frozenset[str] = frozenset()
+    # Verify job signatures before anything else (None: as [security] require_signed).
+    require_signed: bool | None = None
     # Where the section was written, for errors found when the runner is loaded.
     file: str = ""
     section: str = ""
@@ -161,6 +163,17 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class SecuritySettings:
+    """``[security]``: signing published jobs, verifying consumed ones (rbit.security)."""
+
+    signing_key: str | None = None  # Ed25519 private key (PEM): signs jobs and retries
+    trusted_keys: str | None = None  # directory of trusted public keys (*.pub)
+    require_signed: bool = False  # default of every runner section
+    max_skew: float = 300.0  # seconds a signature's time may be off from the clock
+    replay_file: str = ""  # SQLite file of the replay window ("" = beside nothing: unset)
+
+
+@dataclass(frozen=True)
 class Settings:
     file: str
     worker: WorkerSettings
@@ -176,6 +189,13 @@ class Settings:
     http: HttpSettings | None = None  # None: no HTTP endpoint
     control: ControlSettings = field(default_factory=lambda: ControlSettings())
     state: StateSettings = field(default_factory=lambda: StateSettings())
+    security: SecuritySettings = SecuritySettings()
+
+    def require_signed(self, runner: RunnerSettings) -> bool:
+        """Whether ``runner``'s jobs must carry a trusted signature."""
+        if runner.require_signed is not None:
+            return runner.require_signed
+        return self.security.require_signed
 
 
 # ---------------------------------------------------------------------------------------
@@ -272,8 +292,9 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
     secret_env = secret_env_names(parser)
     runners = tuple(dataclasses.replace(runner, secret_env=secret_env) for runner in runners)
     http = _http(readers["http"]) if "http" in readers else None
+    security = parse_security(readers.get("security"), worker.name, env)
     warnings.extend(_unknown_sections(path, parser.sections()))
-    for name in ("rbit", "amqp", "status", "http", "control"):
+    for name in ("rbit", "amqp", "status", "http", "control", "security"):
         if name in readers:
             warnings.extend(readers[name].unknown_keys())
     return Settings(
@@ -288,6 +309,7 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
         http=http,
         control=control,
         state=state,
+        security=security,
     )
 
 
@@ -400,7 +422,7 @@ def _is_logging_section(name: str) -> bool:
 
 
 def _unknown_sections(path: str, names: Sequence[str]) -> list[str]:
-    known = {"rbit", "amqp", "status", "http", "control"}
+    known = {"rbit", "amqp", "status", "http", "control", "security"}
     return [
         f"file {path}, section [{name}]: unknown section, ignored"
         + _suggestion(name, sorted(known) + ["runner:<queue>"])
@@ -853,6 +875,7 @@ _RUNNER_KEYS = frozenset({
     "runner", "routing_key", "concurrency", "prefetch", "timeout", "python", "queue_type",
     "delivery_limit", "max_retries", "retry_delay", "retry_backoff", "retry_max_delay",
     "retry_jitter", "jsonpickle_classes", "max_jobs_per_child", "max_memory_per_child",
+    "require_signed",
 })
 
 
@@ -898,6 +921,7 @@ def _runner(section: _Section, worker: WorkerSettings, warnings: list[str]) -> R
         retry=_retry(section),
         allowed_classes=_allowed_classes(section, worker),
         settings=_runner_options(section, warnings),
+        require_signed=section.boolean("require_signed", None),  # type: ignore[arg-type]
         file=section.file,
         section=section.name,
     )
@@ -1150,3 +1174,28 @@ def _control_and_state(readers: Mapping[str, _Section], worker: WorkerSettings,
     if not users:
         raise section.error("users", "must name at least one AMQP user")
     return ControlSettings(enabled=section.boolean("enabled", True), users=users), state
+# [security]
+
+#: The largest max_skew: a replay record is kept this long at most.
+MAX_SKEW = 7 * 24 * 3600.0
+
+
+def parse_security(section: _Section | None, name: str,
+                   environ: Mapping[str, str]) -> SecuritySettings:
+    """The ``[security]`` section (defaults when there is none).
+
+    Keys are checked for form here; whether the key files are usable is checked where
+    they are loaded (:mod:`rbit.security.keys`), with the same file, section and key.
+    """
+    if section is None:
+        return SecuritySettings()
+    home = environ.get("HOME") or os.path.expanduser("~")
+    state = environ.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+    default_replay = os.path.join(state, "rbit", f"{name}.replay.sqlite")
+    return SecuritySettings(
+        signing_key=section.text("signing_key") or None,
+        trusted_keys=section.text("trusted_keys") or None,
+        require_signed=section.boolean("require_signed", False),
+        max_skew=section.number("max_skew", 300.0, maximum=MAX_SKEW),
+        replay_file=section.nonempty("replay_file", default_replay),
+    )

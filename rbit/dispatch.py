@@ -104,6 +104,9 @@ class JobPool:
         self.observer: JobObserver | None = None
         #: Told of each job's start and end (PyBit's commands, :mod:`rbit.pybit`), when set.
         self.tracker: Any = None
+        #: ``sealer(delivery, publish) -> publish``: counter-signs retry copies of signed
+        #: jobs (rbit.security.gate), when set.
+        self.sealer: Callable[[Delivery, Any], Any] | None = None
 
     def start(self) -> None:
         """Start the pool's threads, if it has any."""
@@ -219,7 +222,10 @@ class JobPool:
         else:
             # The note quotes the runner's error, which may be megabytes long.
             log.info("job %s: %s", delivery.message.job_id, one_line(settlement.note))
-            self._broker.publish_then_ack(delivery, settlement.publish)
+            publish = settlement.publish
+            if self.sealer is not None:
+                publish = self.sealer(delivery, publish)
+            self._broker.publish_then_ack(delivery, publish)
 
     def _settled(self) -> None:
         if self._count_busy:

@@ -109,3 +109,11 @@ class Reject(RbitError):
     def __init__(self, reason: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class Unroutable(BrokerError):
+    """A published job was returned by the broker: no queue is bound to its route."""
+
+
+class SignatureError(RbitError):
+    """A job's signature is missing, unknown, invalid, stale or replayed."""

@@ -52,7 +52,7 @@ from rbit.topology import QueueDecl
 
 if TYPE_CHECKING:
     from rbit.amqp.broker import Broker
-    from rbit.dispatch import JobPool, JobStatus, ReportFn
+    from rbit.dispatch import JobStatus, ReportFn
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +233,8 @@ class QueuedCheck:
         self._executor = (ThreadPoolExecutor(1, thread_name_prefix="rbit-pybit-check")
                           if front_end is not None else None)
 
-    def gate(self, pool: JobPool) -> Callable[[Delivery], None]:
-        """The ``on_delivery`` to consume ``pool``'s queue with (I/O thread)."""
-        take = pool.on_delivery
+    def gate(self, take: Callable[[Delivery], None]) -> Callable[[Delivery], None]:
+        """The ``on_delivery`` to consume a queue with, before ``take`` (I/O thread)."""
         marker = b"pybit.models.BuildRequest"
 
         def on_delivery(delivery: Delivery) -> None:

@@ -26,6 +26,7 @@ from rbit.errors import BrokerUnreachable
 from rbit.runners.protocols import BatchRunner
 from rbit.runners.python import load_python_runner
 from rbit.runners.shell import ShellRunner
+from rbit.security.gate import WorkerSecurity
 from rbit.status import StatusReporter
 from rbit.topology import Topology, worker_topology
 
@@ -59,6 +60,9 @@ class Worker:
             worker_name=worker.name,
         )
         self.reporter = StatusReporter(settings.status, worker.name, publish=self._publish_status)
+        # Signed jobs (rbit.security): loaded before the runners, so that a config asking
+        # for signatures without a usable key fails first.
+        self.security = WorkerSecurity.for_worker(settings)
         self.pools = [self._pool(runner) for runner in settings.runners]
         consumers = [self._consumer(pool) for pool in self.pools]
         self.pybit_check: pybit.QueuedCheck | None = None
@@ -75,8 +79,10 @@ class Worker:
             self.broker, pybit.front_end(self.settings), tracker)
         for pool in self.pools:
             pool.tracker = tracker
-        consumers = [dataclasses.replace(spec, on_delivery=check.gate(pool))
-                     for spec, pool in zip(consumers, self.pools)]
+        # After the signature check (rbit.security), which must come before anything
+        # reads the body: only a verified BuildRequest is looked up on the front-end.
+        consumers = [dataclasses.replace(spec, on_delivery=check.gate(spec.on_delivery))
+                     for spec in consumers]
         commands = pybit.Commands(self.broker, tracker)
         return consumers + [commands.spec(self.settings.worker.name)]
 
@@ -103,13 +109,17 @@ class Worker:
     def _status_factory(self, queue: str) -> Callable[[str], JobStatus]:
         return lambda job_id: JobStatus(self.reporter.report, job_id, queue)
 
-    @staticmethod
-    def _consumer(pool: JobPool) -> ConsumerSpec:
+    def _consumer(self, pool: JobPool) -> ConsumerSpec:
         runner = pool.settings
+        on_delivery = pool.on_delivery
+        if self.security is not None and self.settings.require_signed(runner):
+            on_delivery = self.security.gate(runner, self.broker, on_delivery,
+                                             self.reporter.report)
+            pool.sealer = self.security.seal
         return ConsumerSpec(
             queue=runner.queue,
             prefetch=runner.prefetch,
-            on_delivery=pool.on_delivery,
+            on_delivery=on_delivery,
             capacity=pool.capacity,
             allowed_classes=decoding.DEFAULT_ALLOWED_CLASSES | runner.allowed_classes,
         )
@@ -168,6 +178,8 @@ class Worker:
         self.control.say_goodbye()
         self.broker.stop()
         self.control.close()
+        if self.security is not None:
+            self.security.close()
         jobguard.close_record()
         return clean
 

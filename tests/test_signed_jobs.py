@@ -1,0 +1,205 @@
+"""Signed jobs end to end: a real RabbitMQ node, real worker processes, shell! canaries.
+
+Each shell! runner touches ``OUT/<job id>``: a job that must never run must never
+create its canary file. A refused job must land in its queue's dead letters with the
+reason in ``x-rbit-dead-reason``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+from worker_helpers import Amqp, WorkerProcess, wait_until, write_config
+
+from rbit.cli import ExitCode, main
+from rbit.client import Client
+from rbit.config import load_config
+from rbit.security import keys
+from rbit.security.signing import Signer
+
+JOBS = "cnx_any_signed_sh"  # a PyBit name: published to pybit with cnx.any.signed.sh
+OTHER = "cnx_any_other_sh"
+FLAKY = "flaky"  # not a PyBit name: a section, so pybit with routing key "flaky"
+FAILING = "failing"
+CANARY = "shell!sh -c 'touch \"$0/$RBIT_JOB_ID\"' {out}"
+# Fails its first two tries, then succeeds; every try leaves a line.
+FLAKY_CMD = ("shell!sh -c 'echo x >> \"$0/$RBIT_JOB_ID.runs\"; "
+             "[ $(wc -l < \"$0/$RBIT_JOB_ID.runs\") -ge 3 ]' {out}")
+
+
+@pytest.fixture
+def keyring(tmp_path):
+    """Private keys of two publishers and a worker; their public keys all trusted."""
+    trusted, private = tmp_path / "trusted", tmp_path / "private"
+    trusted.mkdir()
+    for name in ("alice", "bob", "worker"):
+        keys.generate(name, private)
+        os.replace(private / f"{name}.pub", trusted / f"{name}.pub")
+    return private, trusted
+
+
+def _configs(tmp_path, url, out, keyring, *, replay="replay.sqlite"):
+    private, trusted = keyring
+    runners = {
+        JOBS: {"runner": CANARY.format(out=out), "max_retries": 0},
+        OTHER: {"runner": CANARY.format(out=out), "max_retries": 0},
+        FLAKY: {"runner": FLAKY_CMD.format(out=out), "max_retries": 2, "retry_delay": 0.2,
+                "retry_jitter": 0},
+        FAILING: {"runner": "shell!false", "max_retries": 0},
+    }
+    status = {"sinks": "amqp, log"}
+    worker = write_config(tmp_path, url, runners, status=status)
+    with open(worker, "a") as handle:
+        handle.write(f"[security]\nsigning_key = {private / 'worker.key'}\n"
+                     f"trusted_keys = {trusted}\nrequire_signed = yes\nmax_skew = 60\n"
+                     f"replay_file = {tmp_path / replay}\n")
+    publisher = write_config(tmp_path, url, runners, status=status, name="publisher.ini")
+    with open(publisher, "a") as handle:
+        handle.write(f"[security]\nsigning_key = {private / 'alice.key'}\n")
+    return worker, publisher
+
+
+@contextlib.contextmanager
+def _worker(config: Path, amqp: Amqp):
+    process = WorkerProcess(config, "--poll-time", "1")
+    try:
+        # Ready once its queues exist and are consumed.
+        wait_until(lambda: _consumed(amqp, JOBS) or process.proc.poll() is not None,
+                   timeout=30, what="the worker to consume")
+        assert process.proc.poll() is None, process.output
+        yield process
+    finally:
+        process.signal(15)
+        try:
+            process.wait(30)
+        finally:
+            process.kill()
+
+
+def _consumed(amqp: Amqp, queue: str) -> bool:
+    try:
+        return amqp.channel.queue_declare(queue, passive=True).method.consumer_count > 0
+    except Exception:  # noqa: BLE001 -- 404 closes the channel: reopen
+        amqp.channel = amqp.connection.channel()
+        amqp.channel.confirm_delivery()
+        return False
+
+
+def _dead(amqp: Amqp, queue: str, timeout: float = 15.0):
+    def take():
+        try:
+            return amqp.get(f"{queue}.dead")
+        except Exception:  # noqa: BLE001 -- not declared yet
+            amqp.channel = amqp.connection.channel()
+            return None
+
+    _method, props, body = wait_until(take, timeout, f"a dead letter in {queue}.dead")
+    reason = props.headers["x-rbit-dead-reason"]
+    return props.message_id, reason.decode() if isinstance(reason, bytes) else reason, body
+
+
+def _signed(signer, exchange, route, job_id, body=b"job", headers=None):
+    headers = dict(headers or {"owner": "ana"})
+    headers.update(signer.sign(exchange, route, job_id, None, headers, body))
+    return headers
+
+
+@pytest.fixture
+def alice(keyring):
+    return Signer(keys.load_private(keyring[0] / "alice.key"))
+
+
+def test_signed_jobs_run_and_changed_or_unsigned_ones_never_do(
+        tmp_path, rabbit, vhost, amqp, out, keyring, alice):
+    worker, publisher = _configs(tmp_path, rabbit.url(vhost), out, keyring)
+    with _worker(worker, amqp):
+        with Client(load_config(str(publisher))) as client:
+            result = client.submit(JOBS, b"job", job_id="good-1", wait=True, timeout=20)
+        assert (result.status.value, (out / "good-1").exists()) == ("Done", True)
+
+        route = "cnx.any.signed.sh"
+        cases = {
+            "body": (b"jOb", _signed(alice, "pybit", route, "t-body"), route),
+            "header": (b"job", {**_signed(alice, "pybit", route, "t-header"), "owner": "eve"},
+                       route),
+            "route": (b"job", _signed(alice, "pybit", route, "t-route"), "cnx.any.other.sh"),
+            "unsigned": (b"job", {"owner": "ana"}, route),
+            "stale": (b"job", _signed(Signer(alice._key, clock=lambda: time.time() - 3600),
+                                      "pybit", route, "t-stale"), route),
+        }
+        expected = {"body": "bad signature", "header": "bad signature",
+                    "route": "does not lead to queue", "unsigned": "unsigned job",
+                    "stale": "more than 60 s"}
+        for name, (body, headers, routing_key) in cases.items():
+            amqp.publish(body, routing_key=routing_key, message_id=f"t-{name}", headers=headers)
+            queue = OTHER if name == "route" else JOBS
+            message_id, reason, dead_body = _dead(amqp, queue)
+            assert (message_id, dead_body) == (f"t-{name}", body)
+            assert "signature refused" in reason
+            assert expected[name] in reason
+            assert not (out / f"t-{name}").exists()
+
+
+def test_a_replayed_job_never_runs_again_even_after_a_restart(
+        tmp_path, rabbit, vhost, amqp, out, keyring, alice):
+    worker, _ = _configs(tmp_path, rabbit.url(vhost), out, keyring)
+    route = "cnx.any.signed.sh"
+    headers = _signed(alice, "pybit", route, "once")
+    with _worker(worker, amqp):
+        amqp.publish(b"job", routing_key=route, message_id="once", headers=headers)
+        wait_until((out / "once").exists, 15, "the first run")
+        (out / "once").unlink()
+        amqp.publish(b"job", routing_key=route, message_id="once", headers=headers)
+        assert "a replay" in _dead(amqp, JOBS)[1]
+    with _worker(worker, amqp):
+        amqp.publish(b"job", routing_key=route, message_id="once", headers=headers)
+        assert "a replay" in _dead(amqp, JOBS)[1]
+    assert not (out / "once").exists()
+
+
+def test_a_signed_job_that_fails_twice_is_retried_and_runs_each_retry(
+        tmp_path, rabbit, vhost, amqp, out, keyring):
+    worker, publisher = _configs(tmp_path, rabbit.url(vhost), out, keyring)
+    with _worker(worker, amqp), Client(load_config(str(publisher))) as client:
+        result = client.submit(FLAKY, b"job", job_id="flaky-1", wait=True, timeout=30)
+    assert result.status.value == "Done", result
+    assert (out / "flaky-1.runs").read_text() == "x\nx\nx\n"
+
+
+def test_two_keys_at_once_and_a_removed_key_is_refused_without_restart(
+        tmp_path, rabbit, vhost, amqp, out, keyring, alice):
+    worker, _ = _configs(tmp_path, rabbit.url(vhost), out, keyring)
+    bob = Signer(keys.load_private(keyring[0] / "bob.key"))
+    route = "cnx.any.signed.sh"
+    with _worker(worker, amqp):
+        for signer, job_id in ((alice, "by-alice"), (bob, "by-bob")):
+            amqp.publish(b"job", routing_key=route, message_id=job_id,
+                         headers=_signed(signer, "pybit", route, job_id))
+            wait_until((out / job_id).exists, 15, f"job {job_id}")
+        os.remove(keyring[1] / "bob.pub")
+        time.sleep(1.1)  # the directory is looked at again at most once a second
+        amqp.publish(b"job", routing_key=route, message_id="bob-revoked",
+                     headers=_signed(bob, "pybit", route, "bob-revoked"))
+        assert "unknown or revoked key" in _dead(amqp, JOBS)[1]
+        assert not (out / "bob-revoked").exists()
+
+
+def test_submit_exit_codes(tmp_path, rabbit, vhost, amqp, out, keyring, capsys):
+    worker, publisher = _configs(tmp_path, rabbit.url(vhost), out, keyring)
+    amqp.channel.queue_declare("parked", durable=True)  # routable, nobody consumes it
+    with _worker(worker, amqp):
+        assert main(["submit", str(publisher), JOBS, "body", "--job-id", "cli-1",
+                     "--wait", "--timeout", "20"]) == ExitCode.OK
+        assert capsys.readouterr().out.startswith("cli-1\tDone")
+        assert (out / "cli-1").exists()
+        assert main(["submit", str(publisher), FAILING, "--wait", "--timeout", "20"]) \
+            == ExitCode.JOB_FAILED == 10
+        assert "\tFailed\t" in capsys.readouterr().out
+        assert main(["submit", str(publisher), "parked", "x", "--wait", "--timeout", "1"]) \
+            == ExitCode.JOB_TIMEOUT == 11
+    assert main(["submit", str(publisher), "nobody_listens", "x"]) == ExitCode.UNROUTABLE == 12
+    assert "no queue is bound" in capsys.readouterr().err
