@@ -17,4 +17,4 @@ def test_exit_codes_are_the_documented_numbers():
     assert {code.name: int(code) for code in ExitCode} == {
         "OK": 0, "ERROR": 1, "USAGE": 2, "FORCED": 3, "JOB_FAILED": 10,
         "JOB_TIMEOUT": 11, "UNROUTABLE": 12, "NO_QUEUE": 66,
-        "BROKER_UNREACHABLE": 69, "CONFIG": 78}
+        "BROKER_UNREACHABLE": 69, "DUPLICATE_NAME": 73, "CONFIG": 78}

@@ -118,11 +118,15 @@ def test_job_id_with_shell_syntax_is_one_argument_and_runs_nothing(tmp_path: Pat
         PROBE_TEMPLATE + " %ID --id=%ID", workdir=str(tmp_path), report=str(report)
     )
 
-    outcome = runner.run(job(message_id=job_id), Statuses())
+    message = job(message_id=job_id)
+    outcome = runner.run(message, Statuses())
 
     assert outcome == Outcome.done()
+    # Such an id is not kept as it is (rbit.message's job-id rule) ...
+    assert message.job_id.startswith("id-sha256:")
+    # ... and whatever the id, it is one argument: no shell ever reads it.
     argv = json.loads(report.read_text())["argv"]
-    assert argv[2:] == [job_id, "--id=" + job_id]
+    assert argv[2:] == [message.job_id, "--id=" + message.job_id]
     assert not {"x", "y", "z"} & {p.name for p in tmp_path.iterdir()}
 
 
@@ -131,16 +135,16 @@ def test_placeholders_inside_arguments_are_replaced_in_one_pass(tmp_path: Path) 
     target = PROBE_TEMPLATE + " {outdir}/%ID.pdf %QUEUE:%ATTEMPT 100%% ${HOME} {tag} %ID"
     runner = make_runner(target, report=str(report), outdir="/srv/out", tag="%ID{outdir}")
 
-    runner.run(job(message_id="%QUEUE{tag}", headers={ATTEMPTS_HEADER: 2}), Statuses())
+    runner.run(job(message_id="job-1", headers={ATTEMPTS_HEADER: 2}), Statuses())
 
     argv = json.loads(report.read_text())["argv"]
     assert argv[2:] == [
-        "/srv/out/%QUEUE{tag}.pdf",
+        "/srv/out/job-1.pdf",
         "q:3",
         "100%",
         "${HOME}",
-        "%ID{outdir}",  # setting values are literal text
-        "%QUEUE{tag}",  # so is the job id
+        "%ID{outdir}",  # setting values are literal text, not scanned again
+        "job-1",
     ]
 
 
@@ -378,14 +382,16 @@ def test_command_gets_no_descriptor_but_stdio_and_the_status_pipe(
     assert seen["fds"] == [int(seen["env"]["RBIT_STATUS_FD"])]
 
 
-def test_nul_byte_in_job_id_rejects_the_job_without_running_it(tmp_path: Path) -> None:
+def test_nul_byte_in_job_id_never_reaches_the_command(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     runner = make_runner(PROBE_TEMPLATE + " %ID", report=str(report))
+    message = job(message_id="bad\x00id")
 
-    outcome = runner.run(job(message_id="bad\x00id"), Statuses())
+    outcome = runner.run(message, Statuses())
 
-    assert outcome.kind is Kind.REJECTED
-    assert not report.exists()
+    assert outcome.kind is Kind.DONE
+    assert json.loads(report.read_text())["argv"][2:] == [message.job_id]
+    assert "\x00" not in message.job_id
 
 
 # -- templates -------------------------------------------------------------------------

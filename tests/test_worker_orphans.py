@@ -30,11 +30,12 @@ def processes():
         proc.kill()
 
 
-def _config(tmp_path, rabbit, vhost, out, *, seconds=600, grace=30, name="worker.ini"):
+def _config(tmp_path, rabbit, vhost, out, *, seconds=600, grace=30, name="worker.ini",
+            worker="test-worker"):
     runner = {"runner": "shell!{pyexe} {counter} {outdir} {seconds}", "pyexe": sys.executable,
               "counter": COUNTER, "outdir": out, "seconds": seconds, "kill_grace": 1}
     return write_config(tmp_path, rabbit.url(vhost), {QUEUE: runner}, name=name,
-                        rbit={"shutdown_grace": grace})
+                        rbit={"shutdown_grace": grace, "name": worker})
 
 
 def _start(processes, config) -> WorkerProcess:
@@ -137,7 +138,9 @@ def test_a_restart_leaves_the_jobs_of_a_live_worker_alone(
     amqp.publish(b"{}", exchange="", routing_key=QUEUE, message_id="busy")
     (leader, _), = _wait_for_copies(out, 1, first)
 
-    other = _start(processes, _config(tmp_path, rabbit, vhost, tmp_path, name="other.ini"))
+    # Another worker of the machine (another name: one name is one worker on a broker).
+    other = _start(processes, _config(tmp_path, rabbit, vhost, tmp_path, name="other.ini",
+                                      worker="other-worker"))
     wait_until(lambda: "consuming" in other.output, 20, "the second worker to start")
 
     assert pid_alive(leader)
