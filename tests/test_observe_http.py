@@ -98,13 +98,16 @@ def test_metrics_count_the_jobs_run_and_health_reports_consuming(
         status, body = request(address, "GET", "/stats")
         stats = json.loads(body)
         assert status == 200
-        assert stats["worker"] == "test-worker"
-        assert stats["queues"][0]["queue"] == QUEUE
-        assert stats["queues"][0]["done"] == 25
+        # The same snapshot `rbit ctl status` gathers (rbit.control).
+        assert stats["name"] == "test-worker"
+        assert stats["queues"] == [{"queue": QUEUE, "consuming": True, "paused": False}]
+        assert stats["counts"]["done"] == 25
+        assert "running" not in stats
         verbose = json.loads(request(address, "GET", "/stats?verbose=1")[1])
-        assert verbose["queues"][0]["concurrency"] == 2
-        assert "concurrency" not in stats["queues"][0]
-        assert request(address, "GET", "/history?queue=x")[0] == 404  # not enabled here
+        assert verbose["running"] == []
+        # History is written in batches, a fraction of a second after the jobs.
+        wait_until(lambda: len(json.loads(request(
+            address, "GET", f"/history?queue={QUEUE}&depth=5")[1])) == 5, 10, "history")
         assert request(address, "GET", "/nowhere")[0] == 404
 
 

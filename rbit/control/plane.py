@@ -44,7 +44,7 @@ class ControlPlane:
         state = settings.state
         try:
             self.store = StateStore(state.state_dir, state.history_depth)
-        except (OSError, Exception) as exc:  # sqlite3.Error, PermissionError...
+        except Exception as exc:  # OSError, sqlite3.Error...
             raise ConfigError(f"cannot open the state directory {state.state_dir!r}: {exc}",
                               file=settings.file, section="rbit", key="state_dir") from exc
         self.observer = JobObserver(self.store.record if state.history_depth else None)
@@ -61,6 +61,8 @@ class ControlPlane:
             observer=self.observer, store=self.store, backlog=backlog,
             request_stop=request_stop)
         self._broker = broker
+        #: Whether outcomes are recorded (``[rbit] history_depth`` > 0).
+        self.history_enabled = state.history_depth > 0
         if settings.control.enabled:
             broker.set_control(self.controller.handle, self.controller.announce)
 

@@ -2,19 +2,18 @@
 
 :class:`WorkerObservation` is built after the worker (its pools get the metrics'
 observer before any job starts) and before it connects (a port that cannot be bound
-stops the worker at once). The status snapshot and the health check here are what the
-worker can tell by itself: connection, queues, jobs running, status backlog.
+stops the worker at once). ``/stats`` and ``/history`` serve the control plane's status
+snapshot and job history (:mod:`rbit.control`), the same data ``rbit ctl status`` and
+``rbit ctl history`` gather.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from rbit import __version__
 from rbit.observe.http import Endpoints, ObserveServer
 from rbit.observe.metrics import JobMetrics, WorkerMetrics, WorkerSources
 from rbit.systemd import Heartbeat, Notifier
@@ -52,8 +51,11 @@ class WorkerObservation:
             backlog=worker.reporter.pending,
         ))
         http = worker.settings.http
+        # /stats and /history serve what `rbit ctl status|history` answer (rbit.control).
+        control = worker.control
         self.server = None if http is None else ObserveServer(http, Endpoints(
-            healthy=self.healthy, metrics=self.metrics.exposition, status=self.status))
+            healthy=self.healthy, metrics=self.metrics.exposition, status=control.status,
+            history=control.history if control.history_enabled else None))
         self._notifier = notifier or Notifier(None)
         self._heartbeat = Heartbeat(self._notifier, self._io_alive, self.status_line)
 
@@ -88,34 +90,9 @@ class WorkerObservation:
             return True, "polling " + self._queues_text()
         if not broker.connected:
             return False, "not connected to the broker"
-        return True, "consuming " + self._queues_text()
-
-    def status(self, verbose: bool) -> dict[str, Any]:
-        """The worker's state as JSON-serialisable data."""
-        worker, broker = self._worker, self._worker.broker
-        jobs = self.jobs.snapshot()
-        data: dict[str, Any] = {
-            "worker": worker.settings.worker.name,
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime": round(time.time() - self._started, 1),
-            "broker": {"connected": broker.connected, "mode": broker.mode,
-                       "reconnects": broker.connections_lost},
-            "healthy": self.healthy()[0],
-            "status_backlog": worker.reporter.pending(),
-            "queues": [{"queue": pool.settings.queue,
-                        "running": jobs[pool.settings.queue].running,
-                        **jobs[pool.settings.queue].outcomes}
-                       for pool in worker.pools],
-        }
-        if verbose:
-            for entry, pool in zip(data["queues"], worker.pools):
-                runner = pool.settings
-                one = jobs[runner.queue]
-                entry.update(kind=runner.kind, concurrency=runner.concurrency,
-                             prefetch=runner.prefetch, retries=one.retries,
-                             dead_letters=one.dead, busy_seconds=round(one.seconds, 3))
-        return data
+        paused = broker.paused()
+        text = "consuming " + self._queues_text(paused)
+        return True, text + (f"; paused: {', '.join(sorted(paused))}" if paused else "")
 
     def status_line(self) -> str:
         """One line for ``systemctl status``."""
@@ -124,8 +101,9 @@ class WorkerObservation:
         state = "consuming" if self._worker.broker.connected else "reconnecting;"
         return f"{state} {len(self._worker.pools)} queues, {self.jobs.running()} jobs running"
 
-    def _queues_text(self) -> str:
-        return ", ".join(pool.settings.queue for pool in self._worker.pools)
+    def _queues_text(self, paused: frozenset[str] = frozenset()) -> str:
+        return ", ".join(pool.settings.queue for pool in self._worker.pools
+                         if pool.settings.queue not in paused) or "nothing"
 
     def _io_alive(self, timeout: float) -> bool:
         """Whether the broker's I/O loop runs a call handed to it within ``timeout``."""
