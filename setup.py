@@ -41,7 +41,9 @@ setup(
         "cryptography>=41,<50",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "hypothesis"],
+        # ruff is pinned to a minor series: its rules change between them, and the test
+        # command fails on any lint error.
+        "test": ["pytest", "pytest-timeout", "hypothesis", "ruff>=0.17,<0.18"],
     },
     entry_points={
         "console_scripts": [

@@ -76,7 +76,7 @@ def tick(count: int | None = None) -> bool:
 
 
 def noop(message, set_status, settings) -> None:
-    """rbit ``python!`` runner: count the job and return (Done)."""
+    """Rbit ``python!`` runner: count the job and return (Done)."""
     tick()
 
 

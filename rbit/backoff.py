@@ -10,7 +10,7 @@ randomness is injected so tests can drive it.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 Rng = Callable[[], float]
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import json
 import reprlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from rbit.errors import DecodeError
 

@@ -25,7 +25,8 @@ import queue
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from rbit import fate
 from rbit.amqp.records import Delivery

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
 
 from rbit import backoff
 from rbit.amqp.records import Delivery, Publish
@@ -140,7 +140,7 @@ def _dead(delivery: Delivery, queue: str, worker: str, reason: str,
         DEAD_REASON_HEADER: reason[-_MAX_REASON:],
         ATTEMPTS_HEADER: delivery.message.attempt if attempt is None else attempt,
         DEAD_WORKER_HEADER: worker,
-        DEAD_TIME_HEADER: datetime.fromtimestamp(now(), timezone.utc).isoformat(),
+        DEAD_TIME_HEADER: datetime.fromtimestamp(now(), UTC).isoformat(),
         DEAD_QUEUE_HEADER: queue,
     }
     publish = Publish("", dead_letter_queue(queue), delivery.message.body,

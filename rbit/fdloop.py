@@ -18,7 +18,8 @@ import itertools
 import math
 import select
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 
 class Timer(Protocol):

@@ -39,8 +39,9 @@ import logging
 import threading
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from rbit import decoding
 from rbit.amqp.records import ConsumerSpec, Delivery

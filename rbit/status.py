@@ -58,9 +58,9 @@ import threading
 import time
 import urllib.parse
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
 
 from rbit.backoff import Backoff
 from rbit.config import StatusSettings
@@ -552,7 +552,7 @@ def routing_key(template: str, event: _Event, worker: str) -> str:
 
 def event_body(event: _Event, worker: str) -> bytes:
     """The JSON document published for ``event``."""
-    stamp = datetime.fromtimestamp(event.time, tz=timezone.utc)
+    stamp = datetime.fromtimestamp(event.time, tz=UTC)
     return json.dumps({
         "job_id": event.job_id,
         "status": event.status.value,

@@ -32,8 +32,8 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
-from typing import Callable, Protocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 from rbit import jobguard
 from rbit.errors import RunnerLoadError

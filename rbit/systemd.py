@@ -14,8 +14,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Mapping
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 

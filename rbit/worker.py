@@ -14,7 +14,8 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from rbit import decoding, jobguard, pybit
 from rbit.amqp.broker import Broker

@@ -63,9 +63,9 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from rbit import backoff
 from rbit.credit.events import COMMANDS, CreditEvent
@@ -625,7 +625,7 @@ class CreditRunner:
                 self._by_id.pop(entry.event.id, None)
             settles = [list(entry.settles) for entry in batch.entries]
         self._report_accepted(batch, rejected, unmatched)
-        for entry_settles, outcome in zip(settles, outcomes):
+        for entry_settles, outcome in zip(settles, outcomes, strict=True):
             for settle in entry_settles:
                 _call(settle, outcome or done)
 

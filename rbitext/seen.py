@@ -16,8 +16,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
-from typing import Callable
+from collections.abc import Callable, Iterable
 
 from rbit.errors import RbitError
 

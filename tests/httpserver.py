@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Union
+from typing import Any
 
-Body = Union[bytes, str, dict, list, None]
+Body = bytes | str | dict | list | None
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Response:
         return self.body or b"", headers
 
 
-Handler = Callable[[RecordedRequest], Union[Response, tuple, None]]
+Handler = Callable[[RecordedRequest], Response | tuple | None]
 
 
 class HttpServer:

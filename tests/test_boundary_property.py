@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pika
 import pytest
@@ -43,7 +43,7 @@ scalars = st.one_of(
     st.decimals(min_value=-10**5, max_value=10**5, places=3,
                 allow_nan=False, allow_infinity=False),
     st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(9999, 1, 1),
-                 timezones=st.just(timezone.utc)),
+                 timezones=st.just(UTC)),
     st.none(),
 )
 keys = st.one_of(st.sampled_from(RBIT_KEYS), st.text(max_size=20))

@@ -202,7 +202,9 @@ def test_a_wrong_type_is_an_error_naming_file_section_key_and_reason(
     error = info.value
     assert (error.file, error.section, error.key) == (path, section, key)
     assert reason in error.reason
-    assert path in str(error) and f"[{section}]" in str(error) and repr(key) in str(error)
+    assert path in str(error)
+    assert f"[{section}]" in str(error)
+    assert repr(key) in str(error)
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from creditpiggy_server import FakeCreditPiggy

@@ -436,7 +436,7 @@ def test_amqp_sink_unit_retries_after_publish_raises(reporters, publisher):
     # Doubling from 0.5 s up to the 2 s cap, each pause jittered into [step/2, step].
     steps = [0.5, 1.0, 2.0, 2.0, 2.0, 2.0]
     assert len(sleep.delays) == len(steps)
-    assert all(step / 2 <= d <= step for d, step in zip(sleep.delays, steps))
+    assert all(step / 2 <= d <= step for d, step in zip(sleep.delays, steps, strict=True))
 
 
 def test_amqp_sink_unit_close_flushes_every_event(reporters, publisher):

@@ -34,8 +34,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from pika.adapters.select_connection import IOLoop
 

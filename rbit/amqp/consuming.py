@@ -13,8 +13,8 @@ a pool: it goes to the queue's dead letters at once, body kept, with the reason.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING
 
 from rbit import fate
 from rbit.amqp.records import HELD_BY_HEADER, ConsumerSpec, Delivery

@@ -7,7 +7,8 @@ are declared on their first use in each connection.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rbit.topology import QueueDecl, Topology
 

@@ -31,7 +31,8 @@ from __future__ import annotations
 import collections
 import logging
 import uuid
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rbit.amqp.records import HELD_BY_HEADER, HOLD_ID_HEADER, Delivery, Publish
 from rbit.message import ATTEMPTS_HEADER

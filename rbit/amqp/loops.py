@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import select
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import pika
 from pika.adapters.asyncio_connection import AsyncioConnection

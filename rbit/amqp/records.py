@@ -7,9 +7,9 @@ so ``import rbit.fate`` works without it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from rbit.message import Message
 from rbit.topology import QueueDecl

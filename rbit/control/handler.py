@@ -19,8 +19,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Collection
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Any
 
 from rbit import __version__
 from rbit.control.commands import Command, CommandError, parse, reply

@@ -17,8 +17,8 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 from rbit.credit.server import CreditServer, Limits, Publish, ServerError, broker_publisher
 from rbit.credit.settings import CreditSettings

@@ -25,8 +25,8 @@ is reserved: it is never a counter or meta name.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from rbit.credit.events import CreditEvent
 from rbit.errors import RbitError

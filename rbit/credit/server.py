@@ -38,8 +38,9 @@ import os
 import socket
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from rbit.amqp import records
 from rbit.credit.protocol import MAX_LINE_BYTES, ProtocolError, parse_line, reply_for

@@ -15,8 +15,7 @@ rbit_credit_build_info                 gauge    version, python
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -43,7 +42,7 @@ class _CreditCollector:
             lines.add_metric([command, result], count)
         yield lines
         cumulative, buckets = 0, []
-        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), list(stats.buckets)):
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), list(stats.buckets), strict=True):
             cumulative += count
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
         latency = HistogramMetricFamily("rbit_credit_reply_latency_seconds",

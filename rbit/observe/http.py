@@ -24,9 +24,10 @@ import logging.config
 import socket
 import threading
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 from rbit.config import HttpSettings
 from rbit.errors import RbitError

@@ -33,8 +33,8 @@ import bisect
 import platform
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -208,7 +208,7 @@ def _job_families(stats: dict[str, QueueStats], undecodable: dict[str, int]) -> 
             dead.add_metric([queue, reason], count + (
                 undecodable.get(queue, 0) if reason == "undecodable" else 0))
         cumulative, buckets = 0, []
-        for bound, count in zip((*DURATION_BUCKETS, float("inf")), one.buckets):
+        for bound, count in zip((*DURATION_BUCKETS, float("inf")), one.buckets, strict=True):
             cumulative += count
             buckets.append((_le(bound), cumulative))
         duration.add_metric([queue], buckets, one.seconds)

@@ -26,7 +26,8 @@ decides (:mod:`rbit.fate`).
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from rbit.errors import RunnerLoadError
 

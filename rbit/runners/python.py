@@ -64,8 +64,8 @@ import logging
 import subprocess
 import threading
 import traceback
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from rbit.config import RunnerSettings
 from rbit.errors import Blocked, DecodeError, Reject, RunnerLoadError

@@ -43,9 +43,9 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 from rbit.config import RunnerSettings
 from rbit.fdloop import PollLoop

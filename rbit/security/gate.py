@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rbit import fate
 from rbit.amqp.records import HELD_BY_HEADER, Delivery, Publish

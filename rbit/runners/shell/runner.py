@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 from rbit.config import RunnerSettings
 from rbit.fdloop import FdLoop, PollLoop
