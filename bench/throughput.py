@@ -367,6 +367,10 @@ max_retries = 0
 """
 
 
+#: A child runner's environment keeps only what env_keep names (rbit.runners.environment).
+CHILD_ENV = "env_keep = PATH, HOME, LANG, PYTHONPATH, VIRTUAL_ENV, BENCH_*"
+
+
 def _rbit_ini(run: Run, runner: str, sinks: str, prefetch: int, extra: str = "",
               history_depth: int = 100) -> Path:
     path = run.workdir / "rbit.ini"
@@ -490,15 +494,16 @@ def contenders() -> dict[str, Contender]:
         # rbit's warm children (a section with a timeout), one at a time.
         Contender("celery-prefork-c1", baseline, _framework_fill("bench.celery_app"),
                   lambda run: _celery_command(run, "prefork"), needs="celery"),
+        # (env_keep: the children see BENCH_*, which tells them where to count.)
         rbit_contender("rbit-python-child-c1", baseline, "python!bench.bench_runners:noop",
-                       "", 100, extra="timeout = 60"),
+                       "", 100, extra=f"timeout = 60\n{CHILD_ENV}"),
         # A pure-Python job of ~20 ms of CPU: children use both cores, threads cannot.
         rbit_contender("rbit-cpu20-child-c1", "rbit-cpu20-child-c1",
                        "python!bench.bench_runners:cpu20", "", 2,
-                       extra="timeout = 60\nconcurrency = 1", jobs=CPU_JOBS),
+                       extra=f"timeout = 60\nconcurrency = 1\n{CHILD_ENV}", jobs=CPU_JOBS),
         rbit_contender("rbit-cpu20-child-c2", "rbit-cpu20-child-c1",
                        "python!bench.bench_runners:cpu20", "", 2,
-                       extra="timeout = 60\nconcurrency = 2", jobs=CPU_JOBS),
+                       extra=f"timeout = 60\nconcurrency = 2\n{CHILD_ENV}", jobs=CPU_JOBS),
         rbit_contender("rbit-cpu20-thread-c2", "rbit-cpu20-child-c1",
                        "python!bench.bench_runners:cpu20", "", 2,
                        extra="concurrency = 2", jobs=CPU_JOBS),
