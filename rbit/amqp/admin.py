@@ -44,6 +44,34 @@ def _translated(queue: str) -> Iterator[None]:
         raise BrokerError(f"queue {queue!r}: {exc!r}") from exc
 
 
+def blocking_connection(amqp: AmqpSettings, name: str) -> pika.BlockingConnection:
+    """A blocking connection to the first host of ``amqp`` that accepts one.
+
+    Its frames are read the safe way (:mod:`rbit.amqp.frames`): headers a publisher made
+    undecodable cannot break a command-line session either.
+
+    Raises:
+        BrokerUnreachable: No host accepts a connection.
+    """
+    errors = []
+    for index in range(len(amqp.hosts)):
+        try:
+            params = parameters(amqp, index, name, amqp.heartbeat)
+            return pika.BlockingConnection(params, _impl_class=_SafeConnection)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            errors.append(f"{amqp.hosts[index].host}:{amqp.hosts[index].port}: {exc!r}")
+    raise BrokerUnreachable("; ".join(errors))
+
+
+def close_quietly(connection: pika.BlockingConnection, what: str) -> None:
+    """Close ``connection``; an error then is logged at DEBUG (nothing is left to save)."""
+    try:
+        if connection.is_open:
+            connection.close()
+    except pika.exceptions.AMQPError as exc:
+        log.debug("closing %s: %r", what, exc)
+
+
 class AdminSession:
     """One blocking connection with one channel in confirm mode.
 
@@ -56,16 +84,7 @@ class AdminSession:
     """
 
     def __init__(self, amqp: AmqpSettings, name: str = "rbit admin") -> None:
-        errors = []
-        for index in range(len(amqp.hosts)):
-            try:
-                params = parameters(amqp, index, name, amqp.heartbeat)
-                self._connection = pika.BlockingConnection(params, _impl_class=_SafeConnection)
-                break
-            except (pika.exceptions.AMQPError, OSError) as exc:
-                errors.append(f"{amqp.hosts[index].host}:{amqp.hosts[index].port}: {exc!r}")
-        else:
-            raise BrokerUnreachable("; ".join(errors))
+        self._connection = blocking_connection(amqp, name)
         try:
             self._channel = self._connection.channel()
             self._channel.confirm_delivery()
@@ -81,11 +100,7 @@ class AdminSession:
 
     def close(self) -> None:
         """Close; deliveries not acked go back to their queues."""
-        try:
-            if self._connection.is_open:
-                self._connection.close()
-        except pika.exceptions.AMQPError as exc:  # closing anyway: nothing left to save
-            log.debug("closing the admin session: %r", exc)
+        close_quietly(self._connection, "the admin session")
 
     def count(self, queue: str) -> int:
         """Ready messages in an existing queue.

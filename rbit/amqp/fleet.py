@@ -19,7 +19,7 @@ import pika
 import pika.exceptions
 from pika import spec
 
-from rbit.amqp.connection import parameters
+from rbit.amqp.admin import blocking_connection, close_quietly
 from rbit.amqp.control import (
     CONTROL_EXCHANGE,
     FLEET_EXCHANGE,
@@ -28,7 +28,7 @@ from rbit.amqp.control import (
     SEEN_MAX,
 )
 from rbit.config import AmqpSettings
-from rbit.errors import BrokerError, BrokerUnreachable
+from rbit.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +47,7 @@ class FleetSession:
 
     def __init__(self, amqp: AmqpSettings, name: str = "rbit ctl") -> None:
         self._user = amqp.user
-        errors = []
-        for index in range(len(amqp.hosts)):
-            try:
-                self._connection = pika.BlockingConnection(
-                    parameters(amqp, index, name, amqp.heartbeat))
-                break
-            except (pika.exceptions.AMQPError, OSError) as exc:
-                errors.append(f"{amqp.hosts[index].host}:{amqp.hosts[index].port}: {exc!r}")
-        else:
-            raise BrokerUnreachable("; ".join(errors))
+        self._connection = blocking_connection(amqp, name)
 
     def __enter__(self) -> FleetSession:
         return self
@@ -65,11 +56,7 @@ class FleetSession:
         self.close()
 
     def close(self) -> None:
-        try:
-            if self._connection.is_open:
-                self._connection.close()
-        except pika.exceptions.AMQPError as exc:
-            log.debug("closing the ctl session: %r", exc)
+        close_quietly(self._connection, "the ctl session")
 
     def seen(self) -> list[bytes]:
         """The announces in ``rbit.fleet.seen``, oldest first (left in the queue)."""
