@@ -136,7 +136,9 @@ class ShellRunner:
         except (ValueError, OSError) as exc:
             pipes.close_read_ends()
             self.job_ended(body_path, job_id)
-            if isinstance(exc, ValueError):  # e.g. a NUL byte in the job id: a bad job
+            # An argument the OS refuses (a NUL byte; job ids can no longer carry one,
+            # see rbit.message): a bad job, not one to retry.
+            if isinstance(exc, ValueError):
                 log.error("job %s: cannot pass the job to %s: %s", job_id, argv[0], exc)
                 done(Outcome.rejected(f"cannot pass the job to {argv[0]}: {exc}"))
             else:
