@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pika
-from worker_helpers import wait_until  # noqa: F401 - shared by the fault tests
+from worker_helpers import wait_until  # also shared by the fault tests
 
 TESTS_DIR = Path(__file__).resolve().parent
 ROOT_DIR = TESTS_DIR.parent
@@ -92,6 +92,11 @@ class WorkerProcess:
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_consuming(self, timeout: float = 30.0) -> WorkerProcess:
+        """Wait until the worker logged that it consumes; fail after ``timeout`` s."""
+        wait_until(lambda: "consuming" in self.text(), timeout, f"{self.log.stem} consuming")
+        return self
 
 
 class Records:

@@ -61,7 +61,7 @@ def test_worker_killed_five_times_loses_no_job(tmp_path, rabbit, vhost, queue_ty
     try:
         for n in range(1, kills + 1):
             # Each worker gets going before it dies, at a random moment of its run.
-            wait_until(lambda w=worker: "consuming" in w.text(), 30, "the worker")
+            worker.wait_consuming()
             moment = len(records.lines()) + rng.randrange(50, 300)
             wait_until(lambda m=moment: len(records.lines()) >= m, 60, f"{moment} runs")
             worker.kill()
@@ -205,7 +205,7 @@ def test_other_worker_finishes_everything_when_one_is_killed_mid_job(tmp_path, r
     ids = _ids("job", 40)
     publisher = Publisher(rabbit.url(vhost))
     try:
-        wait_until(lambda: "consuming" in second.text(), 30, "the second worker")
+        second.wait_consuming()
         publisher.jobs(ids)
         wait_until(lambda: len(records.events("start")) >= 6, 30, "jobs under way")
         first.kill()

@@ -29,9 +29,7 @@ def _worker(tmp_path, rabbit, vhost, runner: dict, *extra: str, amqp: dict | Non
     config = write_config(tmp_path / f"{name}.ini", {**amqp_keys(rabbit, vhost), **(amqp or {})},
                           {"record": tmp_path / "record", **runner},
                           rbit={"queue_type": queue_type})
-    worker = WorkerProcess(config, tmp_path / f"{name}.log", *extra).start()
-    wait_until(lambda: "consuming" in worker.text(), 30, "the worker consuming")
-    return worker
+    return WorkerProcess(config, tmp_path / f"{name}.log", *extra).start().wait_consuming()
 
 
 def _publish(rabbit, vhost, ids: list[str]) -> None:

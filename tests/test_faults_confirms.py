@@ -46,9 +46,7 @@ def _config(tmp_path, rabbit, vhost, path: str, queue_type: str, concurrency: in
 
 
 def _start(tmp_path, config, name: str) -> WorkerProcess:
-    worker = WorkerProcess(config, tmp_path / f"{name}.log").start()
-    wait_until(lambda: "consuming" in worker.text(), 30, f"{name} consuming")
-    return worker
+    return WorkerProcess(config, tmp_path / f"{name}.log").start().wait_consuming()
 
 
 def _dead_ids(publisher: Publisher) -> list[str]:

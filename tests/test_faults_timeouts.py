@@ -43,7 +43,7 @@ def test_worker_warns_that_a_batch_runner_cannot_be_timed_out(tmp_path, rabbit, 
         "runner": "python!runners_for_tests:batch_function", "timeout": 5})
     worker = WorkerProcess(config, tmp_path / "worker.log").start()
     try:
-        wait_until(lambda: "consuming" in worker.text(), 30, "the worker")
+        worker.wait_consuming()
         assert "timeout is not enforced for a batch runner" in worker.text()
     finally:
         worker.stop()

@@ -43,9 +43,7 @@ def _worker(tmp_path, amqp: dict, runner: dict, name: str = "worker", *,
         tmp_path / f"{name}.ini", amqp,
         {"runner": "python!fault_runners:long_job", "record": tmp_path / "record", **runner},
         rbit={"consumer_timeout": CONSUMER_TIMEOUT, "polling_time": 30, **(rbit or {})})
-    worker = WorkerProcess(config, tmp_path / f"{name}.log", "--debug").start()
-    wait_until(lambda: "consuming" in worker.text(), 30, f"{name} consuming")
-    return worker
+    return WorkerProcess(config, tmp_path / f"{name}.log", "--debug").start().wait_consuming()
 
 
 def _held(rabbit, vhost) -> dict[str, tuple[int, int]]:

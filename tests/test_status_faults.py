@@ -38,9 +38,7 @@ def _worker(tmp_path, rabbit, vhost, status: dict) -> WorkerProcess:
         {"runner": "python!fault_runners:gated_each", "gate": gates, "first_try": "pass",
          "record": tmp_path / "record", "concurrency": len(IDS), "prefetch": len(IDS)},
         status={"retry_max_delay": 1, **status})
-    worker = WorkerProcess(config, tmp_path / "worker.log").start()
-    wait_until(lambda: "consuming" in worker.text(), 30, "the worker consuming")
-    return worker
+    return WorkerProcess(config, tmp_path / "worker.log").start().wait_consuming()
 
 
 def _open_gates(tmp_path) -> None:
