@@ -96,6 +96,9 @@ class RunnerSettings:
     max_memory_per_child: int | None = None
     queue_type: str = "classic"  # or "quorum"
     delivery_limit: int | None = None  # quorum queues: x-delivery-limit
+    # Quorum queues: x-quorum-initial-group-size, the replication factor (None: the
+    # broker's default, every cluster node at declaration).
+    quorum_group_size: int | None = None
     retry: RetryPolicy = RetryPolicy()
     # Extra classes a jsonpickle body may name ([rbit] and this section's
     # jsonpickle_classes), added to the decoder's built-in allow-list.
@@ -148,6 +151,7 @@ class WorkerSettings:
     shutdown_grace: float = 30.0
     exchange: str = "pybit"
     queue_type: str = "classic"  # default for runners
+    quorum_group_size: int | None = None  # default for runners
     consumer_timeout: float | None = None  # broker's delivery-ack timeout, if lowered
     jsonpickle_classes: tuple[str, ...] = ()  # extra classes every runner may decode
     pybit_commands: bool = False  # a command queue for PyBit's CancelRequest/StatusRequest
@@ -237,6 +241,7 @@ MAX_RETRIES = 100_000
 MAX_DELAY_QUEUES = 100
 MAX_BACKOFF = 100.0
 MAX_DELIVERY_LIMIT = 1_000_000
+MAX_GROUP_SIZE = 1_000  # replicas of one quorum queue; real clusters use 3, 5 or 7
 MAX_PENDING = 10_000_000
 #: The longest value an error message quotes.
 _SHOWN_CHARS = 80
@@ -635,6 +640,7 @@ def _worker(section: _Section) -> WorkerSettings:
             "shutdown_grace", 30.0, strict=False, maximum=MAX_LONG_DURATION),
         exchange=_amqp_name(section, "exchange", "pybit"),
         queue_type=section.choice("queue_type", "classic", _QUEUE_TYPES),
+        quorum_group_size=section.integer("quorum_group_size", None, 1, MAX_GROUP_SIZE),
         consumer_timeout=section.number("consumer_timeout", None, maximum=MAX_LONG_DURATION),
         jsonpickle_classes=section.class_names("jsonpickle_classes"),
         pybit_commands=_pybit_commands(section),
@@ -873,9 +879,9 @@ def _routing_template(section: _Section) -> str:
 
 _RUNNER_KEYS = frozenset({
     "runner", "routing_key", "concurrency", "prefetch", "timeout", "python", "queue_type",
-    "delivery_limit", "max_retries", "retry_delay", "retry_backoff", "retry_max_delay",
-    "retry_jitter", "jsonpickle_classes", "max_jobs_per_child", "max_memory_per_child",
-    "require_signed",
+    "delivery_limit", "quorum_group_size", "max_retries", "retry_delay", "retry_backoff",
+    "retry_max_delay", "retry_jitter", "jsonpickle_classes", "max_jobs_per_child",
+    "max_memory_per_child", "require_signed",
 })
 
 
@@ -895,6 +901,8 @@ def _runner(section: _Section, worker: WorkerSettings, warnings: list[str]) -> R
     prefetch = _prefetch(section, worker, concurrency, warnings)
     queue_type = section.choice("queue_type", worker.queue_type, _QUEUE_TYPES)
     delivery_limit = section.integer("delivery_limit", None, 1, MAX_DELIVERY_LIMIT)
+    group_size = section.integer("quorum_group_size", worker.quorum_group_size, 1,
+                                 MAX_GROUP_SIZE)
     # Read by the process supervisor, and left among the runner's settings: checked here
     # so that its error names the file like every other one.
     section.number("kill_grace", None, strict=False, maximum=MAX_SHORT_DURATION)
@@ -902,6 +910,11 @@ def _runner(section: _Section, worker: WorkerSettings, warnings: list[str]) -> R
         warnings.append(
             f"file {section.file}, section [{section.name}], key 'delivery_limit': "
             "only quorum queues honour it; ignored for a classic queue"
+        )
+    if section.has("quorum_group_size") and queue_type != "quorum":
+        warnings.append(
+            f"file {section.file}, section [{section.name}], key 'quorum_group_size': "
+            "only quorum queues are replicated; ignored for a classic queue"
         )
     return RunnerSettings(
         queue=queue,
@@ -918,6 +931,7 @@ def _runner(section: _Section, worker: WorkerSettings, warnings: list[str]) -> R
         max_memory_per_child=_child_limit(section, kind, "max_memory_per_child", warnings),
         queue_type=queue_type,
         delivery_limit=delivery_limit,
+        quorum_group_size=group_size if queue_type == "quorum" else None,
         retry=_retry(section),
         allowed_classes=_allowed_classes(section, worker),
         settings=_runner_options(section, warnings),

@@ -90,7 +90,7 @@ def decide(
     else:
         base_ms, wait_ms = retry_delay(runner.retry, attempt, rng)
     own = {ATTEMPTS_HEADER: attempt, LAST_ERROR_HEADER: outcome.reason[-_MAX_REASON:]}
-    target = delay_queue(runner.queue, base_ms)
+    target = delay_queue(runner.queue, base_ms, runner)
     publish = Publish("", target.name, delivery.message.body,
                       headers=_copy_headers(delivery, own), expiration_ms=wait_ms,
                       properties=delivery.properties, declare=target, trimmed_headers=own)

@@ -18,6 +18,18 @@ Classic work queues are declared without arguments, so a queue created earlier b
 PyBit front-end is accepted as it is. Quorum work queues carry ``x-queue-type``,
 ``x-delivery-limit`` and a dead-letter route to ``Q.dead`` so that a job that keeps
 killing its worker ends in the dead letters instead of looping.
+
+With ``queue_type = quorum`` every durable queue of a runner is a quorum queue: the work
+queue, ``Q.dead`` and the delay queues. A classic queue lives on one node of a cluster;
+while that node is down, declaring it fails on every other node, so a worker that
+reconnected elsewhere could not even declare its topology. Delay queues dead-letter
+back with ``x-dead-letter-strategy = at-least-once`` (which needs ``x-overflow =
+reject-publish``): a job whose delay ends while the work queue elects a leader is kept
+until the work queue takes it. ``quorum_group_size`` (``x-quorum-initial-group-size``)
+is sent only when configured, so queues declared before it existed stay equivalent.
+What stays classic, on the node the worker is connected to: the holding queues (per
+worker, see above) and what the control plane declares exclusive or auto-delete
+(:mod:`rbit.amqp.control`): they belong to one connection and die with it anyway.
 """
 
 from __future__ import annotations
@@ -60,9 +72,28 @@ def dead_letter_queue(queue: str) -> str:
     return f"{queue}.dead"
 
 
-def delay_queue(queue: str, delay_ms: int) -> QueueDecl:
-    """The delay queue holding ``queue``'s jobs that wait about ``delay_ms``."""
-    arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue}
+def quorum_arguments(group_size: int | None) -> dict[str, Any]:
+    """``x-queue-type = quorum``, with the replication factor when one is configured."""
+    arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+    if group_size is not None:
+        arguments["x-quorum-initial-group-size"] = group_size
+    return arguments
+
+
+def delay_queue(queue: str, delay_ms: int, runner: RunnerSettings | None = None) -> QueueDecl:
+    """The delay queue holding ``queue``'s jobs that wait about ``delay_ms``.
+
+    Args:
+        queue: The work queue the jobs go back to.
+        delay_ms: The delay this queue holds.
+        runner: The runner's settings: a quorum runner gets a quorum delay queue.
+    """
+    arguments: dict[str, Any] = {"x-dead-letter-exchange": "",
+                                 "x-dead-letter-routing-key": queue}
+    if runner is not None and runner.queue_type == "quorum":
+        arguments.update(quorum_arguments(runner.quorum_group_size))
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
     return QueueDecl(f"{queue}.retry.{delay_ms}", arguments=MappingProxyType(arguments))
 
 
@@ -102,16 +133,28 @@ def policy_delays_ms(policy: RetryPolicy) -> list[int]:
     ]
 
 
+def work_queue_arguments(queue: str, queue_type: str, delivery_limit: int | None = None,
+                         group_size: int | None = None) -> dict[str, Any]:
+    """The arguments of work queue ``queue``: none for a classic one.
+
+    Every declarer of a queue must give the same (the worker consuming it and, for the
+    credit queue, ``rbit-credit`` publishing to it), or RabbitMQ refuses with 406.
+    """
+    if queue_type != "quorum":
+        return {}
+    arguments = {
+        **quorum_arguments(group_size),
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dead_letter_queue(queue),
+    }
+    if delivery_limit is not None:
+        arguments["x-delivery-limit"] = delivery_limit
+    return arguments
+
+
 def work_queue(runner: RunnerSettings, exchange: str) -> QueueDecl:
-    arguments: dict[str, Any] = {}
-    if runner.queue_type == "quorum":
-        arguments = {
-            "x-queue-type": "quorum",
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": dead_letter_queue(runner.queue),
-        }
-        if runner.delivery_limit is not None:
-            arguments["x-delivery-limit"] = runner.delivery_limit
+    arguments = work_queue_arguments(runner.queue, runner.queue_type, runner.delivery_limit,
+                                     runner.quorum_group_size)
     return QueueDecl(
         runner.queue,
         arguments=MappingProxyType(arguments),
@@ -121,13 +164,14 @@ def work_queue(runner: RunnerSettings, exchange: str) -> QueueDecl:
 
 def runner_queues(runner: RunnerSettings, exchange: str) -> list[QueueDecl]:
     """Work queue, dead letters and the policy's delay queues of one runner."""
-    dead_args = {"x-queue-type": "quorum"} if runner.queue_type == "quorum" else {}
+    quorum = runner.queue_type == "quorum"
+    dead_args = quorum_arguments(runner.quorum_group_size) if quorum else {}
     queues = [
         work_queue(runner, exchange),
         QueueDecl(dead_letter_queue(runner.queue), arguments=MappingProxyType(dead_args)),
     ]
     for delay_ms in sorted(set(policy_delays_ms(runner.retry))):
-        queues.append(delay_queue(runner.queue, delay_ms))
+        queues.append(delay_queue(runner.queue, delay_ms, runner))
     return queues
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cluster import Cluster
 from httpserver import HttpServer
 from rabbit import ExternalBroker, RabbitNode, RabbitUnavailable, find_binary
 
@@ -67,6 +68,26 @@ def rabbit() -> Iterator[RabbitNode | ExternalBroker]:
     finally:
         node.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    """Three clustered RabbitMQ nodes on loopback (tests/cluster.py), started once.
+
+    A cluster that does not form fails the tests that use it; it is never skipped.
+    """
+    base = Path(tempfile.mkdtemp(prefix="rbit-cluster-"))
+    nodes = Cluster(base)
+    try:
+        nodes.start()
+    except RabbitUnavailable as exc:
+        nodes.stop(remove=False)
+        pytest.fail("the three-node cluster did not form (files kept in %s): %s"
+                    % (base, exc), pytrace=False)
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
 
 
 @pytest.fixture

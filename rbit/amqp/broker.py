@@ -157,15 +157,17 @@ class Broker:
         self.consumers.set(consumers)
         self.acks.set_batch(consumers)
 
-    def set_control(self, handle: Handler, announce: Callable[[], dict[str, Any]]) -> None:
+    def set_control(self, handle: Handler, announce: Callable[[], dict[str, Any]],
+                    quorum: bool = False) -> None:
         """Serve ``rbit ctl`` commands (before :meth:`start`); see :mod:`rbit.amqp.control`.
 
         Args:
             handle: Runs on the I/O thread for each command: ``handle(body, user_id)``
                 returns the reply document (or None).
             announce: The worker's announce document, published on each connection.
+            quorum: The fleet's queue is a quorum queue (``[rbit] queue_type``).
         """
-        self.control = ControlChannel(self, self.worker_name, handle, announce)
+        self.control = ControlChannel(self, self.worker_name, handle, announce, quorum)
 
     def set_paused(self, queues: Sequence[str]) -> None:
         """Start with these queues paused (before :meth:`start`)."""

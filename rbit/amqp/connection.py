@@ -3,7 +3,9 @@
 :func:`parameters` turns :class:`~rbit.config.AmqpSettings` into pika's connection
 parameters for one host of the list (TLS included). :class:`HostRotation` decides
 which host comes next and how long to wait first: the next host of the list at once,
-then, after a whole round failed, with exponential backoff and jitter. A first round
+then, after a whole round failed, with exponential backoff and jitter. With several
+hosts, once one of them accepted a connection whose set-up then failed, the pause
+stays at most :data:`ANSWERED_MAX_DELAY`. A first round
 that fails entirely ends the broker's start (the worker exits "broker unreachable");
 once connected, it reconnects until stopped.
 """
@@ -27,6 +29,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _RESOURCE_LOCKED = 405  # AMQP reply code: an exclusive queue held by another connection
+#: With several hosts, the longest pause once a broker of the list has answered since
+#: the last complete connection (seconds). In a cluster, what fails after a node loss
+#: is the set-up through another node (a queue electing its leader), which heals in
+#: seconds: backing off to ``reconnect_max_delay`` would idle the worker far longer.
+ANSWERED_MAX_DELAY = 3.0
 
 
 def parameters(amqp: AmqpSettings, index: int, name: str,
@@ -76,6 +83,7 @@ class HostRotation:
         self._rng = rng
         self.index = 0
         self._failures = 0
+        self._answered = False  # a broker accepted a connection since the last connected()
         self.ever_connected = False
 
     @property
@@ -87,6 +95,11 @@ class HostRotation:
         """A connection is up: the next failure starts a new round, without delay."""
         self.ever_connected = True
         self._failures = 0
+        self._answered = False
+
+    def opened(self) -> None:
+        """The current host accepted the connection (its set-up may still fail)."""
+        self._answered = True
 
     def failed(self) -> float | None:
         """The current host failed: move to the next one.
@@ -104,8 +117,11 @@ class HostRotation:
         if self.index != 0 and hosts != 1:
             return 0.0
         rounds = (self._failures - 1) // hosts
-        return backoff.delay(rounds + 1, self._amqp.reconnect_delay,
-                             self._amqp.reconnect_max_delay, spread=(0.5, 1.5), rng=self._rng)
+        cap = self._amqp.reconnect_max_delay
+        if self._answered and hosts > 1:
+            cap = min(cap, ANSWERED_MAX_DELAY)
+        return backoff.delay(rounds + 1, self._amqp.reconnect_delay, cap,
+                             spread=(0.5, 1.5), rng=self._rng)
 
 
 class Connector:
@@ -178,6 +194,7 @@ class Connector:
             broker.ioloop.call_later(delay, self.connect)
 
     def _on_open(self, connection) -> None:
+        self._hosts.opened()
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
         connection.channel(on_open_callback=self._on_publish_channel)

@@ -58,6 +58,19 @@ REOPEN_DELAY = 5.0
 #: The arguments of ``rbit.fleet.seen`` (every declarer must give the same).
 FLEET_QUEUE_ARGUMENTS = {"x-message-ttl": SEEN_TTL_MS, "x-max-length": SEEN_MAX}
 
+
+def fleet_queue_arguments(quorum: bool) -> dict[str, Any]:
+    """The arguments of ``rbit.fleet.seen``; a quorum queue for a quorum fleet.
+
+    In a cluster a classic queue lives on one node; while that node is down its
+    declaration fails and would take every worker's control channel with it. Workers
+    of a vhost declare it alike: all with ``[rbit] queue_type = quorum`` or none.
+    """
+    arguments: dict[str, Any] = dict(FLEET_QUEUE_ARGUMENTS)
+    if quorum:
+        arguments["x-queue-type"] = "quorum"
+    return arguments
+
 #: handle(body, user_id) -> the reply document, or None for no reply.
 Handler = Callable[[bytes, "str | None"], "bytes | None"]
 
@@ -80,11 +93,14 @@ class ControlChannel:
         name: The worker's name.
         handle: Called on the I/O thread for each command; returns the reply.
         announce: The worker's announce document (``hello``/``bye`` added here).
+        quorum: Declare ``rbit.fleet.seen`` as a quorum queue (see
+            :func:`fleet_queue_arguments`).
     """
 
     def __init__(self, broker: Broker, name: str, handle: Handler,
-                 announce: Callable[[], dict[str, Any]]) -> None:
+                 announce: Callable[[], dict[str, Any]], quorum: bool = False) -> None:
         self._broker = broker
+        self._fleet_arguments = fleet_queue_arguments(quorum)
         self.name = name
         self._handle = handle
         self._announce = announce
@@ -113,7 +129,7 @@ class ControlChannel:
                 lambda cb: channel.exchange_declare(FLEET_EXCHANGE, "fanout", durable=True,
                                                     callback=cb),
                 lambda cb: channel.queue_declare(FLEET_QUEUE, durable=True, callback=cb,
-                                                 arguments=dict(FLEET_QUEUE_ARGUMENTS)),
+                                                 arguments=dict(self._fleet_arguments)),
                 lambda cb: channel.queue_bind(FLEET_QUEUE, FLEET_EXCHANGE, "", callback=cb),
                 lambda cb: channel.queue_declare(control_queue(self.name), exclusive=True,
                                                  auto_delete=True, callback=cb),

@@ -22,9 +22,7 @@ from pika import spec
 from rbit.amqp.admin import blocking_connection, close_quietly
 from rbit.amqp.control import (
     CONTROL_EXCHANGE,
-    FLEET_EXCHANGE,
     FLEET_QUEUE,
-    FLEET_QUEUE_ARGUMENTS,
     SEEN_MAX,
 )
 from rbit.config import AmqpSettings
@@ -33,6 +31,7 @@ from rbit.errors import BrokerError
 log = logging.getLogger(__name__)
 
 _REPLY_TO = "amq.rabbitmq.reply-to"
+_NOT_FOUND = 404
 
 
 class FleetSession:
@@ -63,12 +62,14 @@ class FleetSession:
         bodies: list[bytes] = []
         try:
             channel = self._connection.channel()
-            # Declared as the workers declare it: before any worker started, it is
-            # simply empty.
-            channel.exchange_declare(FLEET_EXCHANGE, "fanout", durable=True)
-            channel.queue_declare(FLEET_QUEUE, durable=True,
-                                  arguments=dict(FLEET_QUEUE_ARGUMENTS))
-            channel.queue_bind(FLEET_QUEUE, FLEET_EXCHANGE, "")
+            # Passive: the workers declare it (classic or quorum, as their [rbit]
+            # queue_type says); before any worker started, nobody was seen.
+            try:
+                channel.queue_declare(FLEET_QUEUE, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code == _NOT_FOUND:
+                    return bodies
+                raise
             while len(bodies) < SEEN_MAX:
                 method, _props, body = channel.basic_get(FLEET_QUEUE, auto_ack=False)
                 if method is None:

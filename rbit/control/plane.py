@@ -64,7 +64,8 @@ class ControlPlane:
         #: Whether outcomes are recorded (``[rbit] history_depth`` > 0).
         self.history_enabled = state.history_depth > 0
         if settings.control.enabled:
-            broker.set_control(self.controller.handle, self.controller.announce)
+            broker.set_control(self.controller.handle, self.controller.announce,
+                               quorum=settings.worker.queue_type == "quorum")
 
     def start(self) -> None:
         self.store.start()

@@ -139,7 +139,8 @@ def publish_direct(settings: CreditSettings, line: str, timeout: float = DEFAULT
             outcome.append(ok)
             done.set()
 
-        broker_publisher(broker, settings.credit_queue)(event.to_json(), event.id, on_confirm)
+        broker_publisher(broker, settings.credit_queue,
+                         settings.credit_queue_arguments)(event.to_json(), event.id, on_confirm)
         if not done.wait(timeout) or not outcome[0]:
             raise DaemonUnavailable("broker unavailable")
     finally:

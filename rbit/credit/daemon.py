@@ -354,7 +354,8 @@ async def _serve_with_broker(settings: CreditSettings, ready: Ready | None) -> N
     # its confirm never cross threads, which keeps replies fast under load.
     broker = await connect_broker_async(settings)
     try:
-        await _serve(settings, broker_publisher(broker, settings.credit_queue), ready, broker)
+        await _serve(settings, broker_publisher(broker, settings.credit_queue,
+                                                 settings.credit_queue_arguments), ready, broker)
     finally:
         await broker.stop_async(STOP_GRACE)
 
@@ -375,11 +376,14 @@ def _connect_wait(settings: CreditSettings) -> float:
 
 
 def _broker(settings: CreditSettings, loop: asyncio.AbstractEventLoop | None = None):
+    from types import MappingProxyType
+
     from rbit.amqp.broker import Broker  # imported late: pika is only needed when publishing
     from rbit.topology import QueueDecl, Topology
 
-    return Broker(settings.amqp, Topology(queues=(QueueDecl(settings.credit_queue),)),
-                  name="rbit-credit", loop=loop)
+    queue = QueueDecl(settings.credit_queue,
+                      arguments=MappingProxyType(dict(settings.credit_queue_arguments)))
+    return Broker(settings.amqp, Topology(queues=(queue,)), name="rbit-credit", loop=loop)
 
 
 def connect_broker(settings: CreditSettings):  # -> rbit.amqp.broker.Broker

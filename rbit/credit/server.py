@@ -38,8 +38,9 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from rbit.amqp import records
@@ -118,9 +119,11 @@ class BrokerPublisher:
     would be counted twice.
     """
 
-    def __init__(self, broker: Any, queue: str) -> None:
+    def __init__(self, broker: Any, queue: str,
+                 arguments: Mapping[str, Any] | None = None) -> None:
         self._broker, self._queue, self._new = broker, queue, records.Publish
-        self._declare = QueueDecl(queue)
+        # Declared as the daemon's topology declares it (a quorum queue in a cluster).
+        self._declare = QueueDecl(queue, arguments=MappingProxyType(dict(arguments or {})))
 
     def _message(self, body: bytes, message_id: str, on_confirm: Callable[[bool], None]):
         return self._new("", self._queue, body, message_id=message_id,
@@ -136,9 +139,16 @@ class BrokerPublisher:
         self._broker.send_many([(message(b, i, cb), cb) for b, i, cb in items])
 
 
-def broker_publisher(broker: Any, queue: str) -> BrokerPublisher:
-    """The publish function for ``broker`` (see :class:`BrokerPublisher`)."""
-    return BrokerPublisher(broker, queue)
+def broker_publisher(broker: Any, queue: str,
+                     arguments: Mapping[str, Any] | None = None) -> BrokerPublisher:
+    """The publish function for ``broker`` (see :class:`BrokerPublisher`).
+
+    Args:
+        broker: A started :class:`rbit.amqp.broker.Broker`.
+        queue: The credit queue.
+        arguments: Its declaration arguments (``CreditSettings.credit_queue_arguments``).
+    """
+    return BrokerPublisher(broker, queue, arguments)
 
 
 class CreditServer:

@@ -12,7 +12,11 @@
                flush_interval -- read for the credit runner's sake; the daemon itself
                only publishes to RabbitMQ
     [amqp]     rbit's broker settings (see :func:`rbit.config.parse_amqp_section`), plus
-               credit_queue (default ``rbit.credits``)
+               credit_queue (default ``rbit.credits``); in a cluster
+               credit_queue_type = quorum, credit_delivery_limit and
+               credit_quorum_group_size, which must match the keys queue_type,
+               delivery_limit and quorum_group_size of the worker's section
+               [runner:<credit queue>] (both declare the queue)
     [http]     rbit's own, optional: bind = HOST:PORT and token, for /healthz and
                /metrics (see :func:`rbit.config.parse_http_section`)
 
@@ -74,6 +78,8 @@ class CreditSettings:
     api: ApiSettings = ApiSettings()
     amqp: AmqpSettings = AmqpSettings()
     credit_queue: str = DEFAULT_QUEUE
+    # The credit queue's declaration arguments (rbit.topology.work_queue_arguments).
+    credit_queue_arguments: Mapping[str, object] = field(default_factory=dict)
     http: HttpSettings | None = None  # None: no HTTP endpoint
     warnings: tuple[str, ...] = ()
 
@@ -101,8 +107,9 @@ def load_credit_config(path: str, environ: Mapping[str, str] | None = None) -> C
     server = dict(parser["server"]) if parser.has_section("server") else {}
     api = dict(parser["api"]) if parser.has_section("api") else {}
     amqp_values = dict(parser["amqp"])
+    queue = _queue(path, amqp_values.get("credit_queue", DEFAULT_QUEUE))
     amqp, amqp_warnings = parse_amqp_section(
-        amqp_values, file=path, environ=environ, extra_keys=("credit_queue",)
+        amqp_values, file=path, environ=environ, extra_keys=_CREDIT_QUEUE_KEYS
     )
     http, http_warnings = parse_http_section(
         dict(parser["http"]) if parser.has_section("http") else {}, file=path, environ=environ)
@@ -121,7 +128,8 @@ def load_credit_config(path: str, environ: Mapping[str, str] | None = None) -> C
         max_connections=_max_connections(path, server.get("max_connections")),
         api=_api(path, api),
         amqp=amqp,
-        credit_queue=_queue(path, amqp_values.get("credit_queue", DEFAULT_QUEUE)),
+        credit_queue=queue,
+        credit_queue_arguments=_queue_arguments(path, queue, amqp_values),
         http=http,
         warnings=tuple(warnings),
     )
@@ -243,6 +251,30 @@ def _api(path: str, api: Mapping[str, str]) -> ApiSettings:
                                                             interval),
         **values,
     )
+
+
+_CREDIT_QUEUE_KEYS = ("credit_queue", "credit_queue_type", "credit_delivery_limit",
+                      "credit_quorum_group_size")
+
+
+def _queue_arguments(path: str, queue: str, values: Mapping[str, str]) -> dict[str, object]:
+    from rbit.topology import work_queue_arguments  # the worker's own rule
+
+    queue_type = values.get("credit_queue_type", "classic").strip().lower()
+    if queue_type not in ("classic", "quorum"):
+        raise _error(path, "amqp", "credit_queue_type", "expected classic or quorum")
+    limit, size = (_count(path, values, key) for key in ("credit_delivery_limit",
+                                                         "credit_quorum_group_size"))
+    return work_queue_arguments(queue, queue_type, limit, size)
+
+
+def _count(path: str, values: Mapping[str, str], key: str) -> int | None:
+    text = values.get(key)
+    if text is None or not text.strip():
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise _error(path, "amqp", key, "expected a whole number >= 1")
+    return int(text)
 
 
 def _queue(path: str, value: str) -> str:

@@ -1,0 +1,251 @@
+"""A three-node RabbitMQ cluster on loopback, for the cluster tests (and for trying it).
+
+Each node is a :class:`rabbit.RabbitNode` (Debian's ``rabbitmq-server``, run as the
+current user) with its own node name, AMQP and distribution ports and data directory;
+the nodes share one Erlang cookie, the second and third join the first
+(``stop_app``, ``join_cluster``, ``start_app``), and :meth:`Cluster.start` returns once
+``cluster_status`` shows every node running. :meth:`Cluster.stop` stops the nodes and
+removes their directories. epmd, the Erlang port mapper every node on the machine
+shares, is left running, as the single-node fixture leaves it.
+
+Two cores carry the three nodes and the test workers: the nodes run with one
+scheduler each and without busy-waiting (:data:`ERL_ARGS`), which keeps an idle
+cluster near 0 % CPU.
+
+Run ``python -m tests.cluster start|stop|status --dir DIR`` (or ``scripts/cluster``)
+to keep a cluster up between commands; ``start`` prints the ``[amqp] url`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+try:
+    from rabbit import RabbitNode, RabbitUnavailable, free_port
+except ImportError:  # run as python -m tests.cluster
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from rabbit import RabbitNode, RabbitUnavailable, free_port
+
+#: Erlang flags of every node: no busy-waiting schedulers, one scheduler (two cores).
+ERL_ARGS = "+sbwt none +sbwtdcpu none +sbwtdio none +S 1:1"
+SIZE = 3
+FORM_TIMEOUT = 120.0
+
+
+class ClusterNode(RabbitNode):
+    """A :class:`RabbitNode` with the cluster's cookie and the quiet Erlang flags."""
+
+    def __init__(self, base_dir: Path, cookie: str, **kwargs: object) -> None:
+        super().__init__(base_dir, **kwargs)  # type: ignore[arg-type]
+        self.cookie = cookie
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"] = ERL_ARGS
+        return env
+
+    def _prepare_dirs(self) -> None:
+        cookie = self.base_dir / "home" / ".erlang.cookie"
+        if not cookie.exists():
+            cookie.parent.mkdir(parents=True, exist_ok=True)
+            cookie.write_text(self.cookie)
+            cookie.chmod(0o400)  # Erlang refuses a cookie others can read
+        super()._prepare_dirs()
+
+    def running_nodes(self) -> list[str]:
+        """The nodes this one sees running (``cluster_status``), or [] when it cannot say."""
+        result = self._run_ctl(["cluster_status", "--formatter", "json"], check=False,
+                               timeout=30)
+        if result.returncode != 0:
+            return []
+        try:
+            return list(json.loads(result.stdout).get("running_nodes", []))
+        except ValueError:
+            return []
+
+    def stop_node(self, timeout: float = 60.0) -> None:
+        """``rabbitmqctl stop``: a clean node shutdown (its peers see it leave)."""
+        self.stop(timeout)
+
+    def start_again(self) -> None:
+        """Start the node again with its data: it rejoins the cluster by itself."""
+        self.start()
+
+
+class Cluster:
+    """Three clustered :class:`ClusterNode` s under ``base_dir``.
+
+    Args:
+        base_dir: One sub-directory per node is created there.
+        watch_pid: Each node halts itself once this process is gone (0: never, for
+            a cluster that outlives the command starting it).
+        prefix: Node names are ``<prefix>-<n>@localhost``.
+        ports: AMQP ports (default: free ones).
+    """
+
+    def __init__(self, base_dir: Path, *, watch_pid: int | None = None,
+                 prefix: str | None = None, ports: list[int] | None = None,
+                 cookie: str | None = None) -> None:
+        self.base_dir = Path(base_dir).resolve()
+        prefix = prefix or f"rbit-cluster-{os.getpid()}"
+        cookie = cookie or secrets.token_hex(16)
+        ports = ports or [free_port() for _ in range(SIZE)]
+        self.nodes = [
+            ClusterNode(self.base_dir / f"node{n}", cookie, name=f"{prefix}-{n}@localhost",
+                        port=ports[n - 1], watch_pid=watch_pid)
+            for n in range(1, SIZE + 1)
+        ]
+
+    @property
+    def host(self) -> str:
+        return self.nodes[0].host
+
+    def start(self, timeout: float = FORM_TIMEOUT) -> None:
+        """Start the nodes, join them into one cluster, wait until all run.
+
+        Raises:
+            RabbitUnavailable: A node did not boot or the cluster did not form.
+        """
+        first = self.nodes[0]
+        errors: list[Exception] = []
+
+        def boot(node: ClusterNode) -> None:
+            try:
+                node.start()
+            except RabbitUnavailable as exc:
+                errors.append(exc)
+
+        # In parallel: each boot is mostly waiting (about 20 s on two busy cores).
+        threads = [threading.Thread(target=boot, args=(node,)) for node in self.nodes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        for node in self.nodes[1:]:
+            if first.nodename in node.running_nodes():
+                continue  # joined already (a restart of a kept cluster)
+            node.ctl("stop_app")
+            node.ctl("join_cluster", first.nodename)
+            node.ctl("start_app")
+            node.ctl("await_startup")
+        self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float = FORM_TIMEOUT) -> None:
+        """Wait until every node sees all :data:`SIZE` nodes running."""
+        names = {node.nodename for node in self.nodes}
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = [set(node.running_nodes()) for node in self.nodes if node.running]
+            if len(seen) == SIZE and all(s == names for s in seen):
+                return
+            if time.monotonic() > deadline:
+                raise RabbitUnavailable(f"the cluster did not form within {timeout:.0f} s: "
+                                        f"running nodes seen: {seen}")
+            time.sleep(0.5)  # polling interval of a bounded wait
+
+    def stop(self, remove: bool = True) -> None:
+        """Stop every node (the joiners first); remove the directories when asked."""
+        for node in reversed(self.nodes):
+            if node.running:
+                node.stop()
+            else:  # started by another process (scripts/cluster): ask the node itself
+                node._run_ctl(["stop"], check=False, timeout=60)
+        if remove:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def url(self, vhost: str = "/", order: list[int] | None = None) -> str:
+        """The ``[amqp] url`` value naming every node (in ``order``, indexes from 0)."""
+        order = order if order is not None else list(range(SIZE))
+        return ", ".join(self.nodes[i].url(vhost) for i in order)
+
+    def node_named(self, nodename: str) -> ClusterNode:
+        return next(node for node in self.nodes if node.nodename == nodename)
+
+    def any_running(self) -> ClusterNode:
+        return next(node for node in self.nodes if node.running)
+
+    def new_vhost(self) -> str:
+        return self.any_running().new_vhost()
+
+    def queue_leader(self, vhost: str, queue: str) -> str:
+        """The node name of ``queue``'s leader (a quorum queue) or home (classic)."""
+        out = self.any_running().ctl("list_queues", "-p", vhost, "-q", "--no-table-headers",
+                                     "name", "leader", "node")
+        for line in out.splitlines():
+            fields = line.split("\t")
+            if fields[0] == queue:
+                return fields[1] if len(fields) > 1 and fields[1] else fields[-1]
+        raise RabbitUnavailable(f"no queue {queue} in vhost {vhost}")
+
+    def describe(self) -> dict[str, object]:
+        return {"dir": str(self.base_dir), "url": self.url(),
+                "nodes": [{"name": n.nodename, "port": n.port, "dist_port": n.dist_port}
+                          for n in self.nodes]}
+
+
+# -------------------------------------------------------------------------- command line
+
+
+def _state(base: Path) -> dict:
+    path = base / "cluster.json"
+    if not path.exists():
+        raise SystemExit(f"no cluster in {base} (start one first)")
+    return json.loads(path.read_text())
+
+
+def _from_state(base: Path) -> Cluster:
+    state = _state(base)
+    cluster = Cluster(base, watch_pid=0, prefix=state["prefix"], ports=state["ports"],
+                      cookie="unused")  # the cookie file is on disk already
+    for node, saved in zip(cluster.nodes, state["nodes"], strict=True):
+        node.dist_port = saved["dist_port"]
+    return cluster
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.cluster start|stop|status --dir DIR``."""
+    parser = argparse.ArgumentParser(prog="scripts/cluster")
+    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("--dir", required=True, help="node directories go here")
+    args = parser.parse_args(argv)
+    base = Path(args.dir).resolve()
+    if args.command == "start":
+        if (base / "cluster.json").exists():
+            print(f"a cluster is already described in {base}; stop it first", file=sys.stderr)
+            return 1
+        prefix = f"rbit-cluster-{secrets.token_hex(3)}"
+        cluster = Cluster(base, watch_pid=0, prefix=prefix)
+        try:
+            cluster.start()
+        except RabbitUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            cluster.stop()
+            return 1
+        state = {**cluster.describe(), "prefix": prefix,
+                 "ports": [n.port for n in cluster.nodes]}
+        (base / "cluster.json").write_text(json.dumps(state, indent=2))
+        print(f"url = {cluster.url()}")
+        return 0
+    cluster = _from_state(base)
+    if args.command == "stop":
+        cluster.stop()
+        return 0
+    for node in cluster.nodes:
+        running = node.running_nodes()
+        print(f"{node.nodename} port {node.port}: "
+              f"{'sees ' + ', '.join(running) if running else 'not running'}")
+    return 0 if all(len(n.running_nodes()) == SIZE for n in cluster.nodes) else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""rbit on a three-node RabbitMQ cluster (tests/cluster.py), proven by losing a node.
+
+Real worker processes, each listing the nodes in another order (so each is connected
+to another node), consume a quorum work queue. The node leading that queue is stopped
+(``rabbitmqctl stop``) or killed (SIGKILL to its VM) mid-run and started again after an
+outage of :data:`OUTAGE` seconds. Every job must be done, none lost, duplicates bounded
+by what was in flight, and the worker that was connected to the lost node must work
+again through another node within :data:`RECOVERY_BOUND` seconds -- while the node is
+still down. ``rbit ctl ping`` must reach all three workers during the outage. The
+credit front door, connected through the cluster, must never answer ``OK`` for an
+event that is not in the (quorum) credit queue exactly once.
+
+The figures each run measures are printed (``-s``) and quoted in docs/cluster.rst.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+from cluster import Cluster
+from fault_helpers import WorkerProcess, wait_until
+from test_credit_frontdoor_faults import Clients, Daemon, queued_ids
+
+from rbit.control.client import main as ctl_main
+
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
+
+QUEUE = "cluster_any_build_deb"
+JOBS = 2000
+PREFETCH = 8
+WORKERS = 3
+OUTAGE = 10.0  # seconds the lost node stays down
+#: The worker that was connected to the lost node runs a job again within this many
+#: seconds of the loss (measured: 2-6 s on two loaded cores; see docs/cluster.rst).
+RECOVERY_BOUND = 15.0
+WAIT = 120.0
+
+
+def worker_config(tmp_path: Path, cluster: Cluster, vhost: str, name: str, first: int,
+                  out: Path) -> Path:
+    """A quorum worker whose ``url`` lists the nodes starting with node ``first``."""
+    order = [(first + i) % WORKERS for i in range(WORKERS)]
+    sections = {
+        "rbit": {"name": name, "polling_time": 5, "shutdown_grace": 5, "queue_type": "quorum",
+                 "state_dir": tmp_path / f"state-{name}"},
+        # reconnect_max_delay stays at its default (30 s): the bound must hold anyway.
+        "amqp": {"url": cluster.url(vhost, order), "connect_timeout": 2, "heartbeat": 5},
+        f"runner:{QUEUE}": {"runner": "python!cluster_runners:record_job", "concurrency": 4,
+                            "prefetch": PREFETCH, "sleep": 0.01, "outdir": out,
+                            "worker": name, "retry_delay": 1, "max_retries": 2},
+    }
+    text = "".join(f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) + "\n"
+                   for section, keys in sections.items())
+    path = tmp_path / f"{name}.ini"
+    path.write_text(text)
+    return path
+
+
+def runs(out: Path) -> dict[str, list[tuple[str, float]]]:
+    """``{job id: [(worker, time), ...]}`` from the runner's files."""
+    found = {}
+    for path in out.iterdir():
+        lines = path.read_text().splitlines()
+        found[path.name] = [(w, float(t)) for w, t in (line.split("\t") for line in lines)]
+    return found
+
+
+def publish(url: str, ids: list[str]) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for job_id in ids:
+            channel.basic_publish("", QUEUE, b'{"job": "x"}', mandatory=True,
+                                  properties=pika.BasicProperties(delivery_mode=2,
+                                                                  message_id=job_id))
+    finally:
+        connection.close()
+
+
+def ctl_ping(config: Path) -> set[str]:
+    out = io.StringIO()
+    ctl_main([str(config), "ping", "--json", "--timeout", "5"], out=out)
+    text = out.getvalue()
+    return {r["worker"] for r in json.loads(text).get("replies", [])} if text else set()
+
+
+def unacked(cluster: Cluster, vhost: str) -> int:
+    node = cluster.any_running()
+    return sum(u for name, (_r, u) in node.list_queues(vhost).items() if name == QUEUE)
+
+
+@pytest.mark.parametrize("fault", ["stop", "kill"])
+def test_losing_the_leader_node_mid_run_loses_no_job_and_its_worker_resumes_in_seconds(
+        cluster, tmp_path, fault):
+    vhost = cluster.new_vhost()
+    out = tmp_path / "out"
+    out.mkdir()
+    names = [f"w{n}" for n in range(1, WORKERS + 1)]
+    configs = [worker_config(tmp_path, cluster, vhost, name, n, out)
+               for n, name in enumerate(names)]
+    workers = [WorkerProcess(config, tmp_path / f"{config.stem}.log").start()
+               for config in configs]
+    lost = None
+    try:
+        for worker in workers:
+            worker.wait_consuming(60)
+        leader = cluster.queue_leader(vhost, QUEUE)
+        lost = next(i for i, node in enumerate(cluster.nodes) if node.nodename == leader)
+        victim = names[lost]  # lists the leader's node first, so is connected to it
+        survivor = cluster.nodes[(lost + 1) % WORKERS]
+        publish(survivor.url(vhost), [f"job-{n:05d}" for n in range(JOBS)])
+        wait_until(lambda: len(os.listdir(out)) >= JOBS // 5, WAIT, "a fifth of the jobs")
+
+        in_flight = unacked(cluster, vhost)
+        node = cluster.nodes[lost]
+        cut = time.time()
+        node.stop_node() if fault == "stop" else node.kill_vm()
+        done_at_cut = len(os.listdir(out))
+
+        def victim_ran_since_cut() -> float | None:
+            times = [t for record in runs(out).values() for w, t in record
+                     if w == victim and t > cut]
+            return min(times) if times else None
+
+        resumed = wait_until(victim_ran_since_cut, RECOVERY_BOUND,
+                             f"{victim} to run a job through another node")
+        recovery = resumed - cut
+        pinged = wait_until(lambda: ctl_ping(configs[(lost + 1) % WORKERS]) == set(names),
+                            30, "rbit ctl ping to reach all three workers")
+        assert pinged
+        time.sleep(max(0.0, OUTAGE - (time.time() - cut)))  # the outage's length
+        node.start_again()
+        cluster.wait_healthy()
+        wait_until(lambda: len(os.listdir(out)) >= JOBS, WAIT, "every job done")
+        wait_until(lambda: unacked(cluster, vhost) == 0 and cluster.any_running()
+                   .list_queues(vhost).get(QUEUE, (1, 0))[0] == 0, WAIT, "an empty queue")
+    finally:
+        for worker in workers:
+            worker.stop()
+        if lost is not None and not cluster.nodes[lost].running:
+            cluster.nodes[lost].start_again()
+
+    record = runs(out)
+    missing = [f"job-{n:05d}" for n in range(JOBS) if f"job-{n:05d}" not in record]
+    duplicates = sum(len(r) - 1 for r in record.values())
+    print(f"\n[cluster {fault}] done at cut {done_at_cut}, in flight {in_flight}, "
+          f"recovery {recovery:.1f} s, duplicates {duplicates}, lost {len(missing)}")
+    assert missing == []
+    # At most what the three workers held unacked when the node went (prefetch each).
+    assert duplicates <= max(in_flight, WORKERS * PREFETCH)
+    assert recovery < RECOVERY_BOUND
+    for worker in workers:
+        assert "Traceback" not in worker.text(), worker.text()[-3000:]
+
+
+def test_credit_front_door_through_the_cluster_never_answers_a_false_ok(cluster, tmp_path):
+    vhost = cluster.new_vhost()
+    short = Path(f"/tmp/rbit-cc-{os.getpid()}")  # AF_UNIX paths are short
+    short.mkdir(exist_ok=True)
+    url = cluster.url(vhost)
+    queue_keys: dict[str, Any] = {"credit_queue_type": "quorum"}
+    daemon = Daemon(short, url)
+    daemon.config.write_text(daemon.config.read_text() + "".join(
+        f"{k} = {v}\n" for k, v in queue_keys.items()))
+    lost = 0  # the daemon lists node 0 first: it is connected there
+    try:
+        with daemon, Clients(daemon.socket, 4) as clients:
+            wait_until(lambda: clients.count("OK") >= 50, WAIT, "50 OK replies")
+            cluster.nodes[lost].stop_node()
+            cut = time.monotonic()
+            ok_at_cut = clients.count("OK")
+            wait_until(lambda: clients.count("OK") >= ok_at_cut + 50, 30,
+                       "OK replies again through another node")
+            recovery = time.monotonic() - cut
+            cluster.nodes[lost].start_again()
+            cluster.wait_healthy()
+            wait_until(lambda: clients.count("OK") >= ok_at_cut + 100, 30, "more OK replies")
+            clients.stop()
+            assert daemon.stop() == 0
+        queued = queued_ids(cluster.nodes[1].url(vhost), "credits.faults")
+    finally:
+        if not cluster.nodes[lost].running:
+            cluster.nodes[lost].start_again()
+        for child in short.iterdir():
+            child.unlink()
+        short.rmdir()
+    ok = {event for event, (reply, _) in clients.replies.items() if reply == "OK"}
+    other = {event: reply for event, (reply, _) in clients.replies.items() if reply != "OK"}
+    print(f"\n[cluster credit] OK {len(ok)}, not OK {len(other)} "
+          f"({sorted(set(other.values()), key=str)}), back in {recovery:.1f} s")
+    assert all(queued[event] == 1 for event in ok), "an OK event is missing or doubled"
+    assert max(queued.values()) == 1
+    assert set(queued) <= set(clients.replies)
+    assert all(reply is None or reply.startswith("ER") for reply in other.values())
