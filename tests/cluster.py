@@ -178,14 +178,14 @@ class Cluster:
         return self.any_running().new_vhost()
 
     def queue_leader(self, vhost: str, queue: str) -> str:
-        """The node name of ``queue``'s leader (a quorum queue) or home (classic)."""
+        """The node name of quorum queue ``queue``'s leader."""
         out = self.any_running().ctl("list_queues", "-p", vhost, "-q", "--no-table-headers",
-                                     "name", "leader", "node")
+                                     "name", "leader")
         for line in out.splitlines():
             fields = line.split("\t")
-            if fields[0] == queue:
-                return fields[1] if len(fields) > 1 and fields[1] else fields[-1]
-        raise RabbitUnavailable(f"no queue {queue} in vhost {vhost}")
+            if fields[0] == queue and len(fields) == 2 and "@" in fields[1]:
+                return fields[1]
+        raise RabbitUnavailable(f"no quorum queue {queue} with a leader in vhost {vhost}")
 
     def describe(self) -> dict[str, object]:
         return {"dir": str(self.base_dir), "url": self.url(),
