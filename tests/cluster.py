@@ -23,6 +23,8 @@ import json
 import os
 import secrets
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -71,9 +73,22 @@ class ClusterNode(RabbitNode):
         except ValueError:
             return []
 
-    def stop_node(self, timeout: float = 60.0) -> None:
-        """``rabbitmqctl stop``: a clean node shutdown (its peers see it leave)."""
-        self.stop(timeout)
+    def signal_vm(self, pid: int, sig: int, timeout: float = 60.0) -> None:
+        """Send ``sig`` to the VM (pid from :meth:`vm_pid`) and wait until it is gone.
+
+        SIGTERM is a clean shutdown (as ``rabbitmqctl stop`` or systemd does it: the
+        node closes its client connections and leaves the cluster), SIGKILL a crash.
+        The pid is asked for beforehand because ``rabbitmqctl`` takes seconds on a
+        loaded machine: the signal itself then lands at once.
+        """
+        os.kill(pid, sig)
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
 
     def start_again(self) -> None:
         """Start the node again with its data: it rejoins the cluster by itself."""
