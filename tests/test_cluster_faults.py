@@ -19,6 +19,7 @@ import io
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,17 @@ def test_losing_the_leader_node_mid_run_loses_no_job_and_its_worker_resumes_in_s
         victim = names[lost]  # lists the leader's node first, so is connected to it
         survivor = cluster.nodes[(lost + 1) % WORKERS]
         vm_pid = cluster.nodes[lost].vm_pid()
-        publish(survivor.url(vhost), [f"job-{n:05d}" for n in range(JOBS)])
+        # Published while the workers run (confirms one by one take a while here).
+        failures: list[BaseException] = []
+
+        def publish_all() -> None:
+            try:
+                publish(survivor.url(vhost), [f"job-{n:05d}" for n in range(JOBS)])
+            except BaseException as exc:  # reported by the test, not lost in the thread
+                failures.append(exc)
+
+        publisher = threading.Thread(target=publish_all)
+        publisher.start()
         wait_until(lambda: len(os.listdir(out)) >= JOBS // 10, WAIT, "a tenth of the jobs")
 
         node = cluster.nodes[lost]
@@ -146,6 +157,8 @@ def test_losing_the_leader_node_mid_run_loses_no_job_and_its_worker_resumes_in_s
                             30, "rbit ctl ping to reach all three workers")
         assert pinged
         time.sleep(max(0.0, OUTAGE - (time.time() - down)))  # the outage's length
+        publisher.join(WAIT)
+        assert not failures, f"publishing failed: {failures[0]!r}"
         node.start_again()
         cluster.wait_healthy()
         wait_until(lambda: len(os.listdir(out)) >= JOBS, WAIT, "every job done")
@@ -201,6 +214,10 @@ def test_credit_front_door_through_the_cluster_never_answers_a_false_ok(cluster,
             clients.stop()
             assert daemon.stop() == 0
         queued = queued_ids(cluster.nodes[1].url(vhost), "credits.faults")
+    except BaseException:
+        log = daemon.log.read_text(errors="replace") if daemon.log.exists() else ""
+        print(f"\n==> {daemon.log.name} <==\n{log[-6000:]}")
+        raise
     finally:
         if not cluster.nodes[lost].running:
             cluster.nodes[lost].start_again()
