@@ -28,8 +28,9 @@ reject-publish``): a job whose delay ends while the work queue elects a leader i
 until the work queue takes it. ``quorum_group_size`` (``x-quorum-initial-group-size``)
 is sent only when configured, so queues declared before it existed stay equivalent.
 What stays classic, on the node the worker is connected to: the holding queues (per
-worker, see above) and what the control plane declares exclusive or auto-delete
-(:mod:`rbit.amqp.control`): they belong to one connection and die with it anyway.
+worker, see above), PyBit's command queue (:mod:`rbit.pybit`) and the control queue
+(:mod:`rbit.amqp.control`): they belong to one worker or connection, and the worker
+declares them again through whichever node it reconnects to.
 """
 
 from __future__ import annotations

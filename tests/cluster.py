@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 
 try:
-    from rabbit import RabbitNode, RabbitUnavailable, free_port
+    from rabbit import _CTL_DIST_OFFSET, RabbitNode, RabbitUnavailable, free_port
 except ImportError:  # run as python -m tests.cluster
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from rabbit import RabbitNode, RabbitUnavailable, free_port
+    from rabbit import _CTL_DIST_OFFSET, RabbitNode, RabbitUnavailable, free_port
 
 #: Erlang flags of every node: no busy-waiting schedulers, one scheduler (two cores).
 ERL_ARGS = "+sbwt none +sbwtdcpu none +sbwtdio none +S 1:1"
@@ -90,9 +90,34 @@ class ClusterNode(RabbitNode):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
 
-    def start_again(self) -> None:
-        """Start the node again with its data: it rejoins the cluster by itself."""
-        self.start()
+    def start_fresh(self, tries: int = 3) -> None:
+        """First start; on a port taken meanwhile (free ports are only free when
+        picked: other nodes and rabbitmqctl runs share the machine), try new ones."""
+        for attempt in range(tries):
+            try:
+                self.start()
+                return
+            except RabbitUnavailable as exc:
+                if "already_used" not in str(exc) and "eaddrinuse" not in str(exc) \
+                        or attempt == tries - 1:
+                    raise
+            self.port = free_port()
+            self.dist_port = free_port(upper=65535 - _CTL_DIST_OFFSET - 20)
+
+    def start_again(self, tries: int = 3) -> None:
+        """Start the node again with its data: it rejoins the cluster by itself.
+
+        Its AMQP port stays (the clients' URLs name it); a distribution port taken
+        meanwhile is replaced.
+        """
+        for attempt in range(tries):
+            try:
+                self.start()
+                return
+            except RabbitUnavailable as exc:
+                if "dist_port_already_used" not in str(exc) or attempt == tries - 1:
+                    raise
+            self.dist_port = free_port(upper=65535 - _CTL_DIST_OFFSET - 20)
 
 
 class Cluster:
@@ -118,6 +143,12 @@ class Cluster:
                         port=ports[n - 1], watch_pid=watch_pid)
             for n in range(1, SIZE + 1)
         ]
+        # A port released by free_port() may be handed out again at once: no two alike.
+        while len({p for node in self.nodes for p in (node.port, node.dist_port)}) < 2 * SIZE:
+            for node in self.nodes[1:]:
+                node.dist_port = free_port(upper=65535 - _CTL_DIST_OFFSET - 20)
+                if ports is None:
+                    node.port = free_port()
 
     @property
     def host(self) -> str:
@@ -134,7 +165,7 @@ class Cluster:
 
         def boot(node: ClusterNode) -> None:
             try:
-                node.start()
+                node.start_fresh()
             except RabbitUnavailable as exc:
                 errors.append(exc)
 
@@ -201,6 +232,21 @@ class Cluster:
             if fields[0] == queue and len(fields) == 2 and "@" in fields[1]:
                 return fields[1]
         raise RabbitUnavailable(f"no quorum queue {queue} with a leader in vhost {vhost}")
+
+    def queue_members(self, vhost: str, queue: str) -> tuple[str, str, str]:
+        """``(leader, members, online)`` of quorum queue ``queue``, as rabbitmqctl says."""
+        out = self.any_running().ctl("list_queues", "-p", vhost, "-q", "--no-table-headers",
+                                     "name", "leader", "members", "online")
+        for line in out.splitlines():
+            fields = line.split("\t")
+            if fields[0] == queue and len(fields) == 4:
+                return fields[1], fields[2], fields[3]
+        return "", "", ""
+
+    def fully_replicated(self, vhost: str, queue: str) -> bool:
+        """Whether every node holds an online replica of quorum queue ``queue``."""
+        _leader, _members, online = self.queue_members(vhost, queue)
+        return all(node.nodename in online for node in self.nodes)
 
     def describe(self) -> dict[str, object]:
         return {"dir": str(self.base_dir), "url": self.url(),

@@ -119,6 +119,8 @@ def test_losing_the_leader_node_mid_run_loses_no_job_and_its_worker_resumes_in_s
     try:
         for worker in workers:
             worker.wait_consuming(60)
+        wait_until(lambda: cluster.fully_replicated(vhost, QUEUE), 60,
+                   "a replica of the work queue on every node")
         leader = cluster.queue_leader(vhost, QUEUE)
         lost = next(i for i, node in enumerate(cluster.nodes) if node.nodename == leader)
         victim = names[lost]  # lists the leader's node first, so is connected to it
@@ -202,6 +204,8 @@ def test_credit_front_door_through_the_cluster_never_answers_a_false_ok(cluster,
     try:
         with daemon, Clients(daemon.socket, 4) as clients:
             wait_until(lambda: clients.count("OK") >= 50, WAIT, "50 OK replies")
+            wait_until(lambda: cluster.fully_replicated(vhost, "credits.faults"), 60,
+                       "a replica of the credit queue on every node")
             cluster.nodes[lost].signal_vm(vm_pid, signal.SIGTERM)
             cut = time.monotonic()
             ok_at_cut = clients.count("OK")
@@ -216,7 +220,10 @@ def test_credit_front_door_through_the_cluster_never_answers_a_false_ok(cluster,
         queued = queued_ids(cluster.nodes[1].url(vhost), "credits.faults")
     except BaseException:
         log = daemon.log.read_text(errors="replace") if daemon.log.exists() else ""
-        print(f"\n==> {daemon.log.name} <==\n{log[-6000:]}")
+        lines = [line for line in log.splitlines() if "answered ER" not in line]
+        print(f"\n==> {daemon.log.name} (without its ER lines) <==\n" + "\n".join(lines[-60:]))
+        print("credit queue (leader, members, online):",
+              cluster.queue_members(vhost, "credits.faults"))
         raise
     finally:
         if not cluster.nodes[lost].running:
