@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{count:>8} {args.jobs:>6} {rate:>8.0f}", flush=True)
     finally:
         cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
