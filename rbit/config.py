@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from rbit import backoff
 from rbit.errors import ConfigError
+from rbit.schedule.settings import SECTION_PREFIX as _SCHEDULE_PREFIX
+from rbit.schedule.settings import ScheduleSettings, parse_schedule
 
 
 class RunnerOptions(dict):
@@ -190,6 +192,7 @@ class Settings:
     control: ControlSettings = field(default_factory=lambda: ControlSettings())
     state: StateSettings = field(default_factory=lambda: StateSettings())
     security: SecuritySettings = SecuritySettings()
+    schedules: tuple[ScheduleSettings, ...] = ()  # [schedule:NAME] (rbit.schedule)
 
     def require_signed(self, runner: RunnerSettings) -> bool:
         """Whether ``runner``'s jobs must carry a trusted signature."""
@@ -293,6 +296,9 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
     runners = tuple(dataclasses.replace(runner, secret_env=secret_env) for runner in runners)
     http = _http(readers["http"]) if "http" in readers else None
     security = parse_security(readers.get("security"), worker.name, env)
+    scheduled = [reader for name, reader in readers.items() if name.startswith(_SCHEDULE_PREFIX)]
+    schedules = tuple(parse_schedule(reader, runners, worker.exchange) for reader in scheduled)
+    warnings.extend(line for reader in scheduled for line in reader.unknown_keys())
     warnings.extend(_unknown_sections(path, parser.sections()))
     for name in ("rbit", "amqp", "status", "http", "control", "security"):
         if name in readers:
@@ -310,6 +316,7 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
         control=control,
         state=state,
         security=security,
+        schedules=schedules,
     )
 
 
@@ -425,9 +432,9 @@ def _unknown_sections(path: str, names: Sequence[str]) -> list[str]:
     known = {"rbit", "amqp", "status", "http", "control", "security"}
     return [
         f"file {path}, section [{name}]: unknown section, ignored"
-        + _suggestion(name, sorted(known) + ["runner:<queue>"])
+        + _suggestion(name, sorted(known) + ["runner:<queue>", "schedule:<name>"])
         for name in names
-        if name not in known and not name.startswith(_RUNNER_PREFIX)
+        if name not in known and not name.startswith((_RUNNER_PREFIX, _SCHEDULE_PREFIX))
         and not _is_logging_section(name)
     ]
 

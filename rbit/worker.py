@@ -27,6 +27,7 @@ from rbit.errors import BrokerUnreachable
 from rbit.runners.protocols import BatchRunner
 from rbit.runners.python import load_python_runner
 from rbit.runners.shell import ShellRunner
+from rbit.schedule.scheduler import Scheduler
 from rbit.security.gate import WorkerSecurity
 from rbit.status import StatusReporter
 from rbit.topology import Topology, worker_topology
@@ -72,6 +73,7 @@ class Worker:
         self.broker.set_consumers(consumers)
         self.control = ControlPlane(settings, self.broker, self.pools,
                                     backlog=self.reporter.pending, request_stop=request_stop)
+        self.scheduler = Scheduler(settings, publish=self.broker.publish)
 
     def _pybit_consumers(self, consumers: list[ConsumerSpec]) -> list[ConsumerSpec]:
         """PyBit's commands: jobs tracked and checked, and the command queue consumed."""
@@ -149,6 +151,7 @@ class Worker:
             raise BrokerUnreachable(self.broker.start_error or "timed out connecting")
         log.info("worker %s consuming %s", self.settings.worker.name,
                  ", ".join(r.queue for r in self.settings.runners))
+        self.scheduler.start()
 
     def shutdown(self, force: threading.Event, grace: float | None = None) -> bool:
         """Stop gracefully; ``force`` set meanwhile (a second signal) cuts jobs short.
@@ -158,6 +161,7 @@ class Worker:
         """
         grace = self.settings.worker.shutdown_grace if grace is None else grace
         log.info("stopping: no new jobs; waiting up to %.0f s for running jobs", grace)
+        self.scheduler.stop()  # first: the next leader takes over while jobs finish
         self.broker.stop_consuming()
         for pool in self.pools:
             pool.stop_taking()

@@ -80,6 +80,8 @@ from rbit.runners.warm import (
     ChildPool,
     child_env,
 )
+from rbit.schedule import nextrun
+from rbit.schedule.nextrun import RunNext
 from rbit.supervisor import CANCEL_REASON, DEFAULT_KILL_GRACE, StopSignal, kill_grace
 
 logger = logging.getLogger(__name__)
@@ -200,7 +202,9 @@ def call_runner(
     """
     tracker = StatusTracker(set_status)
     try:
-        func(message, tracker, dict(settings))
+        result = func(message, tracker, dict(settings))
+    except RunNext as exc:  # next = job: the schedule's next run (rbit.schedule.nextrun)
+        result = exc
     except Blocked as exc:
         return Outcome.blocked(exc.reason, exc.delay)
     except Reject as exc:
@@ -209,6 +213,8 @@ def call_runner(
         return Outcome.rejected(f"undecodable body: {exc}")
     except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the thread lives on
         return Outcome.failed(describe_exception(exc))
+    if isinstance(result, RunNext):
+        nextrun.report(message.job_id, result)
     return tracker.outcome()
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from rbit.outcome import Status
+from rbit.schedule import nextrun
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ class StatusReader:
         words = line.decode("utf-8", "replace").split(None, 1)
         if self._skipping or not words:
             return
+        if words[0].lower() == "next":  # next = job: "Next <seconds | ISO time>"
+            self._next(words[1] if len(words) > 1 else "")
+            return
         try:
             status = Status.parse(words[0])
         except ValueError:
@@ -74,3 +79,12 @@ class StatusReader:
             self._set_status(status.value, words[1].strip() if len(words) > 1 else "")
         except Exception:  # the pipe must keep being read, or the command would block
             log.exception("job %s: set_status(%s) failed", self._job_id, status.value)
+
+    def _next(self, text: str) -> None:
+        try:
+            run = nextrun.parse_next_line(text, datetime.now(UTC))
+        except ValueError:
+            log.warning("job %s: ignoring Next line %r: expected seconds or an ISO-8601 "
+                        "time", self._job_id, text[:80])
+            return
+        nextrun.report(self._job_id, run)
