@@ -74,6 +74,8 @@ class Worker:
         self.control = ControlPlane(settings, self.broker, self.pools,
                                     backlog=self.reporter.pending, request_stop=request_stop)
         self.scheduler = Scheduler(settings, publish=self.broker.publish)
+        if self.scheduler.seats:
+            self.control.controller.schedules = self.scheduler.status
 
     def _pybit_consumers(self, consumers: list[ConsumerSpec]) -> list[ConsumerSpec]:
         """PyBit's commands: jobs tracked and checked, and the command queue consumed."""

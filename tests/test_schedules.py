@@ -6,14 +6,17 @@ fire that ran twice is seen as a second file.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from fault_helpers import WorkerProcess
+from fault_helpers import ROOT_DIR, WorkerProcess
 from worker_helpers import wait_until
 
 from rbit.schedule.fire import parse_iso
@@ -99,6 +102,20 @@ def test_three_workers_every_2s_fire_once_per_period(fleet, out):
     gaps = {(b - a).total_seconds() for a, b in pairwise(times)}
     assert gaps == {2.0}, gaps  # none skipped
     assert sum("fired job" in w.text() for w in workers) >= 1
+    shown = ctl_status(workers[0].config)
+    rows = [line for line in shown.splitlines() if "schedule tick: every 2s" in line]
+    assert len(rows) == 3, shown
+    assert sum("\tleader\t" in row for row in rows) == 1, shown
+    (lead,) = [row for row in rows if "\tleader\t" in row]
+    assert re.search(r"last fire: tick@\S+Z\tnext fire: \S+Z", lead), lead
+
+
+def ctl_status(config: Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "rbit", "ctl", str(config), "status",
+                           "--timeout", "10"], capture_output=True, timeout=60, check=False,
+                          cwd=ROOT_DIR, env={**os.environ, "PYTHONPATH": str(ROOT_DIR)})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.decode()
 
 
 def test_sigkill_the_leader_the_next_leader_fires_without_doubles_or_gaps(fleet, out):

@@ -239,6 +239,11 @@ def _describe_status(ident: str, doc: dict[str, Any]) -> str:
         state = "paused" if queue.get("paused") else \
             "consuming" if queue.get("consuming") else "not consuming"
         lines.append(f"  queue {escape(queue.get('queue'), 255)}: {state}")
+    for item in doc.get("schedules") or []:
+        lines.append(f"  schedule {escape(item.get('name'), 100)}: "
+                     f"{escape(item.get('trigger'), 200)}\t{escape(item.get('role'), 20)}"
+                     f"\tlast fire: {escape(item.get('last_fire') or '-', 40)}"
+                     f"\tnext fire: {escape(item.get('next_fire') or '-', 40)}")
     for job in doc.get("running") or []:
         lines.append(f"  running {escape(job.get('job_id'), 200)} on "
                      f"{escape(job.get('queue'), 255)} since {_number(job.get('since')):.0f}")

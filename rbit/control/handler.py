@@ -66,6 +66,8 @@ class Controller:
         self._monotonic = monotonic
         self._started = monotonic()
         self._host = socket.gethostname()
+        #: The worker's schedules for ``status`` (:meth:`rbit.schedule.scheduler.Scheduler.status`).
+        self.schedules: Callable[[], list[dict[str, Any]]] | None = None
 
     # ---------------------------------------------------------------- commands
 
@@ -147,7 +149,8 @@ class Controller:
             name, host, pid, version, uptime; ``queues`` (queue, consuming, paused);
             ``running_count`` and, when ``verbose``, ``running`` (job_id, queue, since
             in Unix seconds); ``counts`` since start (done, failed, retried,
-            dead_lettered); ``broker_connected``; ``status_backlog``.
+            dead_lettered); ``broker_connected``; ``status_backlog``; ``schedules``
+            (name, trigger, role, last_fire, next_fire) when the worker has any.
         """
         consuming, paused = self._broker.consuming(), self._broker.paused()
         running = self._observer.running_jobs()
@@ -160,6 +163,8 @@ class Controller:
             "broker_connected": self._broker.connected,
             "status_backlog": self._backlog(),
         }
+        if self.schedules is not None:
+            snapshot["schedules"] = self.schedules()
         if verbose:
             snapshot["running"] = running
         return snapshot
