@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 
 #: How often the scheduler looks at the clock when nothing is due sooner.
 PASS_SECONDS = 0.5
+#: How long the leader holds one token before writing a fresh copy: well inside
+#: RabbitMQ's delivery-ack timeout (``consumer_timeout``, 30 min by default), which
+#: would otherwise close the channel under a leader that has nothing to fire for hours.
+TOKEN_REFRESH = 300.0
 RECONNECT_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
 QUEUE_PREFIX = "rbit.schedule."
 
@@ -75,6 +80,7 @@ class Seat:
         self.requests: list[tuple[int, str, datetime]] = []
         self.junk: list[int] = []
         self.state: leader.State | None = None
+        self.held_since = time.monotonic()
 
     def on_state(self, tag: int, body: bytes) -> None:
         """A delivery: only the active consumer gets any, so this worker leads."""
@@ -125,6 +131,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._session: Any = None
         self._client: Any = None
+        timeout = settings.worker.consumer_timeout
+        self._refresh = min(TOKEN_REFRESH, timeout / 2) if timeout else TOKEN_REFRESH
 
     def start(self) -> None:
         """Start the scheduler thread (nothing to do without time schedules)."""
@@ -225,7 +233,7 @@ class Scheduler:
         for seat in self.seats:
             coming = seat.state and leader.next_fire(seat.schedule, seat.state)
             if coming:
-                soonest = min(soonest, max(0.0, (coming - now).total_seconds()))
+                soonest = min(soonest, max(0.01, (coming - now).total_seconds()))
         return soonest
 
     def _act(self, seat: Seat, now: datetime) -> None:
@@ -238,7 +246,8 @@ class Scheduler:
             state = leader.apply_next(seat.schedule, state, job_id, at)
         fires, state = leader.plan(seat.schedule, state, now)
         seat.state = state
-        if not (fires or seat.requests or len(seat.tokens) > 1 or seat.junk):
+        refresh = time.monotonic() - seat.held_since > self._refresh
+        if not (fires or seat.requests or len(seat.tokens) > 1 or seat.junk or refresh):
             return
         if self._stale(seat):
             return  # tokens were still on their way: decide again with all of them
@@ -248,6 +257,7 @@ class Scheduler:
                                self._name)
         self._session.put_state(seat.queue, written.encode())
         seat.state = written
+        seat.held_since = time.monotonic()
         self._ack_all(seat, list(seat.tokens))
 
     def _stale(self, seat: Seat) -> bool:
