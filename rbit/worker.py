@@ -73,8 +73,8 @@ class Worker:
         self.broker.set_consumers(consumers)
         self.control = ControlPlane(settings, self.broker, self.pools,
                                     backlog=self.reporter.pending, request_stop=request_stop)
-        self.scheduler = Scheduler(settings, publish=self.broker.publish)
-        if self.scheduler.seats:
+        self.scheduler = Scheduler(settings, publish=self.broker.publish, broker=self.broker)
+        if self.scheduler.seats or self.scheduler.sources:
             self.control.controller.schedules = self.scheduler.status
 
     def _pybit_consumers(self, consumers: list[ConsumerSpec]) -> list[ConsumerSpec]:

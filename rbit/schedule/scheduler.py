@@ -66,6 +66,20 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def local_sources(settings: Settings, broker: Any) -> list[Any]:
+    """A source for each ``watch`` and ``listen`` schedule of ``settings``."""
+    from rbit.schedule.listen import ListenSource
+    from rbit.schedule.watch import WatchSource
+
+    sources: list[Any] = []
+    for schedule in settings.schedules:
+        if schedule.kind == "watch":
+            sources.append(WatchSource(schedule, settings))
+        elif schedule.kind == "listen" and broker is not None:
+            sources.append(ListenSource(schedule, settings, broker))
+    return sources
+
+
 class Seat:
     """This worker's place in one schedule: the tokens and requests it holds."""
 
@@ -117,13 +131,19 @@ class Scheduler:
         clock: Returns the current time (UTC-aware); tests inject their own.
         session_factory: Opens the scheduler's session (default: a
             :class:`rbit.amqp.schedules.StateSession`).
+        broker: The worker's broker, through which ``listen`` schedules publish.
+
+    ``watch`` and ``listen`` schedules are local (no leader): their sources
+    (:mod:`rbit.schedule.watch`, :mod:`rbit.schedule.listen`) start and stop with it.
     """
 
     def __init__(self, settings: Settings, *, publish: Callable[..., None] | None = None,
                  clock: Clock = utc_now,
-                 session_factory: Callable[[], Any] | None = None) -> None:
+                 session_factory: Callable[[], Any] | None = None,
+                 broker: Any = None) -> None:
         self.settings = settings
         self.seats = [Seat(s) for s in settings.schedules if s.timed]
+        self.sources = local_sources(settings, broker)
         self._publish = publish
         self._clock = clock
         self._session_factory = session_factory or self._open_session
@@ -135,7 +155,9 @@ class Scheduler:
         self._refresh = min(TOKEN_REFRESH, timeout / 2) if timeout else TOKEN_REFRESH
 
     def start(self) -> None:
-        """Start the scheduler thread (nothing to do without time schedules)."""
+        """Start the local sources and the scheduler thread (if there are time schedules)."""
+        for source in self.sources:
+            source.start()
         if not self.seats:
             return
         if self._publish is not None:
@@ -146,13 +168,16 @@ class Scheduler:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop firing and close the connection (the tokens go to the next leader)."""
         self._stop.set()
+        for source in self.sources:
+            source.stop(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
         nextrun.install(None)
 
     def status(self) -> list[dict[str, Any]]:
         """One entry per schedule: name, trigger, role, last and next fire."""
-        return [seat.describe() for seat in self.seats]
+        return [seat.describe() for seat in self.seats] + [
+            source.describe() for source in self.sources]
 
     def send_next(self, job_id: str, at: datetime) -> None:
         """Carry a job's next run to its schedule's leader (thread-safe)."""

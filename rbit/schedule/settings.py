@@ -9,8 +9,9 @@ Keys:
   ``content_type =``; ``header.NAME = VALUE`` (one application header each);
 * exactly one trigger: ``every = 30s`` (s, m, h, d), ``cron = 0 3 * * *`` (+
   ``timezone =``, default UTC), ``next = job`` (+ ``first =``, an ISO-8601 time or a
-  delay such as ``10m``); ``watch`` and ``listen`` are parsed by the parsers in
-  :data:`TRIGGER_PARSERS`;
+  delay such as ``10m``); ``watch = DIR`` (+ ``pattern =``,
+  :mod:`rbit.schedule.watch`), ``listen = unix:PATH | tcp:HOST:PORT``
+  (:mod:`rbit.schedule.listen`);
 * ``catch_up = skip | once | all`` (default ``once``).
 
 A trigger's parser is a function ``parse(section, value) -> trigger`` in
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from rbit.schedule.triggers import Cron, Every, NextJob, check_cron
+from rbit.schedule.watch import parse_watch
 
 if TYPE_CHECKING:
     from rbit.config import RunnerSettings
@@ -137,14 +139,20 @@ def not_available(section: Any, value: str, *, key: str) -> Any:
     raise section.error(key, f"the {key!r} trigger is not available in this version")
 
 
-#: Trigger key -> parser. ``watch`` and ``listen`` are replaced by their real parsers
-#: where they exist; a parser must accept ``(section, value)``.
+def parse_listen(section: Any, value: str) -> Any:
+    """``listen = unix:PATH | tcp:HOST:PORT`` (:func:`rbit.schedule.listen.parse_listen`)."""
+    # Imported here: the listen module uses the credit server, which needs rbit.config.
+    from rbit.schedule.listen import parse_listen as parse
+    return parse(section, value)
+
+
+#: Trigger key -> parser; a parser must accept ``(section, value)``.
 TRIGGER_PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "every": parse_every,
     "cron": parse_cron,
     "next": parse_next,
-    "watch": lambda section, value: not_available(section, value, key="watch"),
-    "listen": lambda section, value: not_available(section, value, key="listen"),
+    "watch": parse_watch,
+    "listen": parse_listen,
 }
 TIME_TRIGGERS = frozenset({"every", "cron", "next"})
 
