@@ -45,7 +45,7 @@ def load(tmp_path: Path, schedule: str):
     ("queue = nightly\ncron = 0 3 * * *\ntimezone = Mars/Olympus\n", "timezone",
      "unknown time zone"),
     ("queue = nightly\nnext = later\n", "next", "expected 'job'"),
-    ("queue = nightly\nwatch = /tmp\n", "watch", "not available in this version"),
+    ("queue = nightly\nwatch = /nonexistent/in\n", "watch", "does not exist"),
     ("queue = nightly\ncatch_up = some\nevery = 1h\n", "catch_up", "expected one of"),
 ])
 def test_a_bad_schedule_stops_the_worker_naming_file_section_key(tmp_path, schedule, key,
