@@ -56,6 +56,12 @@ QUEUE_PREFIX = "rbit.schedule."
 
 Clock = Callable[[], datetime]
 
+#: The local triggers (``watch``, ``listen``): trigger kind -> ``factory(schedule,
+#: settings)`` returning an object with ``start()``, ``stop(timeout)`` and
+#: ``describe() -> dict`` (as :meth:`Seat.describe`). Each worker carrying such a
+#: schedule runs it itself; no leader is involved.
+LOCAL_TRIGGERS: dict[str, Callable[[ScheduleSettings, Settings], Any]] = {}
+
 
 def state_queue(name: str) -> str:
     """The state queue of schedule ``name``."""
@@ -124,6 +130,8 @@ class Scheduler:
                  session_factory: Callable[[], Any] | None = None) -> None:
         self.settings = settings
         self.seats = [Seat(s) for s in settings.schedules if s.timed]
+        self.local = [LOCAL_TRIGGERS[s.kind](s, settings) for s in settings.schedules
+                      if not s.timed and s.kind in LOCAL_TRIGGERS]
         self._publish = publish
         self._clock = clock
         self._session_factory = session_factory or self._open_session
@@ -135,7 +143,9 @@ class Scheduler:
         self._refresh = min(TOKEN_REFRESH, timeout / 2) if timeout else TOKEN_REFRESH
 
     def start(self) -> None:
-        """Start the scheduler thread (nothing to do without time schedules)."""
+        """Start the local triggers, and the scheduler thread if there are time schedules."""
+        for trigger in self.local:
+            trigger.start()
         if not self.seats:
             return
         if self._publish is not None:
@@ -146,13 +156,15 @@ class Scheduler:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop firing and close the connection (the tokens go to the next leader)."""
         self._stop.set()
+        for trigger in self.local:
+            trigger.stop(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
-        nextrun.install(None)
+            nextrun.install(None)
 
     def status(self) -> list[dict[str, Any]]:
         """One entry per schedule: name, trigger, role, last and next fire."""
-        return [seat.describe() for seat in self.seats]
+        return [seat.describe() for seat in self.seats] + [t.describe() for t in self.local]
 
     def send_next(self, job_id: str, at: datetime) -> None:
         """Carry a job's next run to its schedule's leader (thread-safe)."""
