@@ -74,7 +74,7 @@ class Worker:
         self.control = ControlPlane(settings, self.broker, self.pools,
                                     backlog=self.reporter.pending, request_stop=request_stop)
         self.scheduler = Scheduler(settings, publish=self.broker.publish, broker=self.broker)
-        if self.scheduler.seats or self.scheduler.sources:
+        if self.scheduler.seats or self.scheduler.local:
             self.control.controller.schedules = self.scheduler.status
 
     def _pybit_consumers(self, consumers: list[ConsumerSpec]) -> list[ConsumerSpec]:

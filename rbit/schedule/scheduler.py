@@ -57,6 +57,27 @@ QUEUE_PREFIX = "rbit.schedule."
 Clock = Callable[[], datetime]
 
 
+def _watch(schedule: ScheduleSettings, settings: Settings, broker: Any) -> Any:
+    from rbit.schedule.watch import WatchSource
+    return WatchSource(schedule, settings)
+
+
+def _listen(schedule: ScheduleSettings, settings: Settings, broker: Any) -> Any:
+    from rbit.schedule.listen import ListenSource  # it needs the credit server: load late
+    return ListenSource(schedule, settings, broker)
+
+
+#: The local triggers (``watch``, ``listen``): trigger kind -> ``factory(schedule,
+#: settings, broker)`` returning an object with ``start()``, ``stop(timeout)`` and
+#: ``describe() -> dict`` (as :meth:`Seat.describe`); ``broker`` is the worker's
+#: :class:`rbit.amqp.broker.Broker`. Each worker carrying such a schedule runs it
+#: itself; no leader is involved.
+LOCAL_TRIGGERS: dict[str, Callable[[ScheduleSettings, Settings, Any], Any]] = {
+    "watch": _watch,
+    "listen": _listen,
+}
+
+
 def state_queue(name: str) -> str:
     """The state queue of schedule ``name``."""
     return QUEUE_PREFIX + name
@@ -64,20 +85,6 @@ def state_queue(name: str) -> str:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def local_sources(settings: Settings, broker: Any) -> list[Any]:
-    """A source for each ``watch`` and ``listen`` schedule of ``settings``."""
-    from rbit.schedule.listen import ListenSource
-    from rbit.schedule.watch import WatchSource
-
-    sources: list[Any] = []
-    for schedule in settings.schedules:
-        if schedule.kind == "watch":
-            sources.append(WatchSource(schedule, settings))
-        elif schedule.kind == "listen" and broker is not None:
-            sources.append(ListenSource(schedule, settings, broker))
-    return sources
 
 
 class Seat:
@@ -131,10 +138,8 @@ class Scheduler:
         clock: Returns the current time (UTC-aware); tests inject their own.
         session_factory: Opens the scheduler's session (default: a
             :class:`rbit.amqp.schedules.StateSession`).
-        broker: The worker's broker, through which ``listen`` schedules publish.
-
-    ``watch`` and ``listen`` schedules are local (no leader): their sources
-    (:mod:`rbit.schedule.watch`, :mod:`rbit.schedule.listen`) start and stop with it.
+        broker: The worker's broker, for the local triggers (``listen`` publishes
+            through it).
     """
 
     def __init__(self, settings: Settings, *, publish: Callable[..., None] | None = None,
@@ -143,7 +148,8 @@ class Scheduler:
                  broker: Any = None) -> None:
         self.settings = settings
         self.seats = [Seat(s) for s in settings.schedules if s.timed]
-        self.sources = local_sources(settings, broker)
+        self.local = [LOCAL_TRIGGERS[s.kind](s, settings, broker) for s in settings.schedules
+                      if not s.timed and s.kind in LOCAL_TRIGGERS]
         self._publish = publish
         self._clock = clock
         self._session_factory = session_factory or self._open_session
@@ -155,9 +161,9 @@ class Scheduler:
         self._refresh = min(TOKEN_REFRESH, timeout / 2) if timeout else TOKEN_REFRESH
 
     def start(self) -> None:
-        """Start the local sources and the scheduler thread (if there are time schedules)."""
-        for source in self.sources:
-            source.start()
+        """Start the local triggers, and the scheduler thread if there are time schedules."""
+        for trigger in self.local:
+            trigger.start()
         if not self.seats:
             return
         if self._publish is not None:
@@ -168,16 +174,15 @@ class Scheduler:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop firing and close the connection (the tokens go to the next leader)."""
         self._stop.set()
-        for source in self.sources:
-            source.stop(timeout)
+        for trigger in self.local:
+            trigger.stop(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
-        nextrun.install(None)
+            nextrun.install(None)
 
     def status(self) -> list[dict[str, Any]]:
         """One entry per schedule: name, trigger, role, last and next fire."""
-        return [seat.describe() for seat in self.seats] + [
-            source.describe() for source in self.sources]
+        return [seat.describe() for seat in self.seats] + [t.describe() for t in self.local]
 
     def send_next(self, job_id: str, at: datetime) -> None:
         """Carry a job's next run to its schedule's leader (thread-safe)."""
