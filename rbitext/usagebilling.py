@@ -316,7 +316,7 @@ def _scrape_url(text: str, settings: BillingSettings) -> str | None:
     try:
         return _check_url(url, "exporter_url")
     except ConfigError as exc:
-        raise DecodeError(f"body: {exc.reason}") from None
+        raise DecodeError(f"body: exporter_url {exc.reason}") from None
 
 
 # ---------------------------------------------------------------------------------------
