@@ -22,7 +22,7 @@ Each job brings usage samples (see :mod:`rbitext.usagesamples`):
 A body that does not parse goes to the dead letters with the reason; an exporter that
 cannot be reached (or answers other than 200) blocks the job, which is tried again
 later; an exposition larger than ``max_response_bytes`` or with more than
-``max_series`` priced series goes to the dead letters.
+``max_samples`` priced samples goes to the dead letters.
 
 Billing (:mod:`rbitext.billing`). Only metrics with a price are billed: by default
 ``project_vcpu_usage`` (1 credit per vCPU-hour) and ``project_mb_usage`` (0.3 per
@@ -99,7 +99,7 @@ Settle = Callable[[Outcome], None]
 _NUMBERS: dict[str, tuple[type, Any]] = {
     "scrape_timeout": (float, 10.0),
     "max_response_bytes": (int, 4 << 20),
-    "max_series": (int, 10_000),
+    "max_samples": (int, 10_000),
     "confirm_timeout": (float, 30.0),
 }
 _TEXTS = ("exporter_url", "group_label", "state_file", "exchange", "credit_queue",
@@ -122,7 +122,7 @@ class BillingSettings:
     credit_queue: str | None = None
     scrape_timeout: float = 10.0
     max_response_bytes: int = 4 << 20
-    max_series: int = 10_000
+    max_samples: int = 10_000
     confirm_timeout: float = 30.0
 
     @classmethod
@@ -283,14 +283,14 @@ def samples_of(body: bytes, settings: BillingSettings,
         raise DecodeError(f"body is not UTF-8: {exc}") from exc
     metrics = settings.prices.keys()
     if text.startswith("["):
-        return usagesamples.parse_json_list(text, metrics, max_series=settings.max_series), "body"
+        return usagesamples.parse_json_list(text, metrics, max_samples=settings.max_samples), "body"
     url = _scrape_url(text, settings)
     if url is None:
         samples = usagesamples.parse_line_protocol(
-            text, metrics, group_label=settings.group_label, max_series=settings.max_series)
+            text, metrics, group_label=settings.group_label, max_samples=settings.max_samples)
         return samples, "body"
     samples = usagesamples.parse_prometheus(
-        fetch(url), metrics, group_label=settings.group_label, max_series=settings.max_series)
+        fetch(url), metrics, group_label=settings.group_label, max_samples=settings.max_samples)
     return samples, url
 
 

@@ -15,7 +15,7 @@ value, time)``, e.g. ``("physics", "project_vcpu_usage", 112.5, None)``. Three f
   ``time`` (seconds since the epoch) may be omitted or null.
 
 Only metrics in ``metrics`` (the priced ones) become samples; a body or scrape with more
-than ``max_series`` of them is refused, so that a runaway exporter cannot flood the
+than ``max_samples`` of them is refused, so that a runaway exporter cannot flood the
 state file. Anything that does not parse raises :class:`rbit.errors.DecodeError`.
 """
 
@@ -59,9 +59,9 @@ def _finite(value: float, where: str) -> float:
     return value
 
 
-def _bounded(samples: list[Sample], max_series: int) -> list[Sample]:
-    if len(samples) > max_series:
-        raise DecodeError(f"{len(samples)} usage series, more than max_series {max_series}")
+def _bounded(samples: list[Sample], max_samples: int) -> list[Sample]:
+    if len(samples) > max_samples:
+        raise DecodeError(f"{len(samples)} usage samples, more than max_samples {max_samples}")
     return samples
 
 
@@ -70,14 +70,14 @@ def _bounded(samples: list[Sample], max_series: int) -> list[Sample]:
 
 
 def parse_prometheus(text: str, metrics: Collection[str], *, group_label: str = "project_name",
-                     max_series: int = 10_000) -> list[Sample]:
+                     max_samples: int = 10_000) -> list[Sample]:
     """The samples of ``metrics`` in a Prometheus text exposition.
 
     Series without ``group_label`` are left out (they belong to no group).
 
     Raises:
         DecodeError: The text is not valid exposition format, or holds more than
-            ``max_series`` series of ``metrics``.
+            ``max_samples`` series of ``metrics``.
     """
     sums: dict[tuple[str, str], float] = {}
     times: dict[tuple[str, str], float | None] = {}
@@ -93,8 +93,8 @@ def parse_prometheus(text: str, metrics: Collection[str], *, group_label: str = 
                 if group is None:
                     continue
                 series += 1
-                if series > max_series:
-                    raise DecodeError(f"more than max_series {max_series} usage series")
+                if series > max_samples:
+                    raise DecodeError(f"more than max_samples {max_samples} usage samples")
                 key = (group, family.name)
                 sums[key] = sums.get(key, 0.0) + _finite(float(sample.value), family.name)
                 stamp = sample.timestamp
@@ -113,12 +113,12 @@ def _latest(known: float | None, stamp: float) -> float:
 
 
 def parse_line_protocol(text: str, metrics: Collection[str], *, group_label: str = "project_name",
-                        max_series: int = 10_000) -> list[Sample]:
+                        max_samples: int = 10_000) -> list[Sample]:
     """The samples of ``metrics`` in InfluxDB line protocol.
 
     Raises:
         DecodeError: A line is not valid line protocol, or there are more than
-            ``max_series`` samples of ``metrics``.
+            ``max_samples`` samples of ``metrics``.
     """
     samples: list[Sample] = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -129,8 +129,8 @@ def parse_line_protocol(text: str, metrics: Collection[str], *, group_label: str
             samples.extend(_line_samples(line, metrics, group_label))
         except DecodeError as exc:
             raise DecodeError(f"line protocol, line {number}: {exc}") from None
-        if len(samples) > max_series:
-            raise DecodeError(f"more than max_series {max_series} usage series")
+        if len(samples) > max_samples:
+            raise DecodeError(f"more than max_samples {max_samples} usage samples")
     return samples
 
 
@@ -259,11 +259,11 @@ def _timestamp(text: str) -> float | None:
 
 
 def parse_json_list(body: bytes | str, metrics: Collection[str], *,
-                    max_series: int = 10_000) -> list[Sample]:
+                    max_samples: int = 10_000) -> list[Sample]:
     """The samples of ``metrics`` in a JSON list of ``{group, metric, value, time}``.
 
     Raises:
-        DecodeError: Not a JSON list of such objects, or more than ``max_series``
+        DecodeError: Not a JSON list of such objects, or more than ``max_samples``
             samples of ``metrics``.
     """
     try:
@@ -277,7 +277,7 @@ def parse_json_list(body: bytes | str, metrics: Collection[str], *,
         sample = _json_sample(item, index)
         if sample.metric in metrics:
             samples.append(sample)
-    return _bounded(samples, max_series)
+    return _bounded(samples, max_samples)
 
 
 def _json_sample(item: object, index: int) -> Sample:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -148,9 +150,21 @@ def test_settings_defaults():
     ({"grant.physics": "lots"}, "grant.physics"),
     ({"exporter_url": "ftp://x/metrics"}, "exporter_url"),
     ({"scrape_timeout": "0"}, "scrape_timeout"),
-    ({"max_series": "1.5"}, "max_series"),
+    ({"max_samples": "1.5"}, "max_samples"),
 ])
 def test_invalid_settings_name_the_key(keys, key):
     with pytest.raises(ConfigError) as caught:
         BillingSettings.from_mapping(keys)
     assert caught.value.key == key
+
+
+def test_the_shipped_example_section_is_valid():
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "rbit.ini.example").read_text(encoding="utf-8")
+    section = text.partition("#[runner:rbit.usage]")[2]
+    keys = dict(re.findall(r"(?m)^#(?!#)\s*([\w.]+)\s*=\s*(.*)$", section))
+    assert keys.pop("runner") == "python!rbitext.usagebilling:UsageBilling"
+    settings = BillingSettings.from_mapping(keys)
+    assert settings.grants == {"physics": Decimal(5000)}
+    assert settings.warn_at == (Decimal("0.5"), Decimal("0.9"))
+    assert settings.credit_queue == "rbit.credits"

@@ -57,11 +57,11 @@ def test_malformed_prometheus_text_is_a_decode_error(text):
         parse_prometheus(text, METRICS)
 
 
-def test_prometheus_series_beyond_max_series_are_refused():
+def test_prometheus_series_beyond_max_samples_are_refused():
     text = "".join(f'project_vcpu_usage{{project_name="g{i}"}} {i}\n' for i in range(11))
-    assert len(parse_prometheus(text, METRICS, max_series=11)) == 11
-    with pytest.raises(DecodeError, match="max_series"):
-        parse_prometheus(text, METRICS, max_series=10)
+    assert len(parse_prometheus(text, METRICS, max_samples=11)) == 11
+    with pytest.raises(DecodeError, match="max_samples"):
+        parse_prometheus(text, METRICS, max_samples=10)
 
 
 def test_line_protocol_measurement_value_and_field_per_metric_layouts():
@@ -118,9 +118,9 @@ def test_malformed_json_samples_are_a_decode_error(body, reason):
         parse_json_list(body, METRICS)
 
 
-def test_json_samples_beyond_max_series_are_refused():
+def test_json_samples_beyond_max_samples_are_refused():
     body = b"[" + b",".join(
         b'{"group": "g%d", "metric": "project_vcpu_usage", "value": 1}' % i
         for i in range(3)) + b"]"
-    with pytest.raises(DecodeError, match="max_series"):
-        parse_json_list(body, METRICS, max_series=2)
+    with pytest.raises(DecodeError, match="max_samples"):
+        parse_json_list(body, METRICS, max_samples=2)
