@@ -31,6 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rbit.errors import DecodeError
 
+#: The longest group name accepted (UTF-8 bytes).
+MAX_GROUP_BYTES = 200
 #: Field names that mean "the measurement's own value" in line protocol.
 VALUE_FIELDS = frozenset({"value", "gauge", "counter", "untyped"})
 
@@ -51,6 +53,13 @@ class Sample:
     metric: str
     value: float
     time: float | None = None
+
+    def __post_init__(self) -> None:
+        # The group is the bills' routing key, an AMQP short string: a longer one could
+        # never be published, and would hold up every bill after it.
+        if not self.group or len(self.group.encode("utf-8")) > MAX_GROUP_BYTES:
+            raise DecodeError(f"group name must be 1 to {MAX_GROUP_BYTES} bytes, "
+                              f"got {self.group[:40]!r}...")
 
 
 def _finite(value: float, where: str) -> float:
@@ -90,7 +99,7 @@ def parse_prometheus(text: str, metrics: Collection[str], *, group_label: str = 
                 if sample.name not in (family.name, family.name + "_total"):
                     continue  # _created, _bucket, ...: not the cumulative value
                 group = sample.labels.get(group_label)
-                if group is None:
+                if not group:  # an empty label is no label in Prometheus
                     continue
                 series += 1
                 if series > max_samples:

@@ -124,3 +124,12 @@ def test_json_samples_beyond_max_samples_are_refused():
         for i in range(3)) + b"]"
     with pytest.raises(DecodeError, match="max_samples"):
         parse_json_list(body, METRICS, max_samples=2)
+
+
+def test_a_group_name_too_long_for_a_routing_key_is_a_decode_error():
+    name = "g" * 201
+    with pytest.raises(DecodeError, match="group name"):
+        parse_prometheus(f'project_vcpu_usage{{project_name="{name}"}} 1\n', METRICS)
+    with pytest.raises(DecodeError, match="group name"):
+        parse_line_protocol(f"project_vcpu_usage,project_name={name} value=1", METRICS)
+    assert parse_prometheus('project_vcpu_usage{project_name=""} 1\n', METRICS) == []
