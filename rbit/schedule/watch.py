@@ -148,6 +148,7 @@ class WatchSource:
     def _run(self) -> None:
         failures = 0
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 self._watch()
                 return
@@ -159,7 +160,8 @@ class WatchSource:
                 delay = RETRY_DELAYS[-1]
                 log.exception("schedule %s: unexpected error; watching again in %.0f s",
                               self.schedule.name, delay)
-            failures += 1
+            # A watch that ran a while before failing starts its backoff afresh.
+            failures = 1 if time.monotonic() - started > RETRY_DELAYS[-1] else failures + 1
             self._stop.wait(delay)
 
     def _watch(self) -> None:
