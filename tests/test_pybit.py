@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import urllib.parse
 
@@ -67,11 +68,18 @@ class FrontEnd:
     def __init__(self, server) -> None:
         self.server = server
         self.marked: dict[str, str] = {}  # job id -> status set by the test
+        self.failing: set[str] = set()  # job ids whose status list is a 500
+        self.silent: set[str] = set()  # job ids whose status list comes after `release`
+        self.release = threading.Event()
         server.set_handler(self._status)
 
     def _status(self, request):
         if request.method == "GET" and request.path.endswith("/status"):
             job_id = request.path.split("/")[-2]
+            if job_id in self.failing:
+                return 500, {"error": "down"}
+            if job_id in self.silent:
+                self.release.wait(30)  # a front-end that does not answer in time
             history = [{"job_id": job_id, "status": "Waiting"}]
             if job_id in self.marked:
                 history.append({"job_id": job_id, "status": self.marked[job_id]})
@@ -258,13 +266,18 @@ def test_cancel_ends_an_in_thread_job_that_checks_message_cancelled(
     record = Record(tmp_path / "record")
     runner = {"runner": "python!pybit_runners:until_cancelled", "record": record.path}
     path = config(tmp_path, rabbit, vhost, http_server, runner=runner)
+    path.write_text(path.read_text().replace("sinks = log, http", "sinks = log, http, amqp"))
     host = web_host(http_server)
+    events = amqp.watch("rbit.status")
     with running_worker(path):
         amqp.publish(build_request(50, host))
         record.started("50")
         amqp.publish(cancel_request(50, host), routing_key=NAME)
         wait_until(lambda: "Cancelled" in front_end.statuses("50"), timeout=15,
                    what="job 50 Cancelled")
+        # Every sink hears it: the AMQP status events end Cancelled too.
+        assert [e["status"] for e in events.wait_for("50", "Cancelled")] == [
+            "Building", "Cancelled"]
     # The runner returned normally: the job is Cancelled all the same, not Done.
     assert [line["event"] for line in record.lines("50")] == ["started", "saw-cancel"]
     assert front_end.statuses("50") == ["Building", "Cancelled"]
@@ -328,3 +341,36 @@ def test_cancel_skips_a_prefetched_job_when_its_turn_comes(tmp_path, rabbit, vho
     assert record.lines("54") == []  # never ran
     assert front_end.statuses("54") == ["Cancelled"]
     assert no_job_left(rabbit, vhost)
+
+
+def test_a_front_end_that_fails_or_does_not_answer_in_time_lets_the_job_run(
+        tmp_path, rabbit, vhost, amqp, http_server, front_end):
+    marker = tmp_path / "ran"
+    path = config(tmp_path, rabbit, vhost, http_server, f"sh -c 'echo %ID >> {marker}'")
+    # The check waits min(3 s, http_timeout): 1 s here.
+    path.write_text(path.read_text().replace("[status]\n", "[status]\nhttp_timeout = 1\n"))
+    front_end.failing.add("60")
+    front_end.silent.add("61")
+    try:
+        with running_worker(path):
+            amqp.publish(build_request(60, web_host(http_server)))
+            amqp.publish(build_request(61, web_host(http_server)))
+            wait_until(lambda: "Done" in front_end.statuses("61"), timeout=20,
+                       what="job 61 Done while the front-end stays silent")
+            assert not front_end.release.is_set()
+    finally:
+        front_end.release.set()
+    assert front_end.statuses("60") == ["Building", "Done"]
+    assert marker.read_text().split() == ["60", "61"]
+
+
+def test_pybit_commands_off_means_no_command_queue(tmp_path, rabbit, vhost, amqp,
+                                                   http_server, front_end):
+    path = config(tmp_path, rabbit, vhost, http_server, "true", pybit_commands="no")
+    with running_worker(path):
+        amqp.publish(build_request(62, web_host(http_server)))
+        wait_until(lambda: "Done" in front_end.statuses("62"), what="job 62 Done")
+        assert NAME not in rabbit.list_queues(vhost)
+    on = config(tmp_path, rabbit, vhost, http_server, "true")
+    with running_worker(on):
+        assert NAME in rabbit.list_queues(vhost)  # on by default with the pybit exchange
