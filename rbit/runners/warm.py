@@ -240,11 +240,18 @@ class WarmChild(Supervisor):
         # Wakes the loop for a cancel (:meth:`cancel`); one pipe for the child's life.
         self._wake_lock = threading.Lock()
         self._cancel_key: object = None
-        wake_r, self._wake_w = os.pipe()
-        self._pipes += (wake_r, self._wake_w)
-        os.set_blocking(self._wake_w, False)
-        super().__init__(proc, PollLoop(), ((replies, self._feed),),
-                         label=_idle_label(proc.pid), grace=grace, stop_fd=stop_fd)
+        try:
+            wake_r, self._wake_w = os.pipe()
+            self._pipes += (wake_r, self._wake_w)
+            os.set_blocking(self._wake_w, False)
+            super().__init__(proc, PollLoop(), ((replies, self._feed),),
+                             label=_idle_label(proc.pid), grace=grace, stop_fd=stop_fd)
+        except BaseException:
+            # spawn() closes the pipes it made; ours go now, and none twice later (a
+            # closed number is soon another file's).
+            self._fds.detach()
+            close_fds(*self._pipes[len(pipes):])
+            raise
         self.timeout = timeout  # per job, set by run_job, not for the child's whole life
         self._watch(wake_r, lambda: self._on_wake(wake_r))
 
