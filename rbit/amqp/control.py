@@ -154,7 +154,10 @@ class ControlChannel:
 
     def announce(self, event: str, on_confirm: Callable[[bool], None] | None = None) -> None:
         """Publish this worker's announce to ``rbit.fleet`` (any thread)."""
-        body = json.dumps({**self._announce(), "event": event}).encode()
+        doc = {**self._announce(), "event": event}
+        if self._broker.broadcast is not None:  # whom a broadcast caller expects to answer
+            doc["broadcast"] = self._broker.broadcast.queues
+        body = json.dumps(doc).encode()
         self._broker.send(Publish(FLEET_EXCHANGE, "", body, content_type="application/json"),
                           on_confirm)
 
