@@ -58,12 +58,15 @@ def broadcast_queue(name: str) -> str:
 class BroadcastDelivery(Delivery):
     """A broadcast copy: settled by :meth:`answer`, never by an ack of the job path."""
 
-    __slots__ = ("_answer",)
+    __slots__ = ("_answer", "channel")
 
     def __init__(self, message: BroadcastMessage, tag: int, generation: int, props: Any,
-                 answer: Callable[[BroadcastDelivery, Outcome | None, str, bool], None]) -> None:
+                 answer: Callable[[BroadcastDelivery, Outcome | None, str, bool], None],
+                 channel: Any = None) -> None:
         super().__init__(message, tag, generation, props)
         self._answer = answer
+        #: The channel it came on: its tag means nothing on another.
+        self.channel = channel
 
     def answer(self, outcome: Outcome | None, error: str, refused: bool = False) -> None:
         """Send the caller ``outcome`` (None: no result, because of ``error``); any thread.
@@ -174,23 +177,27 @@ class BroadcastChannel:
         if then is not None:
             then()
 
-    def _on_message(self, _channel: Any, method: Any, props: Any, body: bytes) -> None:
+    def _on_message(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
         queue = method.routing_key
         headers = props.headers or {}
         accept, allowed = self._routes.get(queue, (None, frozenset()))
         message = BroadcastMessage(body, queue, headers, False, props.message_id,
                                    props.content_type, allowed)
         delivery = BroadcastDelivery(message, method.delivery_tag, self._broker.generation,
-                                     props, self.answer)
+                                     props, self.answer, channel)
         if accept is None:
             delivery.answer(None, f"no runner for queue {escape(queue, 255)}")
         elif UNDECODABLE_HEADER in headers:
             reason = escape(headers[UNDECODABLE_HEADER], 300)
             delivery.answer(None, f"undecodable headers: {reason}")
+        elif method.redelivered:
+            # Its channel closed while it was unacked: it may have run already, and a
+            # broadcast is never run twice.
+            delivery.answer(None, "redelivered: it may have run here already")
         else:
             accept(delivery)
 
-    def answer(self, delivery: Delivery, outcome: Outcome | None, error: str,
+    def answer(self, delivery: BroadcastDelivery, outcome: Outcome | None, error: str,
                refused: bool = False) -> None:
         """Answer a copy's sender, then ack the copy (any thread)."""
         # Encoded here, in the job's thread: a big result costs the I/O thread nothing.
@@ -200,7 +207,8 @@ class BroadcastChannel:
                  "ok" if outcome is not None and outcome.kind is Kind.DONE else "error")
         self._broker.call_soon(lambda: self._send(delivery, body, props))
 
-    def _send(self, delivery: Delivery, body: bytes, props: Mapping[str, Any]) -> None:
+    def _send(self, delivery: BroadcastDelivery, body: bytes,
+              props: Mapping[str, Any]) -> None:
         broker = self._broker
         reply_to = props.get("reply_to")
         if reply_to:
@@ -209,8 +217,8 @@ class BroadcastChannel:
             broker.publisher.publish(
                 Publish("", reply_to, body, content_type="application/json",
                         properties=properties, persistent=False, fail_fast=True), None)
-        channel = self.channel
-        if delivery.generation == broker.generation and channel is not None and channel.is_open:
+        channel = delivery.channel
+        if channel is not None and channel is self.channel and channel.is_open:
             channel.basic_ack(delivery.tag)
 
     def _retry(self, generation: int) -> None:

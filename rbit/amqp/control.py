@@ -8,7 +8,8 @@ On every connection, before any job is consumed, a channel of its own declares:
   simply asked again);
 * the fanout exchange ``rbit.fleet`` and its queue ``rbit.fleet.seen`` (message TTL
   one day, at most :data:`SEEN_MAX` messages), to which the worker publishes a
-  ``hello`` announce, and a ``bye`` on a graceful stop.
+  ``hello`` announce, and a ``bye`` on a graceful stop; with a broadcast queue
+  (:mod:`rbit.amqp.broadcast`), an announce lists its queues under ``broadcast``.
 
 An exclusive queue can be held by one connection only: when another connection holds
 ``rbit.control.<name>``, RabbitMQ refuses the declaration (405, RESOURCE_LOCKED). On the
