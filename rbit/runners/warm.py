@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -459,7 +460,7 @@ def rss_bytes(pid: int) -> int | None:
 
 def request(message: Message, settings: Mapping[str, str]) -> dict[str, Any]:
     """The JSON request that carries ``message`` to a child."""
-    return {
+    doc = {
         "body": base64.b64encode(message.body).decode("ascii"),
         "queue": message.queue,
         "headers": json_safe(dict(message.headers or {})),
@@ -469,6 +470,9 @@ def request(message: Message, settings: Mapping[str, str]) -> dict[str, Any]:
         "allowed_classes": sorted(message.allowed_classes),
         "settings": dict(settings),
     }
+    if message.broadcast:  # the child sends the runner's return value back
+        doc["broadcast"] = True
+    return doc
 
 
 def json_safe(value: Any) -> Any:
@@ -492,6 +496,8 @@ def outcome_from(event: Mapping[str, Any]) -> Outcome:
     makers = {"done": Outcome.done, "failed": Outcome.failed, "rejected": Outcome.rejected}
     if kind == "blocked":
         return Outcome.blocked(reason, None if delay is None else float(delay))
+    if "result" in event:  # a broadcast copy's result (rbit.broadcast)
+        return dataclasses.replace(makers[kind](reason), result=event["result"])
     return makers[kind](reason)
 
 
