@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from rbit.errors import BrokerError, Unroutable
 from rbit.schedule import leader, nextrun
-from rbit.schedule.fire import iso_utc, publish_fire, schedule_of
+from rbit.schedule.fire import iso_utc, parse_iso, publish_fire, schedule_of
 from rbit.schedule.settings import ScheduleSettings
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class Seat:
         try:
             data = json.loads(body)
             if data.get("kind") == "next":
-                self.requests.append((tag, str(data["fire"]), leader.parse_iso(data["at"])))
+                self.requests.append((tag, str(data["fire"]), parse_iso(data["at"])))
             else:
                 self.tokens[tag] = leader.State.decode(data)
         except (ValueError, KeyError, TypeError, AttributeError):
