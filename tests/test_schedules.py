@@ -173,7 +173,9 @@ def test_shell_runner_names_its_next_run_on_the_status_fd(fleet, out, tmp_path):
     script.write_text('#!/bin/sh\ntouch "$0.d/$1"\necho "Next 1" >&$RBIT_STATUS_FD\n')
     script.chmod(0o755)
     (tmp_path / "job.sh.d").mkdir()
-    fleet(1, "next = job", runner=f"shell!{script} %ID")
+    # The job runs on a worker without the schedule: its answer still reaches the leader.
+    fleet(1, "", runner=f"shell!{script} %ID")
+    fleet(1, "next = job", queue="idle", target=f"exchange =\nrouting_key = {QUEUE}")
     runs = tmp_path / "job.sh.d"
     wait_until(lambda: len(list(runs.iterdir())) >= 3, 40, "three runs")
     names = sorted(p.name for p in runs.iterdir())
@@ -196,11 +198,12 @@ class FakeClock:
         self.now = parse_iso(now)
 
 
-def scheduler_settings(tmp_path: Path, url: str, schedule: str):
+def scheduler_settings(tmp_path: Path, url: str, schedule: str, rbit: str = ""):
     path = tmp_path / "scheduler.ini"
     path.write_text(f"""
 [rbit]
 name = in-process
+{rbit}
 
 [amqp]
 url = {url}
@@ -326,16 +329,18 @@ class Crash:
         return self.armed and step == self.step and json.loads(body)["seq"] > 0
 
 
-@pytest.mark.parametrize(("step", "copies"), [
+@pytest.mark.parametrize(("step", "copies", "queue_type"), [
     # Dead after the fire, before its record: the next leader publishes it again, with
     # the same id (a duplicate message, never a lost fire).
-    ("put_state", 2),
+    ("put_state", 2, "classic"),
     # Dead after the record, before the old token's ack: two tokens; the newer wins.
-    ("ack", 1),
+    ("ack", 1, "classic"),
+    ("ack", 1, "quorum"),  # a cluster's state queue
 ])
-def test_a_leader_dying_mid_write_hands_over_without_losing_a_fire(tmp_path, rabbit, vhost,
-                                                                   target, step, copies):
-    settings = scheduler_settings(tmp_path, rabbit.url(vhost), "every = 1h")
+def test_a_leader_dying_mid_write_hands_over_without_losing_a_fire(
+        tmp_path, rabbit, vhost, target, step, copies, queue_type):
+    settings = scheduler_settings(tmp_path, rabbit.url(vhost), "every = 1h",
+                                  rbit=f"queue_type = {queue_type}")
     clock = FakeClock("2026-01-01T00:30:00Z")
     crash = Crash(step)
     with scheduler(settings, clock, session_factory=crash.session(settings)) as first:

@@ -218,8 +218,7 @@ def call_runner(
         return Outcome.failed(describe_exception(exc))
     if isinstance(value, RunNext):
         nextrun.report(message.job_id, value)
-        value = None
-    if message.broadcast:  # the caller of a broadcast gets the return value
+    elif message.broadcast:  # the caller of a broadcast gets the return value
         return dataclasses.replace(tracker.outcome(), result=value)
     return tracker.outcome()
 

@@ -5,11 +5,12 @@
 * A ``shell!`` runner writes ``Next <seconds>`` or ``Next <ISO-8601 time>`` on its status
   descriptor (``$RBIT_STATUS_FD``).
 
-The worker that ran the job publishes the request to the schedule's state queue (see
-:mod:`rbit.schedule.leader`), where the leader picks it up. The job is recognised by
+The worker that ran the job (any worker: it need not carry the schedule) publishes the
+request to the schedule's state queue ``rbit.schedule.NAME`` (see
+:mod:`rbit.schedule.scheduler`), where the leader picks it up. The job is recognised by
 its id, ``NAME@<fire time>``; a ``RunNext`` from any other job is logged and ignored.
-Runners in a child process (``python =`` or ``timeout =``) can use the shell form only
-through their status: returning :class:`RunNext` there is not carried back.
+A ``python!`` runner in a child process (``python =`` or ``timeout =``) cannot send
+one: the request is logged there and dropped.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def report(job_id: str, next_run: RunNext) -> None:
     """Send ``next_run`` of job ``job_id`` to its schedule's leader (never raises)."""
     at = next_run.when(datetime.now(UTC))
     if _sink is None:
-        log.warning("job %s named its next run (%s), but this worker runs no scheduler",
-                    job_id, at.isoformat())
+        log.warning("job %s named its next run (%s), but it cannot be sent from this "
+                    "process (a runner in a child process?)", job_id, at.isoformat())
         return
     try:
         _sink(job_id, at)

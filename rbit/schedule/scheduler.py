@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from rbit.errors import BrokerError, Unroutable
 from rbit.schedule import leader, nextrun
-from rbit.schedule.fire import iso_utc, publish_fire, schedule_of
+from rbit.schedule.fire import iso_utc, parse_iso, publish_fire, schedule_of
 from rbit.schedule.settings import ScheduleSettings
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ class Seat:
         try:
             data = json.loads(body)
             if data.get("kind") == "next":
-                self.requests.append((tag, str(data["fire"]), leader.parse_iso(data["at"])))
+                self.requests.append((tag, str(data["fire"]), parse_iso(data["at"])))
             else:
                 self.tokens[tag] = leader.State.decode(data)
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -164,10 +164,11 @@ class Scheduler:
         """Start the local triggers, and the scheduler thread if there are time schedules."""
         for trigger in self.local:
             trigger.start()
+        if self._publish is not None:
+            # Also on workers without schedules: the job of a fire may run anywhere.
+            nextrun.install(self.send_next)
         if not self.seats:
             return
-        if self._publish is not None:
-            nextrun.install(self.send_next)
         self._thread = threading.Thread(target=self._run, name="rbit-scheduler", daemon=True)
         self._thread.start()
 
@@ -178,6 +179,7 @@ class Scheduler:
             trigger.stop(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._publish is not None:
             nextrun.install(None)
 
     def status(self) -> list[dict[str, Any]]:
@@ -187,8 +189,8 @@ class Scheduler:
     def send_next(self, job_id: str, at: datetime) -> None:
         """Carry a job's next run to its schedule's leader (thread-safe)."""
         name = schedule_of(job_id)
-        if name is None or not any(s.schedule.name == name for s in self.seats):
-            log.warning("job %s named a next run, but is no fire of a schedule here", job_id)
+        if name is None:
+            log.warning("job %s named a next run, but is no fire of a schedule", job_id)
             return
         body = json.dumps({"kind": "next", "fire": job_id, "at": iso_utc(at)}).encode()
 
@@ -207,21 +209,21 @@ class Scheduler:
     def _run(self) -> None:
         failures = 0
         while not self._stop.is_set():
+            delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
             try:
                 self._connect()
                 failures = 0
                 while not self._stop.is_set():
                     self.run_pass()
             except BrokerError as exc:
-                delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
                 failures += 1
                 log.warning("scheduler: %s; reconnecting in %.0f s", exc, delay)
             except Exception:  # the thread must outlive any bug in one pass
-                log.exception("scheduler: unexpected error; reconnecting")
-                delay = RECONNECT_DELAYS[-1]
+                failures = len(RECONNECT_DELAYS)
+                log.exception("scheduler: unexpected error; reconnecting in %.0f s", delay)
             finally:
                 self._disconnect()
-            self._stop.wait(delay if not self._stop.is_set() else 0)
+            self._stop.wait(delay)
 
     def _connect(self) -> None:
         from rbit.client import Client
