@@ -1130,6 +1130,13 @@ class ControlSettings:
     enabled: bool = True
     #: AMQP users whose commands are obeyed (matched against the validated ``user_id``).
     users: tuple[str, ...] = ("guest",)
+    #: Directory of operator public keys (*.pub): when set, a command must also carry a
+    #: valid signature by one of them (rbit.control.authority).
+    trusted_keys: str | None = None
+    #: The key ``rbit ctl`` signs commands with (None: ``[security] signing_key``).
+    signing_key: str | None = None
+    #: Seconds a signed command's time may be off from the worker's clock.
+    max_skew: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -1173,7 +1180,10 @@ def _control_and_state(readers: Mapping[str, _Section], worker: WorkerSettings,
     users = section.listing("users", (amqp.user,))
     if not users:
         raise section.error("users", "must name at least one AMQP user")
-    return ControlSettings(enabled=section.boolean("enabled", True), users=users), state
+    return ControlSettings(enabled=section.boolean("enabled", True), users=users,
+                           trusted_keys=section.text("trusted_keys") or None,
+                           signing_key=section.text("signing_key") or None,
+                           max_skew=section.number("max_skew", 60.0, maximum=MAX_SKEW)), state
 # [security]
 
 #: The largest max_skew: a replay record is kept this long at most.
