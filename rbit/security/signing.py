@@ -306,8 +306,12 @@ def verify(keys: TrustedKeys, *, body: bytes, headers: Mapping[str, Any],
             raise _error("a retry without a worker's counter-signature", key_id)
         verified = _verify_copy("retry", keys, headers, key_id, message_id, queue, now,
                                 attempts)
-        if REPLAY_SIG_HEADER in headers:  # covered by the retry's counter-signature
+        if REPLAY_SIG_HEADER in headers:
+            # The replay's counter-signature (covered by the retry's) covers the count;
+            # its own deadline has passed, the retry's applies.
             replayed = _integer(headers, REPLAYED_HEADER)
+            _verify_copy("replay", keys, headers, key_id, message_id, queue, now, replayed,
+                         check_time=False)
             return dataclasses.replace(
                 verified, replay_key=f"{verified.replay_key} replay {replayed}")
         return verified
@@ -321,7 +325,8 @@ def verify(keys: TrustedKeys, *, body: bytes, headers: Mapping[str, Any],
 
 
 def _verify_copy(kind: str, keys: TrustedKeys, headers: Mapping[str, Any], key_id: str,
-                 message_id: str, queue: str, now: float, tag: int | str) -> Verified:
+                 message_id: str, queue: str, now: float, tag: int | str, *,
+                 check_time: bool = True) -> Verified:
     key_header, until_header, sig_header = _COUNTER[kind]
     what = {"retry": "retry", "hold": "held copy", "replay": "replay"}[kind]
     if sig_header not in headers:
@@ -335,7 +340,7 @@ def _verify_copy(kind: str, keys: TrustedKeys, headers: Mapping[str, Any], key_i
         counter_key.verify(_signature(headers, sig_header), data)
     except InvalidSignature:
         raise _error(f"bad {what} counter-signature", key_id) from None
-    if now > until:
+    if check_time and now > until:
         raise _error(f"a stale {what} (valid until {until}, now {int(now)})", key_id)
     return Verified(key_id, f"{key_id} {message_id} {kind} {tag}", until, True)
 
