@@ -7,7 +7,8 @@
   in between leaves a duplicate, never a loss. A signed job's copy is counter-signed
   with the operator's ``[security] signing_key`` (a key the workers trust), which makes
   it verifiable again though its own signature is stale by now
-  (:mod:`rbit.security.signing`); without that key, replaying a signed job fails.
+  (:mod:`rbit.security.signing`); without that key, replaying a signed job to a queue
+  that requires signatures fails.
 * ``purge`` deletes them.
 
 ``QUEUE.dead`` is declared by the first job that dies; before that, every verb exits
@@ -77,8 +78,10 @@ def main(argv: Sequence[str]) -> int:
     try:
         with AdminSession(settings.amqp) as session:
             if options.action == "replay":
+                runner = next(r for r in settings.runners if r.queue == options.queue)
                 replay(session, options.queue, options.limit, sys.stdout, signer=signer,
-                       max_skew=settings.security.max_skew)
+                       max_skew=settings.security.max_skew,
+                       signed_only=settings.require_signed(runner))
             else:
                 verb = {"list": list_dead, "purge": purge}[options.action]
                 verb(session, options.queue, options.limit, sys.stdout)
@@ -147,7 +150,8 @@ def list_dead(session: AdminSession, queue: str, limit: int | None, out: TextIO)
 
 
 def replay(session: AdminSession, queue: str, limit: int | None, out: TextIO, *,
-           signer: Signer | None = None, max_skew: float = 300.0) -> int:
+           signer: Signer | None = None, max_skew: float = 300.0,
+           signed_only: bool = False) -> int:
     """Move dead letters back to the work queue, try count reset.
 
     Args:
@@ -157,9 +161,12 @@ def replay(session: AdminSession, queue: str, limit: int | None, out: TextIO, *,
         out: Where to say how many were replayed.
         signer: Counter-signs the copies of signed jobs (the operator's key).
         max_skew: How long (seconds) a counter-signed copy stays valid.
+        signed_only: The queue requires signed jobs (``require_signed``): a signed job
+            cannot be replayed without ``signer``.
 
     Raises:
-        BrokerError: A signed job and no ``signer``: it stays in the dead letters.
+        BrokerError: ``signed_only``, a signed job and no ``signer``: it stays in the
+            dead letters.
     """
     count = 0
     for delivery in _take(session, queue, limit):
@@ -168,7 +175,7 @@ def replay(session: AdminSession, queue: str, limit: int | None, out: TextIO, *,
         replayed = delivery.message.headers.get(REPLAYED_HEADER, 0)
         replayed = min(max(replayed, 0), 1_000_000) if replayed.__class__ is int else 0
         headers[REPLAYED_HEADER] = replayed + 1
-        if SIG_HEADER in headers:
+        if SIG_HEADER in headers and (signer is not None or signed_only):
             if signer is None:
                 raise BrokerError(f"job {delivery.message.job_id} is signed: its replay must "
                                   "be counter-signed; set [security] signing_key to a key "

@@ -137,3 +137,19 @@ def test_trusted_keys_without_a_usable_key_fails_at_start(tmp_path, rabbit, vhos
     assert proc.wait(60) == ExitCode.CONFIG == 78
     assert (f"file {config}, section [control], key 'trusted_keys': no usable trusted key"
             in proc.output), proc.output
+
+
+def test_control_signing_keys_are_read_and_not_warned_about(tmp_path, operator_keys):
+    from rbit.config import load_config
+    from rbit.control.authority import command_signer
+
+    operator, _intruder, trusted = operator_keys
+    config = _config(tmp_path, "amqp://localhost/", tmp_path, "w.ini",
+                     f"trusted_keys = {trusted}\nsigning_key = {operator}\nmax_skew = 30")
+    settings = load_config(str(config))
+    control = settings.control
+    assert (control.trusted_keys, control.signing_key, control.max_skew) == (
+        str(trusted), str(operator), 30.0)
+    assert not [w for w in settings.warnings if "[control]" in w]
+    assert command_signer(settings).key_id == keys.fingerprint(
+        keys.load_public(trusted / "operator.pub"))

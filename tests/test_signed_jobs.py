@@ -283,7 +283,8 @@ def test_a_dead_signed_job_replayed_by_an_operator_runs_and_a_forged_replay_neve
 def test_replaying_a_signed_job_without_an_operator_key_fails_and_keeps_it(
         tmp_path, rabbit, vhost, amqp, out, keyring, alice, capsys):
     worker, _publisher = _configs(tmp_path, rabbit.url(vhost), out, keyring)
-    plain = write_config(tmp_path, rabbit.url(vhost), {ONCE: {"runner": "shell!true"}},
+    plain = write_config(tmp_path, rabbit.url(vhost),
+                         {ONCE: {"runner": "shell!true", "require_signed": "yes"}},
                          name="plain.ini")
     amqp.channel.queue_declare(f"{ONCE}.dead", durable=True)
     amqp.publish(b"job", exchange="", routing_key=f"{ONCE}.dead", message_id="d-1",
