@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 
 class Status(str, enum.Enum):
@@ -65,6 +66,9 @@ class Outcome:
     delay: float | None = None
     #: For ``DONE``: the status to report instead of Done (Cancelled).
     status: Status | None = None
+    #: A broadcast copy's result for its caller (:mod:`rbit.broadcast`): a ``python!``
+    #: runner's return value, a ``shell!`` command's :class:`Output`. None for queue jobs.
+    result: Any = None
 
     @classmethod
     def done(cls, reason: str = "") -> Outcome:
@@ -86,6 +90,19 @@ class Outcome:
     @classmethod
     def rejected(cls, reason: str) -> Outcome:
         return cls(Kind.REJECTED, reason)
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a ``shell!`` command of a broadcast wrote on stdout (the first bytes only).
+
+    Attributes:
+        text: The output, decoded as UTF-8 (invalid bytes replaced).
+        truncated: The command wrote more than was kept.
+    """
+
+    text: str
+    truncated: bool = False
 
 
 _DONE = Outcome(Kind.DONE)  # the outcome of nearly every job: built once

@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rbit import decoding, jobguard, pybit
+from rbit import broadcast, decoding, jobguard, pybit
 from rbit.amqp.broker import Broker
 from rbit.amqp.records import ConsumerSpec
 from rbit.config import RunnerSettings, Settings
 from rbit.control.plane import ControlPlane
 from rbit.dispatch import JobPool, JobStatus, pool_for
-from rbit.errors import BrokerUnreachable
+from rbit.errors import BrokerUnreachable, ConfigError
 from rbit.runners.protocols import BatchRunner
 from rbit.runners.python import load_python_runner
 from rbit.runners.shell import ShellRunner
@@ -74,6 +74,8 @@ class Worker:
         if pybit.commands_enabled(settings):
             consumers = self._pybit_consumers(consumers)
         self.broker.set_consumers(consumers)
+        self.broker.set_broadcast(broadcast.routes(self.pools, self.security, settings,
+                                                   self.reporter.report))
         self.control = ControlPlane(settings, self.broker, self.pools,
                                     backlog=self.reporter.pending, request_stop=request_stop)
 
@@ -103,6 +105,7 @@ class Worker:
         else:
             job_runner = load_python_runner(runner, self._status_factory(runner.queue))
             if isinstance(job_runner, BatchRunner):
+                _bind_worker(job_runner, self.settings, runner)
                 runner = _batch_prefetch(runner, job_runner)
                 if runner.timeout:
                     log.warning("[runner:%s]: timeout is not enforced for a batch runner, "
@@ -196,6 +199,24 @@ class Worker:
             if all(pool.wait(step) for pool in pools):
                 return True
         return all(pool.wait(time.monotonic()) for pool in pools)
+
+
+def _bind_worker(job_runner: BatchRunner, settings: Settings, runner: RunnerSettings) -> None:
+    """Hand a batch runner that asks for them the worker's settings (``bind_worker``).
+
+    A batch runner may define ``bind_worker(settings, runner)``: it is called once, before
+    the worker starts, with the whole validated configuration and the runner's section,
+    e.g. to find ``[rbit] state_dir`` or to open a connection with the ``[amqp]``
+    settings. A :class:`ConfigError` it raises names the runner's file and section.
+    """
+    bind = getattr(job_runner, "bind_worker", None)
+    if not callable(bind):
+        return
+    try:
+        bind(settings, runner)
+    except ConfigError as exc:
+        raise exc.located(file=runner.file,
+                          section=runner.section or f"runner:{runner.queue}") from exc
 
 
 def _batch_prefetch(runner: RunnerSettings, job_runner: BatchRunner) -> RunnerSettings:
