@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rbit.usage import Usage
 
 
 class Status(str, enum.Enum):
@@ -65,6 +69,12 @@ class Outcome:
     delay: float | None = None
     #: For ``DONE``: the status to report instead of Done (Cancelled).
     status: Status | None = None
+    #: What the try used (:mod:`rbit.usage`), when the runner metered it.
+    usage: Usage | None = None
+
+    def with_usage(self, usage: Usage | None) -> Outcome:
+        """This outcome with ``usage`` attached."""
+        return Outcome(self.kind, self.reason, self.delay, self.status, usage)
 
     @classmethod
     def done(cls, reason: str = "") -> Outcome:

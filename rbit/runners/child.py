@@ -9,7 +9,8 @@ A child loads the runner once, then serves jobs one at a time: it reads one JSON
 a line (a job) from the file descriptor named by ``RBIT_PROTOCOL_IN_FD`` and writes
 JSON lines to the one named by ``RBIT_PROTOCOL_OUT_FD``: ``{"status": ..., "message":
 ...}`` for every status the runner reports, then one ``{"outcome": kind, "reason":
-..., "delay": ...}`` for the job. EOF on the request pipe means the worker wants it
+..., "delay": ..., "usage": {...}}`` for the job (``usage``: what the job used,
+measured by the child itself, :mod:`rbit.usage`). EOF on the request pipe means the worker wants it
 gone: it exits. Stdout and stderr stay free for the runner's own output. No pickle
 crosses the pipe.
 
@@ -48,6 +49,7 @@ from rbit.runners.python import (
     is_batch_factory,
     resolve_target,
 )
+from rbit.usage import process_mark, process_usage
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,6 +94,7 @@ def serve(target: str, in_fd: int, out_fd: int) -> int:
         for line in source:
             request = json.loads(line)
             status = channel.job_status()
+            mark = process_mark()
             if func is None:
                 outcome = Outcome.failed(error)
             else:
@@ -99,9 +102,8 @@ def serve(target: str, in_fd: int, out_fd: int) -> int:
                     func, _message(request), status, request.get("settings") or {}
                 )
             status.close()
-            channel.send(
-                {"outcome": outcome.kind.value, "reason": outcome.reason, "delay": outcome.delay}
-            )
+            channel.send({"outcome": outcome.kind.value, "reason": outcome.reason,
+                          "delay": outcome.delay, "usage": process_usage(mark).to_dict()})
     return 0
 
 

@@ -59,6 +59,7 @@ from rbit.supervisor import (
     signal_group,
     stop_outcome,
 )
+from rbit.usage import Usage
 
 logger = logging.getLogger("rbit.runners.python")
 
@@ -444,8 +445,11 @@ def outcome_from(event: Mapping[str, Any]) -> Outcome:
     delay = event.get("delay")
     makers = {"done": Outcome.done, "failed": Outcome.failed, "rejected": Outcome.rejected}
     if kind == "blocked":
-        return Outcome.blocked(reason, None if delay is None else float(delay))
-    return makers[kind](reason)
+        outcome = Outcome.blocked(reason, None if delay is None else float(delay))
+    else:
+        outcome = makers[kind](reason)
+    usage = event.get("usage")  # absent from an older child's outcome
+    return outcome if usage is None else outcome.with_usage(Usage.from_dict(usage))
 
 
 def _send(fd: int, data: bytes) -> None:

@@ -74,6 +74,8 @@ class Job(Supervisor):
         if stdout:
             log.debug("job %s: stdout tail: %s", self._job_id, stdout)
         outcome = _outcome(code, stopped, self._stderr.text(), self.timeout)
+        if self.usage is not None:
+            outcome = outcome.with_usage(self.usage)
         log.debug("job %s: %s %s", self._job_id, outcome.kind.value, outcome.reason)
         try:
             self._done(outcome)  # in the worker its ack goes out at once
