@@ -13,7 +13,8 @@ where one can be avoided:
     time of the command and of every descendant it waited for (a shell that runs a
     pipeline, ``make`` and its compilers); a process that was never waited for by its
     parent -- a double-forked daemon, a background job the command left behind -- is
-    not in it (and rbit kills such leftovers when the command exits). ``max_rss_kib``
+    not in it (those still in the command's process group when it exits are killed
+    then). ``max_rss_kib``
     is the largest peak resident set of the command or of one of the descendants it
     waited for (not their sum). ``wall_s`` runs from the start to the exit.
 ``python!`` jobs in a child process
