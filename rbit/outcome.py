@@ -7,7 +7,7 @@ delayed retry, dead letter) is decided in one place, :mod:`rbit.fate`.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -69,8 +69,9 @@ class Outcome:
     delay: float | None = None
     #: For ``DONE``: the status to report instead of Done (Cancelled).
     status: Status | None = None
-    #: What the try used (:mod:`rbit.usage`), when the runner metered it.
-    usage: Usage | None = None
+    #: What the try used (:mod:`rbit.usage`), when the runner metered it; a
+    #: measurement, not part of what the outcome is (equality ignores it).
+    usage: Usage | None = field(default=None, compare=False)
 
     def with_usage(self, usage: Usage | None) -> Outcome:
         """This outcome with ``usage`` attached."""
