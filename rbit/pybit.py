@@ -241,7 +241,10 @@ class QueuedCheck:
             if self._executor is None or marker not in delivery.message.body:
                 take(delivery)
                 return
-            self._executor.submit(self._check, take, delivery)
+            try:
+                self._executor.submit(self._check, take, delivery)
+            except RuntimeError:  # closed: the worker stops, and its pool hands jobs back
+                take(delivery)
 
         return on_delivery
 

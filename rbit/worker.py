@@ -23,7 +23,7 @@ from rbit.amqp.records import ConsumerSpec
 from rbit.config import RunnerSettings, Settings
 from rbit.control.plane import ControlPlane
 from rbit.dispatch import JobPool, JobStatus, pool_for
-from rbit.errors import BrokerUnreachable
+from rbit.errors import BrokerUnreachable, ConfigError
 from rbit.runners.protocols import BatchRunner
 from rbit.runners.python import load_python_runner
 from rbit.runners.shell import ShellRunner
@@ -99,6 +99,7 @@ class Worker:
         else:
             job_runner = load_python_runner(runner, self._status_factory(runner.queue))
             if isinstance(job_runner, BatchRunner):
+                _bind_worker(job_runner, self.settings, runner)
                 runner = _batch_prefetch(runner, job_runner)
                 if runner.timeout:
                     log.warning("[runner:%s]: timeout is not enforced for a batch runner, "
@@ -192,6 +193,24 @@ class Worker:
             if all(pool.wait(step) for pool in pools):
                 return True
         return all(pool.wait(time.monotonic()) for pool in pools)
+
+
+def _bind_worker(job_runner: BatchRunner, settings: Settings, runner: RunnerSettings) -> None:
+    """Hand a batch runner that asks for them the worker's settings (``bind_worker``).
+
+    A batch runner may define ``bind_worker(settings, runner)``: it is called once, before
+    the worker starts, with the whole validated configuration and the runner's section,
+    e.g. to find ``[rbit] state_dir`` or to open a connection with the ``[amqp]``
+    settings. A :class:`ConfigError` it raises names the runner's file and section.
+    """
+    bind = getattr(job_runner, "bind_worker", None)
+    if not callable(bind):
+        return
+    try:
+        bind(settings, runner)
+    except ConfigError as exc:
+        raise exc.located(file=runner.file,
+                          section=runner.section or f"runner:{runner.queue}") from exc
 
 
 def _batch_prefetch(runner: RunnerSettings, job_runner: BatchRunner) -> RunnerSettings:
