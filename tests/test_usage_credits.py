@@ -112,7 +112,9 @@ def test_a_worker_killed_after_the_claim_and_before_the_ack_claims_once_after_re
     finally:
         doomed.kill()
     queues = rabbit.list_queues(vhost)
-    assert queues[CREDITS] == (3, 0)  # ALLOC, COUNTERS, CLAIM, confirmed
+    # The first run: its ALLOC, COUNTERS and CLAIM were confirmed (its log lines may
+    # have died with it, unwritten).
+    assert queues[CREDITS] == (3, 0)
     assert queues[PRICED] == (1, 0)  # never acked: back in its queue
     worker = start(config)
     try:
@@ -127,7 +129,6 @@ def test_a_worker_killed_after_the_claim_and_before_the_ack_claims_once_after_re
         # It ran again after the restart and published its three events again: with
         # the same ids, or the server would have a second ALLOC and CLAIM (refused).
         assert worker.output.count("job crash-1 priced: Done") == 1
-        assert doomed.output.count("job crash-1 priced: Done") == 1  # the first run
     finally:
         worker.kill()
 
