@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 
 # (job_id, queue, status, message), and the job's usage after them with a final status.
 ReportFn = Callable[..., None]
+#: Why a broadcast copy got no result: the worker stopped before it ran or ended.
+STOPPING = "the worker is stopping"
+
 _STOP = object()
 
 
@@ -159,7 +162,7 @@ class JobPool:
         gone the broker redelivers it anyway.
         """
         if self._closing:
-            self._broker.requeue(delivery)
+            self._requeue(delivery)
         elif self._broker.is_current(delivery):
             if not delivery.message.is_cancelled():
                 return False
@@ -184,7 +187,43 @@ class JobPool:
             self.tracker.started(delivery.message, set_status)
         return set_status
 
+    def _requeue(self, delivery: Delivery) -> None:
+        """Give back a delivery that will not run here (the pool is closing)."""
+        if delivery.message.broadcast:  # never requeued: its caller hears why at once
+            delivery.answer(None, STOPPING)  # type: ignore[attr-defined]
+        else:
+            self._broker.requeue(delivery)
+
+    def _answer(self, delivery: Delivery, outcome: Outcome, set_status: JobStatus) -> None:
+        """Settle a broadcast copy (:mod:`rbit.broadcast`): its caller gets the outcome.
+
+        It is neither retried nor dead-lettered, and counted only when it is done.
+        """
+        message = delivery.message
+        queue_name = self.settings.queue
+        if self.tracker is not None:
+            self.tracker.ended(message)
+        ok = outcome.kind is Kind.DONE and not self._cancelled
+        status = (outcome.status or Status.DONE) if ok else Status.FAILED
+        note = "" if ok else (STOPPING if self._cancelled else outcome.reason)
+        if self.metrics is not None:
+            self.metrics.job_settled(queue_name, outcome, fate.Settlement(None, status, note),
+                                     set_status.started)
+        if self.observer is not None:
+            self.observer.ended(message.job_id, queue_name, status if ok else None,
+                                message.attempt, note, not ok)
+        last = set_status.last  # a runner that ended on Done itself has said it all
+        set_status.final(None if ok and last is not None and last.terminal else status, note)
+        self._settled()
+        if self._cancelled:
+            delivery.answer(None, STOPPING)  # type: ignore[attr-defined]
+        else:
+            delivery.answer(outcome, "")  # type: ignore[attr-defined]
+
     def _settle(self, delivery: Delivery, outcome: Outcome, set_status: JobStatus) -> None:
+        if delivery.message.broadcast:
+            self._answer(delivery, outcome, set_status)
+            return
         if self.tracker is not None:
             self.tracker.ended(delivery.message)
             if delivery.message.is_cancelled() and outcome.status is not Status.CANCELLED:
@@ -294,7 +333,7 @@ class _QueuedPool(JobPool):
         if self._closing:
             # Pushed before the broker saw our cancel: the job threads may be gone
             # already, so give it back now rather than when the connection closes.
-            self._broker.requeue(delivery)
+            self._requeue(delivery)
             return
         if self._count_busy:
             with self._lock:
@@ -309,7 +348,7 @@ class _QueuedPool(JobPool):
             except queue.Empty:
                 break
             if item is not _STOP:
-                self._broker.requeue(item)
+                self._requeue(item)
                 self._settled()
         for _ in self._threads:
             self._queue.put(_STOP)
@@ -418,7 +457,7 @@ class EventedPool(JobPool):
 
     def on_delivery(self, delivery: Delivery) -> None:
         if self._closing:
-            self._broker.requeue(delivery)  # see _QueuedPool.on_delivery
+            self._requeue(delivery)  # see _QueuedPool.on_delivery
             return
         if self._count_busy:
             with self._lock:
@@ -433,7 +472,7 @@ class EventedPool(JobPool):
                 delivery = self._waiting.popleft()
             except IndexError:
                 break
-            self._broker.requeue(delivery)
+            self._requeue(delivery)
             self._settled()
 
     def wait(self, deadline: float) -> bool:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rbit import decoding, jobguard, pybit
+from rbit import broadcast, decoding, jobguard, pybit
 from rbit.amqp.broker import Broker
 from rbit.amqp.records import ConsumerSpec
 from rbit.config import RunnerSettings, Settings
@@ -70,6 +70,8 @@ class Worker:
         if pybit.commands_enabled(settings):
             consumers = self._pybit_consumers(consumers)
         self.broker.set_consumers(consumers)
+        self.broker.set_broadcast(broadcast.routes(self.pools, self.security, settings,
+                                                   self.reporter.report))
         self.control = ControlPlane(settings, self.broker, self.pools,
                                     backlog=self.reporter.pending, request_stop=request_stop)
 

@@ -8,7 +8,8 @@ On every connection, before any job is consumed, a channel of its own declares:
   simply asked again);
 * the fanout exchange ``rbit.fleet`` and its queue ``rbit.fleet.seen`` (message TTL
   one day, at most :data:`SEEN_MAX` messages), to which the worker publishes a
-  ``hello`` announce, and a ``bye`` on a graceful stop.
+  ``hello`` announce, and a ``bye`` on a graceful stop; with a broadcast queue
+  (:mod:`rbit.amqp.broadcast`), an announce lists its queues under ``broadcast``.
 
 An exclusive queue can be held by one connection only: when another connection holds
 ``rbit.control.<name>``, RabbitMQ refuses the declaration (405, RESOURCE_LOCKED). On the
@@ -154,7 +155,10 @@ class ControlChannel:
 
     def announce(self, event: str, on_confirm: Callable[[bool], None] | None = None) -> None:
         """Publish this worker's announce to ``rbit.fleet`` (any thread)."""
-        body = json.dumps({**self._announce(), "event": event}).encode()
+        doc = {**self._announce(), "event": event}
+        if self._broker.broadcast is not None:  # whom a broadcast caller expects to answer
+            doc["broadcast"] = self._broker.broadcast.queues
+        body = json.dumps(doc).encode()
         self._broker.send(Publish(FLEET_EXCHANGE, "", body, content_type="application/json"),
                           on_confirm)
 

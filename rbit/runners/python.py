@@ -8,7 +8,9 @@ A plain runner is a callable ``func(message, set_status, settings)``:
   case-insensitive); an unknown status raises ``ValueError`` in the runner;
 * ``settings`` -- a dict of the runner section's other keys.
 
-How the call ends decides the job's :class:`rbit.outcome.Outcome`:
+How the call ends decides the job's :class:`rbit.outcome.Outcome`; what it returns is
+ignored, except for a broadcast copy (:mod:`rbit.broadcast`), whose caller gets it
+(it must be JSON-serialisable):
 
 * returning normally: done, unless the last status the runner set is terminal --
   ``Failed`` makes the outcome failed (with that status' message), ``Done``,
@@ -57,6 +59,7 @@ Batch runners always run in the worker's process (``python =`` does not apply).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import json
@@ -201,7 +204,7 @@ def call_runner(
     """
     tracker = StatusTracker(set_status)
     try:
-        func(message, tracker, dict(settings))
+        value = func(message, tracker, dict(settings))
     except Blocked as exc:
         return Outcome.blocked(exc.reason, exc.delay)
     except Reject as exc:
@@ -210,6 +213,8 @@ def call_runner(
         return Outcome.rejected(f"undecodable body: {exc}")
     except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the thread lives on
         return Outcome.failed(describe_exception(exc))
+    if message.broadcast:  # the caller of a broadcast gets the return value
+        return dataclasses.replace(tracker.outcome(), result=value)
     return tracker.outcome()
 
 

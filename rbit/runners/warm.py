@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -241,11 +242,18 @@ class WarmChild(Supervisor):
         # Wakes the loop for a cancel (:meth:`cancel`); one pipe for the child's life.
         self._wake_lock = threading.Lock()
         self._cancel_key: object = None
-        wake_r, self._wake_w = os.pipe()
-        self._pipes += (wake_r, self._wake_w)
-        os.set_blocking(self._wake_w, False)
-        super().__init__(proc, PollLoop(), ((replies, self._feed),),
-                         label=_idle_label(proc.pid), grace=grace, stop_fd=stop_fd)
+        try:
+            wake_r, self._wake_w = os.pipe()
+            self._pipes += (wake_r, self._wake_w)
+            os.set_blocking(self._wake_w, False)
+            super().__init__(proc, PollLoop(), ((replies, self._feed),),
+                             label=_idle_label(proc.pid), grace=grace, stop_fd=stop_fd)
+        except BaseException:
+            # spawn() closes the pipes it made; ours go now, and none twice later (a
+            # closed number is soon another file's).
+            self._fds.detach()
+            close_fds(*self._pipes[len(pipes):])
+            raise
         self.timeout = timeout  # per job, set by run_job, not for the child's whole life
         self._watch(wake_r, lambda: self._on_wake(wake_r))
 
@@ -453,7 +461,7 @@ def rss_bytes(pid: int) -> int | None:
 
 def request(message: Message, settings: Mapping[str, str]) -> dict[str, Any]:
     """The JSON request that carries ``message`` to a child."""
-    return {
+    doc = {
         "body": base64.b64encode(message.body).decode("ascii"),
         "queue": message.queue,
         "headers": json_safe(dict(message.headers or {})),
@@ -463,6 +471,9 @@ def request(message: Message, settings: Mapping[str, str]) -> dict[str, Any]:
         "allowed_classes": sorted(message.allowed_classes),
         "settings": dict(settings),
     }
+    if message.broadcast:  # the child sends the runner's return value back
+        doc["broadcast"] = True
+    return doc
 
 
 def json_safe(value: Any) -> Any:
@@ -486,6 +497,8 @@ def outcome_from(event: Mapping[str, Any]) -> Outcome:
     makers = {"done": Outcome.done, "failed": Outcome.failed, "rejected": Outcome.rejected}
     if kind == "blocked":
         outcome = Outcome.blocked(reason, None if delay is None else float(delay))
+    elif "result" in event:  # a broadcast copy's result (rbit.broadcast)
+        outcome = dataclasses.replace(makers[kind](reason), result=event["result"])
     else:
         outcome = makers[kind](reason)
     usage = event.get("usage")  # absent from an older child's outcome

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from rbit.outcome import Status
+from rbit.outcome import Output, Status
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,32 @@ class Tail:
     def text(self) -> str:
         text = self._data.decode("utf-8", "replace").strip()
         return "..." + text if self._truncated and text else text
+
+
+#: The most stdout kept of a broadcast copy's command (its first bytes), for its caller.
+OUTPUT_BYTES = 64 * 1024
+
+
+class Head:
+    """The first ``limit`` bytes of a stream (a broadcast copy's stdout).
+
+    The rest is read and dropped, so that the command never blocks on a full pipe.
+    """
+
+    def __init__(self, limit: int = OUTPUT_BYTES) -> None:
+        self._data = bytearray()
+        self._limit = limit
+        self.truncated = False
+
+    def feed(self, chunk: bytes) -> None:
+        room = self._limit - len(self._data)
+        if len(chunk) > room:
+            self.truncated = True
+        if room > 0:
+            self._data += chunk[:room]
+
+    def output(self) -> Output:
+        return Output(self._data.decode("utf-8", "replace"), self.truncated)
 
 
 class StatusReader:
