@@ -236,8 +236,18 @@ def _describe(name: str, doc: dict[str, Any]) -> str:
         rows.append(f"  {escape(item.get('job_id'), 200)}\t{escape(item.get('status'), 20)}"
                     f"\ttry {escape(item.get('attempt'), 10)}"
                     f"\t{_number(item.get('duration')):.3f} s"
+                    f"\t{_usage_text(item.get('usage'))}"
                     f"\t{escape(item.get('message'), 200)}")
     return "\n".join(rows)
+
+
+def _usage_text(usage: Any) -> str:
+    """``cpu 0.512 s, peak 10240 KiB`` for a history row's usage; ``-`` if not metered."""
+    if not isinstance(usage, dict):
+        return "-"
+    text = f"cpu {_number(usage.get('cpu_s')):.3f} s"
+    rss = usage.get("max_rss_kib")
+    return text if rss is None else f"{text}, peak {_number(rss):.0f} KiB"
 
 
 def _describe_status(ident: str, doc: dict[str, Any]) -> str:
