@@ -7,8 +7,11 @@ delayed retry, dead letter) is decided in one place, :mod:`rbit.fate`.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rbit.usage import Usage
 
 
 class Status(str, enum.Enum):
@@ -69,6 +72,13 @@ class Outcome:
     #: A broadcast copy's result for its caller (:mod:`rbit.broadcast`): a ``python!``
     #: runner's return value, a ``shell!`` command's :class:`Output`. None for queue jobs.
     result: Any = None
+    #: What the try used (:mod:`rbit.usage`), when the runner metered it; a
+    #: measurement, not part of what the outcome is (equality ignores it).
+    usage: Usage | None = field(default=None, compare=False)
+
+    def with_usage(self, usage: Usage | None) -> Outcome:
+        """This outcome with ``usage`` attached."""
+        return Outcome(self.kind, self.reason, self.delay, self.status, self.result, usage)
 
     @classmethod
     def done(cls, reason: str = "") -> Outcome:

@@ -65,6 +65,10 @@ class Worker:
         # Signed jobs (rbit.security): loaded before the runners, so that a config asking
         # for signatures without a usable key fails first.
         self.security = WorkerSecurity.for_worker(settings)
+        if self.security is not None:
+            # A held copy of a long signed job comes back if this worker dies: counter-
+            # signed, it is then verifiable like a retry.
+            self.broker.leases.sealer = self.security.seal_hold
         self.pools = [self._pool(runner) for runner in settings.runners]
         consumers = [self._consumer(pool) for pool in self.pools]
         self.pybit_check: pybit.QueuedCheck | None = None

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rbit.amqp.records import Publish
@@ -59,8 +60,26 @@ REOPEN_DELAY = 5.0
 #: The arguments of ``rbit.fleet.seen`` (every declarer must give the same).
 FLEET_QUEUE_ARGUMENTS = {"x-message-ttl": SEEN_TTL_MS, "x-max-length": SEEN_MAX}
 
-#: handle(body, user_id) -> the reply document, or None for no reply.
-Handler = Callable[[bytes, "str | None"], "bytes | None"]
+
+@dataclass(frozen=True)
+class CommandEnvelope:
+    """What a command arrived with, beside its body.
+
+    Attributes:
+        routing_key: The routing key it was published with.
+        headers: Its AMQP headers.
+        message_id: Its AMQP ``message_id``.
+        content_type: Its AMQP ``content_type``.
+    """
+
+    routing_key: str
+    headers: Mapping[str, Any]
+    message_id: str | None
+    content_type: str | None
+
+
+#: handle(body, user_id, envelope) -> the reply document, or None for no reply.
+Handler = Callable[[bytes, "str | None", CommandEnvelope], "bytes | None"]
 
 
 def control_queue(name: str) -> str:
@@ -162,9 +181,11 @@ class ControlChannel:
         self._broker.send(Publish(FLEET_EXCHANGE, "", body, content_type="application/json"),
                           on_confirm)
 
-    def _on_command(self, _channel: Any, _method: Any, props: Any, body: bytes) -> None:
+    def _on_command(self, _channel: Any, method: Any, props: Any, body: bytes) -> None:
+        envelope = CommandEnvelope(method.routing_key, props.headers or {}, props.message_id,
+                                   props.content_type)
         try:
-            answer = self._handle(body, props.user_id)
+            answer = self._handle(body, props.user_id, envelope)
         except Exception:  # a command must not take the I/O thread down
             log.exception("internal error handling a control command")
             return

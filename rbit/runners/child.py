@@ -9,8 +9,9 @@ A child loads the runner once, then serves jobs one at a time: it reads one JSON
 a line (a job) from the file descriptor named by ``RBIT_PROTOCOL_IN_FD`` and writes
 JSON lines to the one named by ``RBIT_PROTOCOL_OUT_FD``: ``{"status": ..., "message":
 ...}`` for every status the runner reports, then one ``{"outcome": kind, "reason":
-..., "delay": ...}`` for the job (with ``"result"``, the runner's return value, when
-the request has ``"broadcast": true``). EOF on the request pipe means the worker wants it
+..., "delay": ..., "usage": {...}}`` for the job (``usage``: what the job used, measured
+by the child itself, :mod:`rbit.usage`; with ``"result"``, the runner's return value,
+when the request has ``"broadcast": true``). EOF on the request pipe means the worker wants it
 gone: it exits. Stdout and stderr stay free for the runner's own output. No pickle
 crosses the pipe.
 
@@ -49,6 +50,7 @@ from rbit.runners.python import (
     is_batch_factory,
     resolve_target,
 )
+from rbit.usage import process_mark, process_usage
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,6 +95,7 @@ def serve(target: str, in_fd: int, out_fd: int) -> int:
         for line in source:
             request = json.loads(line)
             status = channel.job_status()
+            mark = process_mark()
             if func is None:
                 outcome = Outcome.failed(error)
             else:
@@ -100,7 +103,9 @@ def serve(target: str, in_fd: int, out_fd: int) -> int:
                     func, _message(request), status, request.get("settings") or {}
                 )
             status.close()
-            channel.send(_outcome_event(outcome, bool(request.get("broadcast"))))
+            event = _outcome_event(outcome, bool(request.get("broadcast")))
+            event["usage"] = process_usage(mark).to_dict()
+            channel.send(event)
     return 0
 
 

@@ -86,6 +86,7 @@ from rbit.runners.warm import (
 from rbit.schedule import nextrun
 from rbit.schedule.nextrun import RunNext
 from rbit.supervisor import CANCEL_REASON, DEFAULT_KILL_GRACE, StopSignal, kill_grace
+from rbit.usage import thread_mark, thread_usage
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +288,9 @@ class PythonRunner:
         """
         if self._children is not None:
             return self._children.run(message, set_status)
-        return call_runner(self._func, message, set_status, self.settings.settings)
+        mark = thread_mark()
+        outcome = call_runner(self._func, message, set_status, self.settings.settings)
+        return outcome.with_usage(thread_usage(mark))
 
     def cancel(self) -> None:
         """Stop running child processes (SIGTERM now, SIGKILL after ``kill_grace``).

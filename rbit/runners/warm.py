@@ -65,6 +65,7 @@ from rbit.supervisor import (
     signal_group,
     stop_outcome,
 )
+from rbit.usage import Usage
 
 logger = logging.getLogger("rbit.runners.python")
 
@@ -495,10 +496,13 @@ def outcome_from(event: Mapping[str, Any]) -> Outcome:
     delay = event.get("delay")
     makers = {"done": Outcome.done, "failed": Outcome.failed, "rejected": Outcome.rejected}
     if kind == "blocked":
-        return Outcome.blocked(reason, None if delay is None else float(delay))
-    if "result" in event:  # a broadcast copy's result (rbit.broadcast)
-        return dataclasses.replace(makers[kind](reason), result=event["result"])
-    return makers[kind](reason)
+        outcome = Outcome.blocked(reason, None if delay is None else float(delay))
+    elif "result" in event:  # a broadcast copy's result (rbit.broadcast)
+        outcome = dataclasses.replace(makers[kind](reason), result=event["result"])
+    else:
+        outcome = makers[kind](reason)
+    usage = event.get("usage")  # absent from an older child's outcome
+    return outcome if usage is None else outcome.with_usage(Usage.from_dict(usage))
 
 
 def _send(fd: int, data: bytes) -> None:

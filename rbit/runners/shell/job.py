@@ -82,6 +82,8 @@ class Job(Supervisor):
         outcome = _outcome(code, stopped, self._stderr.text(), self.timeout)
         if self._output is not None:
             outcome = dataclasses.replace(outcome, result=self._output.output())
+        if self.usage is not None:
+            outcome = outcome.with_usage(self.usage)
         log.debug("job %s: %s %s", self._job_id, outcome.kind.value, outcome.reason)
         try:
             self._done(outcome)  # in the worker its ack goes out at once
