@@ -157,3 +157,20 @@ def test_of_two_tokens_left_by_a_hand_over_the_newer_wins():
     assert leader.newest([old, new]) is new
     assert leader.newest([new, old]) is new
     assert leader.State.decode(json.loads(new.encode())) == new
+
+
+def test_fire_times_reached_late_by_the_same_leader_all_fire_whatever_catch_up():
+    schedule = every(2, "once")
+    state = leader.State(3, t("2026-01-01T00:00:00"), last=t("2026-01-01T00:00:10"))
+    late = t("2026-01-01T00:00:16.5")  # a pass stalled for 6 s
+    fires, after = leader.plan(schedule, state, late, leading_since=t("2026-01-01T00:00:05"))
+    assert ids(fires) == ["s@2026-01-01T00:00:12Z", "s@2026-01-01T00:00:14Z",
+                          "s@2026-01-01T00:00:16Z"]
+    assert after.last == t("2026-01-01T00:00:16")
+    # A leader that took over after those times: they were missed; catch_up = once.
+    fires, _ = leader.plan(schedule, state, late, leading_since=t("2026-01-01T00:00:16"))
+    assert ids(fires) == ["s@2026-01-01T00:00:16Z"]
+    # Suspended for longer than LATE_LIMIT: missed, whoever held the token.
+    fires, _ = leader.plan(schedule, state, t("2026-01-01T00:05:00"),
+                           leading_since=t("2026-01-01T00:00:05"))
+    assert ids(fires) == ["s@2026-01-01T00:05:00Z"]

@@ -16,6 +16,10 @@ Fires missed while no leader ran follow ``catch_up``:
 * ``skip``: none, unless the latest was missed by at most :data:`LATE_LIMIT` seconds
   (it is then on time, only late: e.g. during a hand-over).
 
+Fire times that came while the current leader held the token, at most
+:data:`LATE_LIMIT` seconds ago, were not missed, only reached late (a pass slowed by a
+busy machine): they all fire. A longer gap (a suspended host) counts as missed.
+
 With no state yet (a new schedule), the first fire is the first fire time after the
 state was created: nothing is caught up from before.
 """
@@ -88,15 +92,27 @@ def next_fire(schedule: ScheduleSettings, state: State) -> datetime | None:
     return schedule.trigger.next_after(state.last or state.created)
 
 
-def plan(schedule: ScheduleSettings, state: State, now: datetime) -> tuple[list[Fire], State]:
-    """The fires due at ``now`` and the state once they are published."""
+def plan(schedule: ScheduleSettings, state: State, now: datetime,
+         leading_since: datetime | None = None) -> tuple[list[Fire], State]:
+    """The fires due at ``now`` and the state once they are published.
+
+    Args:
+        schedule: The schedule.
+        state: Its state, as the token holds it.
+        now: The time.
+        leading_since: Since when this leader has held the token. Fire times after
+            that, up to :data:`LATE_LIMIT` seconds old, were not missed, only reached
+            late (a slow pass): they all fire, whatever ``catch_up`` says.
+    """
     first = next_fire(schedule, state)
     if first is None or first > now:
         return [], state
     if isinstance(schedule.trigger, NextJob):
         # One run was named: it fires once, however late.
         return [Fire(schedule.name, first)], dataclasses.replace(state, last=first, next_at=None)
-    if schedule.catch_up == "all":
+    on_duty = (leading_since is not None and first >= leading_since
+               and now - first <= timedelta(seconds=LATE_LIMIT))
+    if schedule.catch_up == "all" or on_duty:
         times = _times(schedule, first, now)
         return ([Fire(schedule.name, t) for t in times],
                 dataclasses.replace(state, last=times[-1]))

@@ -102,6 +102,7 @@ class Seat:
         self.junk: list[int] = []
         self.state: leader.State | None = None
         self.held_since = time.monotonic()
+        self.leading_since: datetime | None = None  # the clock's time of the first token
 
     def on_state(self, tag: int, body: bytes) -> None:
         """A delivery: only the active consumer gets any, so this worker leads."""
@@ -276,7 +277,9 @@ class Scheduler:
         state = best
         for _tag, job_id, at in seat.requests:
             state = leader.apply_next(seat.schedule, state, job_id, at)
-        fires, state = leader.plan(seat.schedule, state, now)
+        if seat.leading_since is None:
+            seat.leading_since = now
+        fires, state = leader.plan(seat.schedule, state, now, seat.leading_since)
         seat.state = state
         refresh = time.monotonic() - seat.held_since > self._refresh
         if not (fires or seat.requests or len(seat.tokens) > 1 or seat.junk or refresh):
