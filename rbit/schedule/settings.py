@@ -134,11 +134,6 @@ def parse_next(section: Any, value: str) -> NextJob:
     return NextJob(first=moment.astimezone(UTC))
 
 
-def not_available(section: Any, value: str, *, key: str) -> Any:
-    """The parser of a trigger this version does not have."""
-    raise section.error(key, f"the {key!r} trigger is not available in this version")
-
-
 def parse_listen(section: Any, value: str) -> Any:
     """``listen = unix:PATH | tcp:HOST:PORT`` (:func:`rbit.schedule.listen.parse_listen`)."""
     # Imported here: the listen module uses the credit server, which needs rbit.config.
