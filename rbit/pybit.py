@@ -136,7 +136,7 @@ class Commands:
         self._tracker = tracker
 
     def spec(self, queue: str) -> ConsumerSpec:
-        return ConsumerSpec(queue=queue, prefetch=_COMMAND_PREFETCH,
+        return ConsumerSpec(queue=queue, prefetch=_COMMAND_PREFETCH, commands=True,
                             on_delivery=self.on_delivery,
                             allowed_classes=decoding.DEFAULT_ALLOWED_CLASSES)
 
