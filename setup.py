@@ -39,6 +39,9 @@ setup(
         # Ed25519 signatures of jobs (rbit.security): a vetted implementation instead of
         # a hand-made primitive; 41 has the Ed25519 and serialization APIs used here.
         "cryptography>=41,<50",
+        # cron = ... schedules (rbit.schedule.triggers): cronsim, a small, maintained,
+        # dependency-free evaluator of standard cron expressions, DST-aware with zoneinfo.
+        "cronsim>=2.6,<3",
     ],
     extras_require={
         # ruff is pinned to a minor series: its rules change between them, and the test

@@ -76,13 +76,15 @@ class Client:
         settings: A loaded config (``[amqp]``, ``[rbit] exchange``, runner sections for
             their routing keys, ``[status]``, ``[security] signing_key``).
         name: Connection name shown in the RabbitMQ management UI.
+        session: An open session to publish through instead of a new one.
 
     Raises:
         BrokerUnreachable: No host accepts a connection.
         ConfigError: ``signing_key`` is set but unusable.
     """
 
-    def __init__(self, settings: Settings, name: str = "rbit client") -> None:
+    def __init__(self, settings: Settings, name: str = "rbit client",
+                 session: PublisherSession | None = None) -> None:
         self.settings = settings
         self._signer = None
         if settings.security.signing_key:
@@ -90,7 +92,8 @@ class Client:
             from rbit.security.signing import Signer
             self._signer = Signer(keys.signing_key(settings.security.signing_key,
                                                    file=settings.file))
-        self._session = PublisherSession(settings.amqp, name)
+        # A caller's session (the scheduler's) is used, and closed by close(), as is.
+        self._session = session or PublisherSession(settings.amqp, name)
         self._watching = False
         self._filter: tuple[str | None, str | None] = (None, None)
 
@@ -135,14 +138,28 @@ class Client:
                              "._:@+=- (not first: . -), at most 200 characters")
         data = body.encode("utf-8") if isinstance(body, str) else bytes(body)
         exchange, route = target(self.settings, queue)
-        sent = dict(headers or {})
-        if self._signer is not None:
-            sent.update(self._signer.sign(exchange, route, job_id, content_type, sent, data))
         if wait:
             self.watch(job=job_id)  # bound before publishing: no status can be missed
-        self._session.publish_job(exchange, route, data, message_id=job_id, headers=sent,
-                                  timestamp=int(time.time()), content_type=content_type)
+        self.publish(exchange, route, data, job_id=job_id, headers=headers,
+                     content_type=content_type)
         return self.wait(job_id, timeout) if wait else job_id
+
+    def publish(self, exchange: str, route: str, body: bytes, *, job_id: str,
+                headers: Mapping[str, Any] | None = None,
+                content_type: str | None = None) -> None:
+        """Publish one job to ``exchange`` with ``route`` (signed when a key is set).
+
+        Persistent, mandatory, and confirmed before this returns.
+
+        Raises:
+            Unroutable: No queue would receive the job.
+            BrokerError: The broker refused it or the connection failed.
+        """
+        sent = dict(headers or {})
+        if self._signer is not None:
+            sent.update(self._signer.sign(exchange, route, job_id, content_type, sent, body))
+        self._session.publish_job(exchange, route, body, message_id=job_id, headers=sent,
+                                  timestamp=int(time.time()), content_type=content_type)
 
     def build_request(self, queue: str, job_id: int, package: str, version: str,
                       **kwargs: Any) -> str:

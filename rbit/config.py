@@ -19,7 +19,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rbit import backoff
+from rbit.credit.pricing import KEYS as PRICING_KEYS
+from rbit.credit.pricing import (
+    Pricing,
+    check_machine_id,
+    default_machine_id,
+    parse_pricing,
+)
 from rbit.errors import ConfigError
+from rbit.schedule.settings import SECTION_PREFIX as _SCHEDULE_PREFIX
+from rbit.schedule.settings import ScheduleSettings, parse_schedule
 
 
 class RunnerOptions(dict):
@@ -112,6 +121,8 @@ class RunnerSettings:
     # Where the section was written, for errors found when the runner is loaded.
     file: str = ""
     section: str = ""
+    # Credits earned by each Done job from its usage (rbit.credit.pricing), if priced.
+    pricing: Pricing | None = None
 
     @property
     def where(self) -> str:
@@ -155,6 +166,8 @@ class WorkerSettings:
     consumer_timeout: float | None = None  # broker's delivery-ack timeout, if lowered
     jsonpickle_classes: tuple[str, ...] = ()  # extra classes every runner may decode
     pybit_commands: bool = False  # a command queue for PyBit's CancelRequest/StatusRequest
+    # The machine usage credits are claimed for (rbit.credit.pricing.default_machine_id).
+    machine_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -194,6 +207,7 @@ class Settings:
     control: ControlSettings = field(default_factory=lambda: ControlSettings())
     state: StateSettings = field(default_factory=lambda: StateSettings())
     security: SecuritySettings = SecuritySettings()
+    schedules: tuple[ScheduleSettings, ...] = ()  # [schedule:NAME] (rbit.schedule)
 
     def require_signed(self, runner: RunnerSettings) -> bool:
         """Whether ``runner``'s jobs must carry a trusted signature."""
@@ -298,6 +312,9 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
     runners = tuple(dataclasses.replace(runner, secret_env=secret_env) for runner in runners)
     http = _http(readers["http"]) if "http" in readers else None
     security = parse_security(readers.get("security"), worker.name, env)
+    scheduled = [reader for name, reader in readers.items() if name.startswith(_SCHEDULE_PREFIX)]
+    schedules = tuple(parse_schedule(reader, runners, worker.exchange) for reader in scheduled)
+    warnings.extend(line for reader in scheduled for line in reader.unknown_keys())
     warnings.extend(_unknown_sections(path, parser.sections()))
     for name in ("rbit", "amqp", "status", "http", "control", "security"):
         if name in readers:
@@ -315,6 +332,7 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
         control=control,
         state=state,
         security=security,
+        schedules=schedules,
     )
 
 
@@ -430,9 +448,9 @@ def _unknown_sections(path: str, names: Sequence[str]) -> list[str]:
     known = {"rbit", "amqp", "status", "http", "control", "security"}
     return [
         f"file {path}, section [{name}]: unknown section, ignored"
-        + _suggestion(name, sorted(known) + ["runner:<queue>"])
+        + _suggestion(name, sorted(known) + ["runner:<queue>", "schedule:<name>"])
         for name in names
-        if name not in known and not name.startswith(_RUNNER_PREFIX)
+        if name not in known and not name.startswith((_RUNNER_PREFIX, _SCHEDULE_PREFIX))
         and not _is_logging_section(name)
     ]
 
@@ -644,7 +662,18 @@ def _worker(section: _Section) -> WorkerSettings:
         consumer_timeout=section.number("consumer_timeout", None, maximum=MAX_LONG_DURATION),
         jsonpickle_classes=section.class_names("jsonpickle_classes"),
         pybit_commands=_pybit_commands(section),
+        machine_id=_machine_id(section),
     )
+
+
+def _machine_id(section: _Section) -> str:
+    value = section.text("machine_id")
+    if value is None:
+        return default_machine_id()
+    problem = check_machine_id(value)
+    if problem is not None:
+        raise section.error("machine_id", problem)
+    return value
 
 
 def _pybit_commands(section: _Section) -> bool:
@@ -885,8 +914,9 @@ _RUNNER_KEYS = frozenset({
 })
 
 
-# Keys rbit reads that stay among the runner's settings (the supervisor reads them too).
-_RUNNER_SETTINGS_READ = frozenset({"kill_grace"})
+# Keys rbit reads that stay among the runner's settings (the supervisor reads them too,
+# a bundled runner may read credit_queue).
+_RUNNER_SETTINGS_READ = frozenset({"kill_grace", *PRICING_KEYS})
 _TYPO_CANDIDATES = sorted(_RUNNER_KEYS | _RUNNER_SETTINGS_READ)
 
 #: How alike an unknown runner key must be to a known one to be reported as a typo.
@@ -938,7 +968,17 @@ def _runner(section: _Section, worker: WorkerSettings, warnings: list[str]) -> R
         require_signed=section.boolean("require_signed", None),  # type: ignore[arg-type]
         file=section.file,
         section=section.name,
+        pricing=_pricing(section, worker),
     )
+
+
+def _pricing(section: _Section, worker: WorkerSettings) -> Pricing | None:
+    # The keys stay among the runner's settings: a bundled runner may read
+    # credit_queue itself (rbitext.usagebilling).
+    values = {key: section.raw(key) or "" for key in section.keys()  # noqa: SIM118
+              if key.startswith("credit")}
+    return parse_pricing(values, file=section.file, section=section.name,
+                         machine_id=worker.machine_id)
 
 
 def _prefetch(section: _Section, worker: WorkerSettings, concurrency: int,
@@ -1144,6 +1184,13 @@ class ControlSettings:
     enabled: bool = True
     #: AMQP users whose commands are obeyed (matched against the validated ``user_id``).
     users: tuple[str, ...] = ("guest",)
+    #: Directory of operator public keys (*.pub): when set, a command must also carry a
+    #: valid signature by one of them (rbit.control.authority).
+    trusted_keys: str | None = None
+    #: The key ``rbit ctl`` signs commands with (None: ``[security] signing_key``).
+    signing_key: str | None = None
+    #: Seconds a signed command's time may be off from the worker's clock.
+    max_skew: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -1187,7 +1234,10 @@ def _control_and_state(readers: Mapping[str, _Section], worker: WorkerSettings,
     users = section.listing("users", (amqp.user,))
     if not users:
         raise section.error("users", "must name at least one AMQP user")
-    return ControlSettings(enabled=section.boolean("enabled", True), users=users), state
+    return ControlSettings(enabled=section.boolean("enabled", True), users=users,
+                           trusted_keys=section.text("trusted_keys") or None,
+                           signing_key=section.text("signing_key") or None,
+                           max_skew=section.number("max_skew", 60.0, maximum=MAX_SKEW)), state
 # [security]
 
 #: The largest max_skew: a replay record is kept this long at most.

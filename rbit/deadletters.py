@@ -4,7 +4,11 @@
   without removing it: the messages are taken unacked and handed back on close.
 * ``replay`` moves dead jobs back to the work queue with their try count reset; each
   one is acked on ``QUEUE.dead`` only after the broker confirmed the copy, so a crash
-  in between leaves a duplicate, never a loss.
+  in between leaves a duplicate, never a loss. A signed job's copy is counter-signed
+  with the operator's ``[security] signing_key`` (a key the workers trust), which makes
+  it verifiable again though its own signature is stale by now
+  (:mod:`rbit.security.signing`); without that key, replaying a signed job to a queue
+  that requires signatures fails.
 * ``purge`` deletes them.
 
 ``QUEUE.dead`` is declared by the first job that dies; before that, every verb exits
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -27,13 +32,13 @@ from rbit.errors import BrokerError, BrokerUnreachable, ConfigError, QueueNotFou
 from rbit.fate import DEAD_REASON_HEADER, DEAD_TIME_HEADER, DEAD_WORKER_HEADER
 from rbit.message import ATTEMPTS_HEADER, LAST_ERROR_HEADER, UNDECODABLE_HEADER
 from rbit.safetext import escape
+from rbit.security.signing import COUNTER_HEADERS, REPLAYED_HEADER, SIG_HEADER, Signer
 from rbit.topology import dead_letter_queue
 
 log = logging.getLogger(__name__)
 
 #: Header counting how often a job was replayed from the dead letters.
-REPLAYED_HEADER = "x-rbit-replayed"
-_DROPPED_ON_REPLAY = (ATTEMPTS_HEADER, LAST_ERROR_HEADER, DEAD_REASON_HEADER,
+_DROPPED_ON_REPLAY = (*COUNTER_HEADERS, ATTEMPTS_HEADER, LAST_ERROR_HEADER, DEAD_REASON_HEADER,
                       DEAD_TIME_HEADER, DEAD_WORKER_HEADER, "x-rbit-dead-queue", "x-death",
                       "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
                       "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason",
@@ -66,9 +71,20 @@ def main(argv: Sequence[str]) -> int:
         print(f"rbit: configuration error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     try:
+        signer = _signer(settings) if options.action == "replay" else None
+    except ConfigError as exc:
+        print(f"rbit: configuration error: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    try:
         with AdminSession(settings.amqp) as session:
-            verb = {"list": list_dead, "replay": replay, "purge": purge}[options.action]
-            verb(session, options.queue, options.limit, sys.stdout)
+            if options.action == "replay":
+                runner = next(r for r in settings.runners if r.queue == options.queue)
+                replay(session, options.queue, options.limit, sys.stdout, signer=signer,
+                       max_skew=settings.security.max_skew,
+                       signed_only=settings.require_signed(runner))
+            else:
+                verb = {"list": list_dead, "purge": purge}[options.action]
+                verb(session, options.queue, options.limit, sys.stdout)
     except BrokerUnreachable as exc:
         print(f"rbit: cannot reach the broker: {exc}", file=sys.stderr)
         return ExitCode.BROKER_UNREACHABLE
@@ -79,6 +95,15 @@ def main(argv: Sequence[str]) -> int:
         print(f"rbit: {exc}", file=sys.stderr)
         return ExitCode.ERROR
     return ExitCode.OK
+
+
+def _signer(settings: Settings) -> Signer | None:
+    """The operator's key, which counter-signs replays of signed jobs (None: not set)."""
+    if not settings.security.signing_key:
+        return None
+    from rbit.security import keys
+
+    return Signer(keys.signing_key(settings.security.signing_key, file=settings.file))
 
 
 def _check_queue(settings: Settings, queue: str) -> None:
@@ -124,8 +149,25 @@ def list_dead(session: AdminSession, queue: str, limit: int | None, out: TextIO)
     return count
 
 
-def replay(session: AdminSession, queue: str, limit: int | None, out: TextIO) -> int:
-    """Move dead letters back to the work queue, try count reset."""
+def replay(session: AdminSession, queue: str, limit: int | None, out: TextIO, *,
+           signer: Signer | None = None, max_skew: float = 300.0,
+           signed_only: bool = False) -> int:
+    """Move dead letters back to the work queue, try count reset.
+
+    Args:
+        session: The broker session.
+        queue: The work queue.
+        limit: At most this many jobs (None: all).
+        out: Where to say how many were replayed.
+        signer: Counter-signs the copies of signed jobs (the operator's key).
+        max_skew: How long (seconds) a counter-signed copy stays valid.
+        signed_only: The queue requires signed jobs (``require_signed``): a signed job
+            cannot be replayed without ``signer``.
+
+    Raises:
+        BrokerError: ``signed_only``, a signed job and no ``signer``: it stays in the
+            dead letters.
+    """
     count = 0
     for delivery in _take(session, queue, limit):
         headers = {k: v for k, v in delivery.message.headers.items()
@@ -133,6 +175,14 @@ def replay(session: AdminSession, queue: str, limit: int | None, out: TextIO) ->
         replayed = delivery.message.headers.get(REPLAYED_HEADER, 0)
         replayed = min(max(replayed, 0), 1_000_000) if replayed.__class__ is int else 0
         headers[REPLAYED_HEADER] = replayed + 1
+        if SIG_HEADER in headers and (signer is not None or signed_only):
+            if signer is None:
+                raise BrokerError(f"job {delivery.message.job_id} is signed: its replay must "
+                                  "be counter-signed; set [security] signing_key to a key "
+                                  f"the workers trust ({count} job(s) replayed before it)")
+            until = int(time.time() + max_skew)
+            headers.update(signer.countersign_copy("replay", headers, queue, replayed + 1,
+                                                   until))
         session.publish(Publish("", queue, delivery.message.body, headers=headers,
                                 properties=delivery.properties))
         session.ack(delivery)

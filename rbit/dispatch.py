@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from rbit import fate
 from rbit.amqp.records import Delivery
 from rbit.config import RunnerSettings
+from rbit.credit.usage_credits import credits_confirmed, usage_publishes
 from rbit.outcome import Kind, Outcome, Status
 from rbit.runners.protocols import (
     BatchRunner,
@@ -40,6 +41,7 @@ from rbit.runners.protocols import (
     runner_kind,
 )
 from rbit.status import one_line
+from rbit.usage import Usage
 
 if TYPE_CHECKING:
     from rbit.amqp.broker import Broker
@@ -47,7 +49,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ReportFn = Callable[[str, str, Status, str], None]  # (job_id, queue, status, message)
+# (job_id, queue, status, message), and the job's usage after them with a final status.
+ReportFn = Callable[..., None]
+#: Why a broadcast copy got no result: the worker stopped before it ran or ended.
+STOPPING = "the worker is stopping"
+
 _STOP = object()
 
 
@@ -156,7 +162,7 @@ class JobPool:
         gone the broker redelivers it anyway.
         """
         if self._closing:
-            self._broker.requeue(delivery)
+            self._requeue(delivery)
         elif self._broker.is_current(delivery):
             if not delivery.message.is_cancelled():
                 return False
@@ -181,7 +187,43 @@ class JobPool:
             self.tracker.started(delivery.message, set_status)
         return set_status
 
+    def _requeue(self, delivery: Delivery) -> None:
+        """Give back a delivery that will not run here (the pool is closing)."""
+        if delivery.message.broadcast:  # never requeued: its caller hears why at once
+            delivery.answer(None, STOPPING)  # type: ignore[attr-defined]
+        else:
+            self._broker.requeue(delivery)
+
+    def _answer(self, delivery: Delivery, outcome: Outcome, set_status: JobStatus) -> None:
+        """Settle a broadcast copy (:mod:`rbit.broadcast`): its caller gets the outcome.
+
+        It is neither retried nor dead-lettered, and counted only when it is done.
+        """
+        message = delivery.message
+        queue_name = self.settings.queue
+        if self.tracker is not None:
+            self.tracker.ended(message)
+        ok = outcome.kind is Kind.DONE and not self._cancelled
+        status = (outcome.status or Status.DONE) if ok else Status.FAILED
+        note = "" if ok else (STOPPING if self._cancelled else outcome.reason)
+        if self.metrics is not None:
+            self.metrics.job_settled(queue_name, outcome, fate.Settlement(None, status, note),
+                                     set_status.started)
+        if self.observer is not None:
+            self.observer.ended(message.job_id, queue_name, status if ok else None,
+                                message.attempt, note, not ok)
+        last = set_status.last  # a runner that ended on Done itself has said it all
+        set_status.final(None if ok and last is not None and last.terminal else status, note)
+        self._settled()
+        if self._cancelled:
+            delivery.answer(None, STOPPING)  # type: ignore[attr-defined]
+        else:
+            delivery.answer(outcome, "")  # type: ignore[attr-defined]
+
     def _settle(self, delivery: Delivery, outcome: Outcome, set_status: JobStatus) -> None:
+        if delivery.message.broadcast:
+            self._answer(delivery, outcome, set_status)
+            return
         if self.tracker is not None:
             self.tracker.ended(delivery.message)
             if delivery.message.is_cancelled() and outcome.status is not Status.CANCELLED:
@@ -198,28 +240,34 @@ class JobPool:
             self._settled()
             return
         settlement = fate.decide(outcome, delivery, self.settings, worker=self._worker)
+        usage = outcome.usage
         if self.metrics is not None:
             self.metrics.job_settled(self.settings.queue, outcome, settlement, set_status.started)
         if self.observer is not None:
             message = delivery.message
             self.observer.ended(message.job_id, self.settings.queue, settlement.status,
                                 message.attempt, settlement.note or outcome.reason,
-                                outcome.kind is not Kind.DONE)
+                                outcome.kind is not Kind.DONE, usage)
         last = set_status.last
         # A runner that ended on Done, Uploaded or Cancelled itself has said it all: a
         # Done from rbit after its Uploaded would move the job backwards.
         said = settlement.status is Status.DONE and last is not None and last.terminal
         if settlement.status is not None and not said and (
-            settlement.status is not last or settlement.note
+            settlement.status is not last or settlement.note or usage is not None
         ):
-            set_status.final(settlement.status, settlement.note)
+            set_status.final(settlement.status, settlement.note, usage)
         else:
             set_status.final(None)
         # Free the slot before handing over: in poll mode the I/O thread asks for the
         # next job as soon as it carried out the ack, and must see the capacity then.
         self._settled()
         if settlement.publish is None:
-            self._broker.ack(delivery)
+            ended = last if said else settlement.status
+            if (usage is None or self.settings.pricing is None
+                    or (ended is not Status.DONE and ended is not Status.UPLOADED)):
+                self._broker.ack(delivery)
+            else:
+                self._ack_after_credits(delivery, usage)
         else:
             # The note quotes the runner's error, which may be megabytes long.
             log.info("job %s: %s", delivery.message.job_id, one_line(settlement.note))
@@ -227,6 +275,33 @@ class JobPool:
             if self.sealer is not None:
                 publish = self.sealer(delivery, publish)
             self._broker.publish_then_ack(delivery, publish)
+
+    def _ack_after_credits(self, delivery: Delivery, usage: Usage) -> None:
+        """Publish a Done job's credit events; ack the job once all are confirmed.
+
+        A publish that fails (nacked, returned, connection lost) sends the job back to
+        its queue instead: its next run publishes the same event ids, counted once.
+        """
+        job_id = delivery.message.job_id
+        publishes = usage_publishes(self.settings.queue, job_id, usage, self.settings.pricing)
+        left = len(publishes)
+        failed = False
+
+        def confirmed(ok: bool) -> None:  # on the I/O thread, like every confirm
+            nonlocal left, failed
+            left -= 1
+            failed = failed or not ok
+            if left:
+                return
+            if failed:
+                log.warning("job %s: its credit events were not confirmed; the job goes "
+                            "back to its queue", job_id)
+                self._broker.requeue(delivery)
+                return
+            credits_confirmed()  # a fault-injection point for tests; nothing otherwise
+            self._broker.ack(delivery)
+
+        self._broker.send_many([(publish, confirmed) for publish in publishes])
 
     def _settled(self) -> None:
         if self._count_busy:
@@ -258,7 +333,7 @@ class _QueuedPool(JobPool):
         if self._closing:
             # Pushed before the broker saw our cancel: the job threads may be gone
             # already, so give it back now rather than when the connection closes.
-            self._broker.requeue(delivery)
+            self._requeue(delivery)
             return
         if self._count_busy:
             with self._lock:
@@ -273,7 +348,7 @@ class _QueuedPool(JobPool):
             except queue.Empty:
                 break
             if item is not _STOP:
-                self._broker.requeue(item)
+                self._requeue(item)
                 self._settled()
         for _ in self._threads:
             self._queue.put(_STOP)
@@ -382,7 +457,7 @@ class EventedPool(JobPool):
 
     def on_delivery(self, delivery: Delivery) -> None:
         if self._closing:
-            self._broker.requeue(delivery)  # see _QueuedPool.on_delivery
+            self._requeue(delivery)  # see _QueuedPool.on_delivery
             return
         if self._count_busy:
             with self._lock:
@@ -397,7 +472,7 @@ class EventedPool(JobPool):
                 delivery = self._waiting.popleft()
             except IndexError:
                 break
-            self._broker.requeue(delivery)
+            self._requeue(delivery)
             self._settled()
 
     def wait(self, deadline: float) -> bool:
@@ -499,13 +574,19 @@ class JobStatus:
             self.last = parsed
             self._report(self._job_id, self._queue, parsed, text)
 
-    def final(self, status: Status | None, message: str = "") -> None:
-        """Reports the job's final status (None: none to add); no status follows it."""
+    def final(self, status: Status | None, message: str = "", usage: Usage | None = None) -> None:
+        """Reports the job's final status (None: none to add); no status follows it.
+
+        ``usage``, what the job used, travels with that status (the amqp sink's event).
+        """
         with _FINAL_LOCK:
             self._settled = True
             if status is not None:
                 self.last = status
-                self._report(self._job_id, self._queue, status, message)
+                if usage is None:
+                    self._report(self._job_id, self._queue, status, message)
+                else:
+                    self._report(self._job_id, self._queue, status, message, usage)
 
 
 # One lock for all jobs: held only while a status is handed to the (non-blocking) sink.

@@ -108,6 +108,10 @@ class Message:
     __slots__ = ("body", "queue", "headers", "redelivered", "message_id", "content_type",
                  "allowed_classes", "_job_id", "raw_job_id", "_cancel")
 
+    #: A broadcast copy (:class:`BroadcastMessage`): its runner's result goes back to
+    #: the caller. A class attribute: queue jobs pay nothing for it.
+    broadcast = False
+
     body: bytes
     queue: str
     headers: Mapping[str, Any]
@@ -226,3 +230,15 @@ class Message:
         imported or instantiated.
         """
         return decoding.decode(self.body, self.allowed_classes)
+
+
+class BroadcastMessage(Message):
+    """A copy of a broadcast job (:mod:`rbit.broadcast`): one per worker serving its queue.
+
+    Runners see an ordinary :class:`Message` whose :attr:`broadcast` is true: a
+    ``python!`` runner's return value, or a ``shell!`` command's stdout, is sent back to
+    the caller, and the job is not retried nor dead-lettered.
+    """
+
+    __slots__ = ()
+    broadcast = True

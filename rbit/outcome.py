@@ -7,7 +7,11 @@ delayed retry, dead letter) is decided in one place, :mod:`rbit.fate`.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rbit.usage import Usage
 
 
 class Status(str, enum.Enum):
@@ -65,6 +69,16 @@ class Outcome:
     delay: float | None = None
     #: For ``DONE``: the status to report instead of Done (Cancelled).
     status: Status | None = None
+    #: A broadcast copy's result for its caller (:mod:`rbit.broadcast`): a ``python!``
+    #: runner's return value, a ``shell!`` command's :class:`Output`. None for queue jobs.
+    result: Any = None
+    #: What the try used (:mod:`rbit.usage`), when the runner metered it; a
+    #: measurement, not part of what the outcome is (equality ignores it).
+    usage: Usage | None = field(default=None, compare=False)
+
+    def with_usage(self, usage: Usage | None) -> Outcome:
+        """This outcome with ``usage`` attached."""
+        return Outcome(self.kind, self.reason, self.delay, self.status, self.result, usage)
 
     @classmethod
     def done(cls, reason: str = "") -> Outcome:
@@ -86,6 +100,19 @@ class Outcome:
     @classmethod
     def rejected(cls, reason: str) -> Outcome:
         return cls(Kind.REJECTED, reason)
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a ``shell!`` command of a broadcast wrote on stdout (the first bytes only).
+
+    Attributes:
+        text: The output, decoded as UTF-8 (invalid bytes replaced).
+        truncated: The command wrote more than was kept.
+    """
+
+    text: str
+    truncated: bool = False
 
 
 _DONE = Outcome(Kind.DONE)  # the outcome of nearly every job: built once

@@ -76,12 +76,14 @@ def command_queue(settings: Settings) -> QueueDecl:
 
 
 class JobTracker:
-    """The jobs this worker holds, from delivery to settlement, by job id (thread-safe).
+    """The jobs this worker holds, from delivery to settlement (thread-safe).
 
-    Every job passes here twice or three times, on the I/O thread and the job threads:
-    single dict operations (atomic under the GIL) instead of a lock. A job id delivered
-    twice at once (a redelivery racing its first copy's end) may lose its entry, so a
-    cancel for it would be ignored; it is never cancelled wrongly.
+    Every job passes here three times, on the I/O thread and the job threads: single
+    dict operations (atomic under the GIL) instead of a lock, keyed by the message
+    itself, so that nothing on the I/O thread works out a job id. A command looks the
+    id up among the held messages (a few hundred at most, and commands are rare). Two
+    copies of one job id held at once (a redelivery racing its first copy's end) are
+    both cancelled.
 
     Args:
         report: The status reporter's ``report``.
@@ -89,35 +91,35 @@ class JobTracker:
 
     def __init__(self, report: ReportFn) -> None:
         self._report = report
-        self._jobs: dict[str, list[Any]] = {}  # id -> [message, JobStatus or None]
+        self._jobs: dict[Message, JobStatus | None] = {}  # held -> its set_status once started
 
     def arrived(self, message: Message) -> None:
-        self._jobs[message.job_id] = [message, None]
+        self._jobs[message] = None
 
     def started(self, message: Message, set_status: JobStatus) -> None:
-        entry = self._jobs.get(message.job_id)
-        if entry is not None and entry[0] is message:
-            entry[1] = set_status
+        if message in self._jobs:
+            self._jobs[message] = set_status
 
     def ended(self, message: Message) -> None:
-        entry = self._jobs.get(message.job_id)
-        if entry is not None and entry[0] is message:
-            self._jobs.pop(message.job_id, None)
+        self._jobs.pop(message, None)
+
+    def _held(self, job_id: str) -> list[tuple[Message, JobStatus | None]]:
+        return [(message, status) for message, status in list(self._jobs.items())
+                if message.job_id == job_id]
 
     def cancel(self, job_id: str) -> bool:
         """Cancel job ``job_id``; False when this worker does not hold it."""
-        entry = self._jobs.get(job_id)
-        if entry is None:
-            return False
-        entry[0].cancelled.set()  # hooks run here: a shell! job's group gets SIGTERM
-        return True
+        held = self._held(job_id)
+        for message, _ in held:
+            message.cancelled.set()  # hooks run here: a shell! job's group gets SIGTERM
+        return bool(held)
 
     def report_again(self, job_id: str) -> bool:
         """Report job ``job_id``'s current status again; False when not held here."""
-        entry = self._jobs.get(job_id)
-        if entry is None:
+        held = self._held(job_id)
+        if not held:
             return False
-        message, set_status = entry
+        message, set_status = held[-1]
         last = set_status.last if set_status is not None else None
         self._report(job_id, message.queue, last or Status.WAITING, "")
         return True
@@ -136,7 +138,7 @@ class Commands:
         self._tracker = tracker
 
     def spec(self, queue: str) -> ConsumerSpec:
-        return ConsumerSpec(queue=queue, prefetch=_COMMAND_PREFETCH,
+        return ConsumerSpec(queue=queue, prefetch=_COMMAND_PREFETCH, commands=True,
                             on_delivery=self.on_delivery,
                             allowed_classes=decoding.DEFAULT_ALLOWED_CLASSES)
 
@@ -241,7 +243,10 @@ class QueuedCheck:
             if self._executor is None or marker not in delivery.message.body:
                 take(delivery)
                 return
-            self._executor.submit(self._check, take, delivery)
+            try:
+                self._executor.submit(self._check, take, delivery)
+            except RuntimeError:  # closed: the worker stops, and its pool hands jobs back
+                take(delivery)
 
         return on_delivery
 

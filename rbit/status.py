@@ -16,7 +16,9 @@ Sinks (``[status] sinks``):
 
 ``amqp``
     One JSON document per status, ``{"job_id", "status", "message", "worker",
-    "queue", "time"}`` (``time`` in ISO 8601 UTC with microseconds), published with
+    "queue", "time"}`` (``time`` in ISO 8601 UTC with microseconds), and with a job's
+    final status ``"usage": {"wall_s", "cpu_s", "max_rss_kib"}`` when the job was
+    metered (:mod:`rbit.usage`; ``max_rss_kib`` is null where not metered), published with
     publisher confirms to the topic exchange ``exchange`` under the routing key
     ``routing_key`` formatted with ``{queue}``, ``{status}``, ``{job_id}`` and
     ``{worker}`` as they are (no escaping of dots; keys longer than AMQP's 255 bytes are
@@ -66,6 +68,7 @@ from rbit.backoff import Backoff
 from rbit.config import StatusSettings
 from rbit.errors import ConfigError
 from rbit.outcome import Status
+from rbit.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,7 @@ class _Event:
     status: Status
     message: str
     time: float  # seconds since the epoch, from the reporter's clock
+    usage: Usage | None = None  # with a job's final status (rbit.usage)
 
 
 class StatusReporter:
@@ -136,10 +140,12 @@ class StatusReporter:
         for sink in self._sinks:
             sink.start()
 
-    def report(self, job_id: str, queue: str, status: Status, message: str = "") -> None:
+    def report(self, job_id: str, queue: str, status: Status, message: str = "",
+               usage: Usage | None = None) -> None:
         """Record that job ``job_id`` of ``queue`` reached ``status``; returns at once.
 
-        Thread-safe. Delivery to the network sinks happens in the background; after
+        ``usage`` is what the job used, given with its final status. Thread-safe.
+        Delivery to the network sinks happens in the background; after
         :meth:`close` only the log sink still receives events.
 
         Raises:
@@ -156,7 +162,7 @@ class StatusReporter:
         if self._sinks and not self._control.stop.is_set():
             if len(message) > EVENT_MESSAGE_CHARS:
                 message = bounded(message)
-            event = _Event(job_id, queue, status, message, self._clock())
+            event = _Event(job_id, queue, status, message, self._clock(), usage)
             for sink in self._sinks:
                 sink.put(event)
 
@@ -553,14 +559,17 @@ def routing_key(template: str, event: _Event, worker: str) -> str:
 def event_body(event: _Event, worker: str) -> bytes:
     """The JSON document published for ``event``."""
     stamp = datetime.fromtimestamp(event.time, tz=UTC)
-    return json.dumps({
+    doc = {
         "job_id": event.job_id,
         "status": event.status.value,
         "message": event.message,
         "worker": worker,
         "queue": event.queue,
         "time": stamp.isoformat(timespec="microseconds"),
-    }).encode("utf-8")
+    }
+    if event.usage is not None:
+        doc["usage"] = event.usage.to_dict()
+    return json.dumps(doc).encode("utf-8")
 
 
 # ---------------------------------------------------------------------------------------

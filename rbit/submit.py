@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -154,13 +156,32 @@ def watch(settings: Settings, options: argparse.Namespace, out: TextIO) -> int:
     if "amqp" not in settings.status.sinks:
         print("rbit: warning: [status] sinks has no 'amqp' in this config; only workers "
               "that publish statuses to AMQP can be watched", file=sys.stderr)
-    with Client(settings, name="rbit watch") as client:
-        client.watch(job=options.job, queue=options.queue)
-        for event in client.events(options.timeout):
-            fields = ("time", "queue", "job_id", "status", "worker", "message")
-            line = "\t".join(escape(event.get(name, ""), 500) for name in fields)
-            print(line, file=out, flush=True)
+    previous = _stop_on_sigterm()
+    try:
+        with Client(settings, name="rbit watch") as client:
+            client.watch(job=options.job, queue=options.queue)
+            for event in client.events(options.timeout):
+                fields = ("time", "queue", "job_id", "status", "worker", "message")
+                line = "\t".join(escape(event.get(name, ""), 500) for name in fields)
+                print(line, file=out, flush=True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return ExitCode.OK
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_sigterm():
+    """SIGTERM ends ``watch`` as Ctrl+C does (connection closed, exit code 0).
+
+    Returns the handler it replaced (None: not the main thread, nothing replaced).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def keys(options: argparse.Namespace, out: TextIO) -> int:

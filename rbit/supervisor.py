@@ -15,7 +15,9 @@ own:
 
 The end is reported once, to :meth:`Supervisor.on_end`, with the exit code (negative
 for a signal, as :mod:`subprocess` has it) and why rbit stopped the process, if it
-did. :func:`stop_outcome` and :func:`killed_by` word the results the same way for
+did; :attr:`Supervisor.usage` then holds what the process used (:mod:`rbit.usage`:
+the exit is reaped with ``wait4``, which fills in the resource usage at no extra cost).
+:func:`stop_outcome` and :func:`killed_by` word the results the same way for
 every runner.
 
 A long-lived child (one serving many requests over a pipe) fits the same mould: its
@@ -39,6 +41,7 @@ from rbit import jobguard
 from rbit.errors import RunnerLoadError
 from rbit.fdloop import FdLoop, Timer
 from rbit.outcome import Outcome
+from rbit.usage import Usage, from_rusage, reap
 
 DEFAULT_KILL_GRACE = 5.0
 
@@ -135,7 +138,11 @@ class Supervisor:
         self._grace_end = 0.0
         self._timer: Timer | None = None
         self._stop_fd = -1
-        self._exit_fd = exit_fd(proc)
+        #: What the process used, once reaped (None if unknown, or reaped by abort()).
+        self.usage: Usage | None = None
+        self._started = time.monotonic()
+        self._rusage = None  # from the fallback reaper thread, where there is no pidfd
+        self._exit_fd = exit_fd(proc, self._keep_rusage)
         try:
             self._watch(self._exit_fd, self._on_exit)
             if stop_fd is not None:
@@ -220,7 +227,10 @@ class Supervisor:
 
     def _on_exit(self) -> None:
         self._unwatch(self._exit_fd)
-        self.proc.wait()  # already over: this only collects the status
+        # Already over: this only collects the status, and with wait4 its usage too.
+        rusage = reap(self.proc) or self._rusage
+        if rusage is not None:
+            self.usage = from_rusage(time.monotonic() - self._started, rusage)
         self._exited = True
         if self.stopped is not None:
             self._check_group()
@@ -319,6 +329,9 @@ class Supervisor:
             jobguard.job_ended(self.pgid)
         self._leave_loop()
         self.on_end(self.proc.returncode if self._exited else None, self.stopped)
+
+    def _keep_rusage(self, rusage: object) -> None:
+        self._rusage = rusage
 
     def _leave_loop(self) -> None:
         self._cancel_timer()
@@ -436,8 +449,12 @@ def pidfd_supported() -> bool:
     return _pidfd_supported
 
 
-def exit_fd(proc: Child) -> int:
-    """An fd that becomes readable when ``proc`` exits (it is not reaped yet)."""
+def exit_fd(proc: Child, keep_rusage: Callable[[object], None] | None = None) -> int:
+    """An fd that becomes readable when ``proc`` exits (it is not reaped yet).
+
+    Where there is no pidfd, a thread reaps it and hands its resource usage to
+    ``keep_rusage`` before the fd becomes readable.
+    """
     global _pidfd_supported
     if _pidfd_supported:
         try:
@@ -449,11 +466,14 @@ def exit_fd(proc: Child) -> int:
     # Elsewhere a thread blocks in waitpid and closes a pipe, which reads as EOF.
     read_fd, write_fd = os.pipe()
 
-    def reap() -> None:
+    def reap_in_thread() -> None:
+        rusage = reap(proc)
+        if rusage is not None and keep_rusage is not None:
+            keep_rusage(rusage)
         proc.wait()
         os.close(write_fd)
 
-    threading.Thread(target=reap, name=f"rbit-wait-{proc.pid}", daemon=True).start()
+    threading.Thread(target=reap_in_thread, name=f"rbit-wait-{proc.pid}", daemon=True).start()
     return read_fd
 
 

@@ -17,16 +17,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rbit import decoding, jobguard, pybit
+from rbit import broadcast, decoding, jobguard, pybit
 from rbit.amqp.broker import Broker
 from rbit.amqp.records import ConsumerSpec
 from rbit.config import RunnerSettings, Settings
 from rbit.control.plane import ControlPlane
 from rbit.dispatch import JobPool, JobStatus, pool_for
-from rbit.errors import BrokerUnreachable
+from rbit.errors import BrokerUnreachable, ConfigError
 from rbit.runners.protocols import BatchRunner
 from rbit.runners.python import load_python_runner
 from rbit.runners.shell import ShellRunner
+from rbit.schedule.scheduler import Scheduler
 from rbit.security.gate import WorkerSecurity
 from rbit.status import StatusReporter
 from rbit.topology import Topology, worker_topology
@@ -64,14 +65,23 @@ class Worker:
         # Signed jobs (rbit.security): loaded before the runners, so that a config asking
         # for signatures without a usable key fails first.
         self.security = WorkerSecurity.for_worker(settings)
+        if self.security is not None:
+            # A held copy of a long signed job comes back if this worker dies: counter-
+            # signed, it is then verifiable like a retry.
+            self.broker.leases.sealer = self.security.seal_hold
         self.pools = [self._pool(runner) for runner in settings.runners]
         consumers = [self._consumer(pool) for pool in self.pools]
         self.pybit_check: pybit.QueuedCheck | None = None
         if pybit.commands_enabled(settings):
             consumers = self._pybit_consumers(consumers)
         self.broker.set_consumers(consumers)
+        self.broker.set_broadcast(broadcast.routes(self.pools, self.security, settings,
+                                                   self.reporter.report))
         self.control = ControlPlane(settings, self.broker, self.pools,
                                     backlog=self.reporter.pending, request_stop=request_stop)
+        self.scheduler = Scheduler(settings, publish=self.broker.publish, broker=self.broker)
+        if self.scheduler.seats or self.scheduler.local:
+            self.control.controller.schedules = self.scheduler.status
 
     def _pybit_consumers(self, consumers: list[ConsumerSpec]) -> list[ConsumerSpec]:
         """PyBit's commands: jobs tracked and checked, and the command queue consumed."""
@@ -99,6 +109,7 @@ class Worker:
         else:
             job_runner = load_python_runner(runner, self._status_factory(runner.queue))
             if isinstance(job_runner, BatchRunner):
+                _bind_worker(job_runner, self.settings, runner)
                 runner = _batch_prefetch(runner, job_runner)
                 if runner.timeout:
                     log.warning("[runner:%s]: timeout is not enforced for a batch runner, "
@@ -149,6 +160,7 @@ class Worker:
             raise BrokerUnreachable(self.broker.start_error or "timed out connecting")
         log.info("worker %s consuming %s", self.settings.worker.name,
                  ", ".join(r.queue for r in self.settings.runners))
+        self.scheduler.start()
 
     def shutdown(self, force: threading.Event, grace: float | None = None) -> bool:
         """Stop gracefully; ``force`` set meanwhile (a second signal) cuts jobs short.
@@ -158,6 +170,7 @@ class Worker:
         """
         grace = self.settings.worker.shutdown_grace if grace is None else grace
         log.info("stopping: no new jobs; waiting up to %.0f s for running jobs", grace)
+        self.scheduler.stop()  # first: the next leader takes over while jobs finish
         self.broker.stop_consuming()
         for pool in self.pools:
             pool.stop_taking()
@@ -192,6 +205,24 @@ class Worker:
             if all(pool.wait(step) for pool in pools):
                 return True
         return all(pool.wait(time.monotonic()) for pool in pools)
+
+
+def _bind_worker(job_runner: BatchRunner, settings: Settings, runner: RunnerSettings) -> None:
+    """Hand a batch runner that asks for them the worker's settings (``bind_worker``).
+
+    A batch runner may define ``bind_worker(settings, runner)``: it is called once, before
+    the worker starts, with the whole validated configuration and the runner's section,
+    e.g. to find ``[rbit] state_dir`` or to open a connection with the ``[amqp]``
+    settings. A :class:`ConfigError` it raises names the runner's file and section.
+    """
+    bind = getattr(job_runner, "bind_worker", None)
+    if not callable(bind):
+        return
+    try:
+        bind(settings, runner)
+    except ConfigError as exc:
+        raise exc.located(file=runner.file,
+                          section=runner.section or f"runner:{runner.queue}") from exc
 
 
 def _batch_prefetch(runner: RunnerSettings, job_runner: BatchRunner) -> RunnerSettings:

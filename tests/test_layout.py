@@ -57,7 +57,7 @@ def test_only_the_amqp_package_imports_pika():
     "rbit.amqp, rbit.amqp.records",
     "rbit.status, rbit.runners.python, rbit.runners.shell",  # the worker's job side
     "rbit.cli, rbit.credit.cli, rbit.credit.server, rbit.credit.client",
-    "rbitext.creditpiggy, rbitext.examples",
+    "rbitext.creditpiggy, rbitext.examples, rbitext.usagebilling",
 ])
 def test_importing_the_pika_free_parts_does_not_load_pika(modules):
     check = (f"import sys; import {modules}; "

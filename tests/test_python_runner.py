@@ -291,16 +291,17 @@ def _supervised(func: str, **overrides) -> RunnerSettings:
 
 def test_kill_grace_bounds_a_child_that_ignores_sigterm(child_path, tmp_path):
     pid_file = tmp_path / "pid"
-    with _loaded(_supervised("ignore_sigterm", timeout=0.5,
+    # The timeout leaves a loaded machine time to start the job and write its pid.
+    with _loaded(_supervised("ignore_sigterm", timeout=2,
                              settings={"pid_file": str(pid_file), "kill_grace": "0.5"})) as runner:
         started = time.monotonic()
         outcome = runner.run(Message(body=b"", queue="q"), Statuses())
 
-    assert outcome == Outcome.failed("timed out after 0.5 s")
+    assert outcome == Outcome.failed("timed out after 2 s")
     assert pid_file.exists()
     assert _dead(int(pid_file.read_text()))
-    # 0.5 s timeout + 0.5 s grace, far below the default grace of 5 s.
-    assert time.monotonic() - started < 4
+    # 2 s timeout + 0.5 s grace, well below 2 s + the default grace of 5 s.
+    assert time.monotonic() - started < 6
 
 
 @pytest.mark.parametrize("grace", ["-1", "soon", "nan"])

@@ -25,7 +25,14 @@ JOBS = "cnx_any_signed_sh"  # a PyBit name: published to pybit with cnx.any.sign
 OTHER = "cnx_any_other_sh"
 FLAKY = "flaky"  # not a PyBit name: a section, so pybit with routing key "flaky"
 FAILING = "failing"
+ONCE = "once"  # fails its first try (no retry), then succeeds
+LONG = "long"  # runs for seconds: its lease is renewed through the holding queue
 CANARY = "shell!sh -c 'touch \"$0/$RBIT_JOB_ID\"' {out}"
+ONCE_CMD = ("shell!sh -c 'echo x >> \"$0/$RBIT_JOB_ID.runs\"; "
+            "[ $(wc -l < \"$0/$RBIT_JOB_ID.runs\") -ge 2 ]' {out}")
+# Its first run lasts long enough to be killed; the next one ends at once.
+LONG_CMD = ("shell!sh -c 'echo x >> \"$0/$RBIT_JOB_ID.runs\"; "
+            "[ $(wc -l < \"$0/$RBIT_JOB_ID.runs\") -ge 2 ] || sleep 60' {out}")
 # Fails its first two tries, then succeeds; every try leaves a line.
 FLAKY_CMD = ("shell!sh -c 'echo x >> \"$0/$RBIT_JOB_ID.runs\"; "
              "[ $(wc -l < \"$0/$RBIT_JOB_ID.runs\") -ge 3 ]' {out}")
@@ -42,7 +49,7 @@ def keyring(tmp_path):
     return private, trusted
 
 
-def _configs(tmp_path, url, out, keyring, *, replay="replay.sqlite"):
+def _configs(tmp_path, url, out, keyring, *, replay="replay.sqlite", rbit=None):
     private, trusted = keyring
     runners = {
         JOBS: {"runner": CANARY.format(out=out), "max_retries": 0},
@@ -50,9 +57,11 @@ def _configs(tmp_path, url, out, keyring, *, replay="replay.sqlite"):
         FLAKY: {"runner": FLAKY_CMD.format(out=out), "max_retries": 2, "retry_delay": 0.2,
                 "retry_jitter": 0},
         FAILING: {"runner": "shell!false", "max_retries": 0},
+        ONCE: {"runner": ONCE_CMD.format(out=out), "max_retries": 0},
+        LONG: {"runner": LONG_CMD.format(out=out), "max_retries": 0},
     }
     status = {"sinks": "amqp, log"}
-    worker = write_config(tmp_path, url, runners, status=status)
+    worker = write_config(tmp_path, url, runners, status=status, rbit=rbit)
     with open(worker, "a") as handle:
         handle.write(f"[security]\nsigning_key = {private / 'worker.key'}\n"
                      f"trusted_keys = {trusted}\nrequire_signed = yes\nmax_skew = 60\n"
@@ -64,8 +73,8 @@ def _configs(tmp_path, url, out, keyring, *, replay="replay.sqlite"):
 
 
 @contextlib.contextmanager
-def _worker(config: Path, amqp: Amqp):
-    process = WorkerProcess(config, "--poll-time", "1")
+def _worker(config: Path, amqp: Amqp, *args: str):
+    process = WorkerProcess(config, "--poll-time", "1", *args)
     try:
         # Ready once its queues exist and are consumed.
         wait_until(lambda: _consumed(amqp, JOBS) or process.proc.poll() is not None,
@@ -203,3 +212,83 @@ def test_submit_exit_codes(tmp_path, rabbit, vhost, amqp, out, keyring, capsys):
             == ExitCode.JOB_TIMEOUT == 11
     assert main(["submit", str(publisher), "nobody_listens", "x"]) == ExitCode.UNROUTABLE == 12
     assert "no queue is bound" in capsys.readouterr().err
+
+
+def _runs(out: Path, job_id: str) -> int:
+    path = out / f"{job_id}.runs"
+    return len(path.read_text().split()) if path.exists() else 0
+
+
+def _renewals(worker: WorkerProcess) -> int:
+    return worker.output.count("job long-1: renewing its lease")
+
+
+def test_a_long_signed_job_held_by_a_killed_worker_comes_back_and_runs(
+        tmp_path, rabbit, vhost, amqp, out, keyring):
+    # consumer_timeout = 2: the lease is renewed every second, well within the job's 4 s.
+    worker, publisher = _configs(tmp_path, rabbit.url(vhost), out, keyring,
+                                 rbit={"consumer_timeout": 2})
+    watcher = amqp.watch("rbit.status")
+    with _worker(worker, amqp, "--debug") as first:
+        with Client(load_config(str(publisher))) as client:
+            client.submit(LONG, b"job", job_id="long-1")
+        # A second renewal starts once the first one ended (they run one at a time).
+        wait_until(lambda: _renewals(first) >= 2, 30, "a renewed lease")
+        first.kill()  # SIGKILL, the whole process group
+    assert _runs(out, "long-1") == 1
+    # The held copy expires back to the work queue; the restarted worker verifies its
+    # counter-signature and runs it.
+    with _worker(worker, amqp):
+        events = watcher.wait_for("long-1", "Done", timeout=60)
+    assert _runs(out, "long-1") == 2
+    assert not any(e["status"] == "Failed" for e in events), events
+    assert "signature refused" not in (tmp_path / "worker.log").read_text()
+
+
+def _replay(config: Path, queue: str) -> int:
+    return main(["dead-letters", str(config), "replay", queue])
+
+
+def test_a_dead_signed_job_replayed_by_an_operator_runs_and_a_forged_replay_never_does(
+        tmp_path, rabbit, vhost, amqp, out, keyring, alice, capsys):
+    worker, publisher = _configs(tmp_path, rabbit.url(vhost), out, keyring)
+    watcher = amqp.watch("rbit.status")
+    headers = _signed(alice, "pybit", ONCE, "once-1")
+    with _worker(worker, amqp):
+        amqp.publish(b"job", routing_key=ONCE, message_id="once-1", headers=headers)
+        watcher.wait_for("once-1", "Failed")
+        wait_until(lambda: rabbit.list_queues(vhost).get(f"{ONCE}.dead") == (1, 0), 15,
+                   "the failed job in the dead letters")
+        # The operator (publisher.ini: [security] signing_key, a trusted key) replays it.
+        assert _replay(publisher, ONCE) == ExitCode.OK
+        assert "replayed 1 job(s)" in capsys.readouterr().out
+        watcher.wait_for("once-1", "Done")
+        assert _runs(out, "once-1") == 2
+
+        # Forged replays of the captured job: the replay count a replay carries and no
+        # counter-signature, or one by a key the workers do not trust.
+        forged = {**headers, "x-rbit-replayed": 1}
+        amqp.publish(b"job", exchange="", routing_key=ONCE, message_id="once-1",
+                     headers=forged)
+        assert "a replay" in _dead(amqp, ONCE)[1]
+        mallory = Signer(keys.load_private(keys.generate("mallory", tmp_path / "m")[0]))
+        with_sig = {**forged, **mallory.countersign_copy("replay", forged, ONCE, 1,
+                                                         int(time.time()) + 60)}
+        amqp.publish(b"job", exchange="", routing_key=ONCE, message_id="once-1",
+                     headers=with_sig)
+        assert "replay counter-signed by an unknown or revoked key" in _dead(amqp, ONCE)[1]
+    assert _runs(out, "once-1") == 2
+
+
+def test_replaying_a_signed_job_without_an_operator_key_fails_and_keeps_it(
+        tmp_path, rabbit, vhost, amqp, out, keyring, alice, capsys):
+    worker, _publisher = _configs(tmp_path, rabbit.url(vhost), out, keyring)
+    plain = write_config(tmp_path, rabbit.url(vhost),
+                         {ONCE: {"runner": "shell!true", "require_signed": "yes"}},
+                         name="plain.ini")
+    amqp.channel.queue_declare(f"{ONCE}.dead", durable=True)
+    amqp.publish(b"job", exchange="", routing_key=f"{ONCE}.dead", message_id="d-1",
+                 headers=_signed(alice, "pybit", ONCE, "d-1"))
+    assert _replay(plain, ONCE) == ExitCode.ERROR
+    assert "set [security] signing_key" in capsys.readouterr().err
+    assert rabbit.list_queues(vhost).get(f"{ONCE}.dead") == (1, 0)

@@ -161,3 +161,51 @@ def test_require_signed_without_a_usable_key_fails_naming_file_section_key(tmp_p
     error = caught.value
     assert (error.file, error.section, error.key) == (str(config), "security", "trusted_keys")
     assert "no usable trusted key" in error.reason
+
+
+def _outsider(tmp_path):
+    private, _public = keys.generate("outsider", tmp_path / "untrusted")
+    return Signer(keys.load_private(private))
+
+
+def test_a_held_copy_verifies_once_per_hold_id_and_only_counter_signed_by_a_trusted_key(
+        tmp_path, pair):
+    signer, trusted = pair
+    headers = {**_signed(signer), "x-rbit-held-by": "w.1", "x-rbit-hold-id": "h1"}
+    now = headers["x-rbit-sig-time"] + 3600  # a long job: the signature itself is stale
+    forged = {**headers, **_outsider(tmp_path).countersign_copy("hold", headers, "a_b_c_d",
+                                                                "h1", int(now) + 10)}
+    with pytest.raises(SignatureError, match="unknown or revoked key"):
+        _verify(trusted, b"job", forged, now=now)
+    with pytest.raises(SignatureError, match="more than 60 s"):  # no counter-signature
+        _verify(trusted, b"job", headers, now=now)
+    held = {**headers, **signer.countersign_copy("hold", headers, "a_b_c_d", "h1",
+                                                 int(now) + 10)}
+    verified = _verify(trusted, b"job", held, now=now)
+    assert verified.retry
+    assert verified.replay_key.endswith(" hold h1")  # each held copy taken once
+    with pytest.raises(SignatureError, match="bad held copy"):
+        _verify(trusted, b"job", {**held, "x-rbit-hold-id": "h2"}, now=now)
+    with pytest.raises(SignatureError, match="stale held copy"):
+        _verify(trusted, b"job", held, now=now + 11)
+
+
+def test_a_replay_and_the_retries_of_a_replayed_job_verify_with_keys_of_their_own(pair):
+    signer, trusted = pair
+    headers = {**_signed(signer), "x-rbit-replayed": 1}
+    now = headers["x-rbit-sig-time"] + 3600
+    replayed = {**headers, **signer.countersign_copy("replay", headers, "a_b_c_d", 1,
+                                                     int(now) + 10)}
+    assert _verify(trusted, b"job", replayed, now=now).replay_key.endswith(" replay 1")
+    with pytest.raises(SignatureError, match="bad replay"):  # the count is covered
+        _verify(trusted, b"job", {**replayed, "x-rbit-replayed": 2}, now=now)
+    with pytest.raises(SignatureError, match="bad replay"):  # so is the queue
+        verify(trusted, body=b"job", headers=replayed, message_id="job-1",
+               content_type="text/plain", targets={TARGET, ("", "other")}, queue="other",
+               now=now, max_skew=60, redelivered=False)
+    # Its retry: remembered apart from the original job's retry of the same number.
+    retry = {**replayed, "x-rbit-attempts": 2}
+    retry.update(signer.countersign(retry, "a_b_c_d", 2, int(now) + 20))
+    assert _verify(trusted, b"job", retry, now=now).replay_key.endswith(" retry 2 replay 1")
+    with pytest.raises(SignatureError, match="bad replay"):  # the replay count is covered
+        _verify(trusted, b"job", {**retry, "x-rbit-replayed": 5}, now=now)

@@ -33,8 +33,10 @@ def test_amqp_watcher_sees_building_then_done_as_json(tmp_path, rabbit, vhost, a
 
     assert [e["status"] for e in events] == ["Building", "Done"]
     for event in events:
+        # The final status carries what the job used (rbit.usage).
+        usage = {"usage"} if event["status"] == "Done" else set()
         assert set(event) == {"job_id", "status", "message", "worker", "queue", "time",
-                              "routing_key"}
+                              "routing_key"} | usage
         assert event["worker"] == "test-worker"
         assert event["queue"] == QUEUE
         assert event["routing_key"] == f"{QUEUE}.{event['status']}"

@@ -108,3 +108,9 @@ def two_steps(message, set_status, settings):
     """Reports two numbered progress statuses, then returns (Done)."""
     set_status("Building", "step 1")
     set_status("Building", "step 2")
+
+
+def say_body_then_wait(message, set_status, settings):
+    """Reports its body as a Building status, then waits (bounded) for ``release``."""
+    set_status("Building", message.body.decode("utf-8", "replace"))
+    wait_for_release(message, set_status, settings)

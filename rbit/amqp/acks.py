@@ -35,11 +35,14 @@ ACK_DELAY = 0.005
 
 
 def ack_batch(consumers: Sequence[ConsumerSpec]) -> int:
-    """How many waiting acks make a flush at once: half the smallest prefetch window.
+    """How many waiting acks make a flush at once: half the smallest job prefetch window.
 
-    So a consumer never starves for want of an ack stuck in the batch.
+    So a job consumer never starves for want of an ack stuck in the batch. A command
+    queue's acks wait at most :data:`ACK_DELAY` (its commands are rare, and handled at
+    once): sized by its small window, every job's ack would be a flush of its own.
     """
-    return max(1, min((c.prefetch for c in consumers), default=1) // 2)
+    windows = [c.prefetch for c in consumers if not c.commands]
+    return max(1, min(windows, default=1) // 2)
 
 
 class Acks:

@@ -40,6 +40,7 @@ from typing import Any
 from pika.adapters.select_connection import IOLoop
 
 from rbit.amqp.acks import Acks
+from rbit.amqp.broadcast import BroadcastChannel, Routes
 from rbit.amqp.confirms import Publisher, confirm
 from rbit.amqp.connection import Connector
 from rbit.amqp.consuming import Consumers
@@ -132,6 +133,8 @@ class Broker:
         self.ack = self.acks.submit
         #: The worker's control queue (:meth:`set_control`), if it has one.
         self.control: ControlChannel | None = None
+        #: The worker's broadcast queue (:meth:`set_broadcast`), if it has one.
+        self.broadcast: BroadcastChannel | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -149,6 +152,8 @@ class Broker:
             part.reset()
         if self.control is not None:
             self.control.reset()
+        if self.broadcast is not None:
+            self.broadcast.reset()
 
     # ----------------------------------------------------------- public, any thread
 
@@ -168,6 +173,15 @@ class Broker:
             quorum: The fleet's queue is a quorum queue (``[rbit] queue_type``).
         """
         self.control = ControlChannel(self, self.worker_name, handle, announce, quorum)
+
+    def set_broadcast(self, routes: Routes) -> None:
+        """Take broadcast copies (before :meth:`start`; consume mode only).
+
+        See :mod:`rbit.amqp.broadcast`; ``routes`` maps each queue served to what takes
+        its copies.
+        """
+        if self.mode == "consume" and routes:
+            self.broadcast = BroadcastChannel(self, self.worker_name, routes)
 
     def set_paused(self, queues: Sequence[str]) -> None:
         """Start with these queues paused (before :meth:`start`)."""
@@ -352,6 +366,12 @@ class Broker:
 
     def on_connected(self) -> None:
         """The connector opened every channel and the topology is declared."""
+        broadcast = self.broadcast
+        if broadcast is not None and not broadcast.tried:
+            # First, so that a worker that answers (a ping, its hello) has its broadcast
+            # queue bound already.
+            broadcast.open(self.on_connected)
+            return
         control = self.control
         if control is not None and control.channel is None:
             if not control.was_open:

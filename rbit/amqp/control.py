@@ -8,7 +8,8 @@ On every connection, before any job is consumed, a channel of its own declares:
   simply asked again);
 * the fanout exchange ``rbit.fleet`` and its queue ``rbit.fleet.seen`` (message TTL
   one day, at most :data:`SEEN_MAX` messages), to which the worker publishes a
-  ``hello`` announce, and a ``bye`` on a graceful stop.
+  ``hello`` announce, and a ``bye`` on a graceful stop; with a broadcast queue
+  (:mod:`rbit.amqp.broadcast`), an announce lists its queues under ``broadcast``.
 
 An exclusive queue can be held by one connection only: when another connection holds
 ``rbit.control.<name>``, RabbitMQ refuses the declaration (405, RESOURCE_LOCKED). On the
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rbit.amqp.records import Publish
@@ -71,8 +73,26 @@ def fleet_queue_arguments(quorum: bool) -> dict[str, Any]:
         arguments["x-queue-type"] = "quorum"
     return arguments
 
-#: handle(body, user_id) -> the reply document, or None for no reply.
-Handler = Callable[[bytes, "str | None"], "bytes | None"]
+
+@dataclass(frozen=True)
+class CommandEnvelope:
+    """What a command arrived with, beside its body.
+
+    Attributes:
+        routing_key: The routing key it was published with.
+        headers: Its AMQP headers.
+        message_id: Its AMQP ``message_id``.
+        content_type: Its AMQP ``content_type``.
+    """
+
+    routing_key: str
+    headers: Mapping[str, Any]
+    message_id: str | None
+    content_type: str | None
+
+
+#: handle(body, user_id, envelope) -> the reply document, or None for no reply.
+Handler = Callable[[bytes, "str | None", CommandEnvelope], "bytes | None"]
 
 
 def control_queue(name: str) -> str:
@@ -170,13 +190,18 @@ class ControlChannel:
 
     def announce(self, event: str, on_confirm: Callable[[bool], None] | None = None) -> None:
         """Publish this worker's announce to ``rbit.fleet`` (any thread)."""
-        body = json.dumps({**self._announce(), "event": event}).encode()
+        doc = {**self._announce(), "event": event}
+        if self._broker.broadcast is not None:  # whom a broadcast caller expects to answer
+            doc["broadcast"] = self._broker.broadcast.queues
+        body = json.dumps(doc).encode()
         self._broker.send(Publish(FLEET_EXCHANGE, "", body, content_type="application/json"),
                           on_confirm)
 
-    def _on_command(self, _channel: Any, _method: Any, props: Any, body: bytes) -> None:
+    def _on_command(self, _channel: Any, method: Any, props: Any, body: bytes) -> None:
+        envelope = CommandEnvelope(method.routing_key, props.headers or {}, props.message_id,
+                                   props.content_type)
         try:
-            answer = self._handle(body, props.user_id)
+            answer = self._handle(body, props.user_id, envelope)
         except Exception:  # a command must not take the I/O thread down
             log.exception("internal error handling a control command")
             return

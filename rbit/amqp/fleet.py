@@ -3,9 +3,10 @@
 Blocking, for the command line only. A command is published to the control exchange
 with ``reply_to = amq.rabbitmq.reply-to`` (RabbitMQ's direct reply-to: no reply queue
 is declared; replies come straight back on this channel) and ``user_id`` set to the
-user this session logged in as, which RabbitMQ checks. The announces kept in
-``rbit.fleet.seen`` are read with ``basic_get`` and never acked: closing their channel
-hands them back, so reading them removes nothing.
+user this session logged in as, which RabbitMQ checks; its ``message_id`` is the
+correlation id, and it carries the operator's signature when ``rbit ctl`` has a key.
+The announces kept in ``rbit.fleet.seen`` are read with ``basic_get`` and never acked:
+closing their channel hands them back, so reading them removes nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -81,8 +83,12 @@ class FleetSession:
         return bodies
 
     def ask(self, routing_key: str, body: bytes, timeout: float,
-            enough: Callable[[list[bytes]], bool]) -> list[bytes]:
+            enough: Callable[[list[bytes]], bool], *,
+            sign: Callable[[str, str, bytes], dict[str, Any]] | None = None) -> list[bytes]:
         """Publish a command and gather replies until ``timeout`` or ``enough(replies)``.
+
+        ``sign(routing_key, message_id, body)`` gives the command's signature headers
+        (:mod:`rbit.control.authority`); each command gets a new message id.
 
         Raises:
             BrokerError: The broker refused the command or the session failed.
@@ -98,9 +104,11 @@ class FleetSession:
             channel = self._connection.channel()
             channel.exchange_declare(CONTROL_EXCHANGE, "direct", durable=True)
             channel.basic_consume(_REPLY_TO, on_reply, auto_ack=True)
+            headers = sign(routing_key, correlation, body) if sign is not None else None
             props = spec.BasicProperties(reply_to=_REPLY_TO, correlation_id=correlation,
                                          user_id=self._user, content_type="application/json",
-                                         delivery_mode=1)
+                                         delivery_mode=1, message_id=correlation,
+                                         headers=headers)
             channel.basic_publish(CONTROL_EXCHANGE, routing_key, body, props)
             deadline = time.monotonic() + timeout
             while not enough(replies):

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from rbit.amqp.records import HELD_BY_HEADER, HOLD_ID_HEADER, Delivery, Publish
 from rbit.message import ATTEMPTS_HEADER
-from rbit.topology import hold_queue
+from rbit.topology import HOLD_TTL_MS, hold_queue
 
 if TYPE_CHECKING:
     from rbit.amqp.broker import Broker
@@ -84,6 +84,10 @@ class Leases:
         self.holder = f"{worker_name}.{uuid.uuid4().hex[:8]}"
         #: Leases renewed so far (read by the metrics at scrape time).
         self.renewed = 0
+        #: ``sealer(delivery, copy, valid_for) -> copy``: counter-signs the held copy of
+        #: a signed job (rbit.security.gate), when set; ``valid_for`` bounds how long the
+        #: copy may take to come back to the work queue.
+        self.sealer: Callable[[Delivery, Publish, float], Publish] | None = None
 
     def reset(self) -> None:
         self._renewals: collections.deque[Delivery] = collections.deque()
@@ -132,6 +136,9 @@ class Leases:
         trimmed = {**own, ATTEMPTS_HEADER: delivery.message.attempt - 1}
         copy = Publish("", hold.name, delivery.message.body, headers=headers,
                        properties=delivery.properties, declare=hold, trimmed_headers=trimmed)
+        if self.sealer is not None:
+            # Held unacked until the next renewal, then expiring after the hold TTL.
+            copy = self.sealer(delivery, copy, 2 * self.renewal + HOLD_TTL_MS / 1000)
         log.debug("job %s: renewing its lease through %s", delivery.message.job_id, hold.name)
         self._broker.publisher.publish(
             copy, lambda ok: self._on_copy_parked(delivery, hold.name, hold_id, ok))

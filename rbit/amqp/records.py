@@ -123,6 +123,9 @@ class ConsumerSpec:
         on_delivery: Called on the I/O thread for every delivery; must not block.
         capacity: Poll mode only: how many more deliveries the caller takes now.
         allowed_classes: Passed on to every :class:`Message` of this queue.
+        commands: A queue of commands, not jobs (PyBit's): its prefetch does not size
+            the ack batches (:func:`rbit.amqp.acks.ack_batch`), so a small command window
+            does not make every job's ack a flush of its own.
     """
 
     queue: str
@@ -130,3 +133,4 @@ class ConsumerSpec:
     on_delivery: Callable[[Delivery], None]
     capacity: Callable[[], int] = lambda: 1
     allowed_classes: frozenset[str] = frozenset()
+    commands: bool = False

@@ -5,10 +5,13 @@ prints the replies. Before asking, it reads who was seen lately (the announces i
 ``rbit.fleet.seen``, see :mod:`rbit.control`); it stops waiting once every one of them
 answered, or at the timeout, and names those that did not answer.
 
+With ``[control] signing_key`` (or ``[security] signing_key``) each command is signed
+for the workers that require it (:mod:`rbit.control.authority`).
+
 Exit codes (:class:`CtlExit`): 0 every worker seen lately answered and obeyed;
 4 a worker did not answer (or none answered at all); 5 a worker refused the command
-(not authorized); 1 a worker answered with an error, or another error; 2 bad command
-line; 69 the broker is unreachable; 78 the configuration is invalid.
+(not authorized: user, or signature); 1 a worker answered with an error, or another
+error; 2 bad command line; 69 the broker is unreachable; 78 the configuration is invalid.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from typing import Any, TextIO
 from rbit.amqp.control import ALL_KEY, worker_key
 from rbit.amqp.fleet import FleetSession
 from rbit.config import load_config
+from rbit.control.authority import command_signer, sign_command
 from rbit.control.commands import LEVELS, MAX_DEPTH, Command
 from rbit.errors import BrokerError, BrokerUnreachable, ConfigError
 from rbit.safetext import escape
+from rbit.security.signing import Signer
 
 
 class CtlExit(enum.IntEnum):
@@ -35,7 +40,7 @@ class CtlExit(enum.IntEnum):
     ERROR = 1  # a worker answered with an error, or the session failed
     USAGE = 2
     NOT_ANSWERED = 4  # a worker seen lately did not answer, or no worker answered
-    REFUSED = 5  # a worker refused the command: the sender is not in [control] users
+    REFUSED = 5  # a worker refused the command: user not in [control] users, or signature
     BROKER_UNREACHABLE = 69
     CONFIG = 78
 
@@ -99,12 +104,14 @@ def main(argv: Sequence[str], out: TextIO | None = None) -> int:
         return CtlExit.USAGE
     try:
         settings = load_config(options.config)
+        signer = command_signer(settings)
     except ConfigError as exc:
         print(f"rbit ctl: configuration error: {exc}", file=sys.stderr)
         return CtlExit.CONFIG
     try:
         with FleetSession(settings.amqp) as session:
-            result = ask(session, command_from(options), options.worker, options.timeout)
+            result = ask(session, command_from(options), options.worker, options.timeout,
+                         signer=signer)
     except BrokerUnreachable as exc:
         print(f"rbit ctl: cannot reach the broker: {exc}", file=sys.stderr)
         return CtlExit.BROKER_UNREACHABLE
@@ -136,8 +143,10 @@ def seen_lately(announces: list[bytes]) -> dict[str, dict[str, Any]]:
 
 
 def ask(session: FleetSession, command: Command, worker: str | None,
-        timeout: float) -> dict[str, Any]:
+        timeout: float, signer: Signer | None = None) -> dict[str, Any]:
     """Ask the fleet (or ``worker``) and gather the answers.
+
+    ``signer`` signs the command (workers with ``[control] trusted_keys`` require it).
 
     Returns:
         ``{"command", "replies": [reply...], "missing": [{"name", ...last announce}]}``.
@@ -149,7 +158,11 @@ def ask(session: FleetSession, command: Command, worker: str | None,
         return bool(expected) and expected <= _names(replies)
 
     key = worker_key(worker) if worker else ALL_KEY
-    raw = session.ask(key, command.to_json(), timeout, enough)
+    sign = None
+    if signer is not None:
+        def sign(routing_key: str, message_id: str, body: bytes) -> dict[str, Any]:
+            return sign_command(signer, routing_key, message_id, "application/json", body)
+    raw = session.ask(key, command.to_json(), timeout, enough, sign=sign)
     replies = [doc for doc in (_load(body) for body in raw) if doc is not None]
     answered = {r.get("worker") for r in replies}
     missing = [{"name": name, **{k: v for k, v in seen.get(name, {}).items()
@@ -223,8 +236,18 @@ def _describe(name: str, doc: dict[str, Any]) -> str:
         rows.append(f"  {escape(item.get('job_id'), 200)}\t{escape(item.get('status'), 20)}"
                     f"\ttry {escape(item.get('attempt'), 10)}"
                     f"\t{_number(item.get('duration')):.3f} s"
+                    f"\t{_usage_text(item.get('usage'))}"
                     f"\t{escape(item.get('message'), 200)}")
     return "\n".join(rows)
+
+
+def _usage_text(usage: Any) -> str:
+    """``cpu 0.512 s, peak 10240 KiB`` for a history row's usage; ``-`` if not metered."""
+    if not isinstance(usage, dict):
+        return "-"
+    text = f"cpu {_number(usage.get('cpu_s')):.3f} s"
+    rss = usage.get("max_rss_kib")
+    return text if rss is None else f"{text}, peak {_number(rss):.0f} KiB"
 
 
 def _describe_status(ident: str, doc: dict[str, Any]) -> str:
@@ -239,6 +262,11 @@ def _describe_status(ident: str, doc: dict[str, Any]) -> str:
         state = "paused" if queue.get("paused") else \
             "consuming" if queue.get("consuming") else "not consuming"
         lines.append(f"  queue {escape(queue.get('queue'), 255)}: {state}")
+    for item in doc.get("schedules") or []:
+        lines.append(f"  schedule {escape(item.get('name'), 100)}: "
+                     f"{escape(item.get('trigger'), 200)}\t{escape(item.get('role'), 20)}"
+                     f"\tlast fire: {escape(item.get('last_fire') or '-', 40)}"
+                     f"\tnext fire: {escape(item.get('next_fire') or '-', 40)}")
     for job in doc.get("running") or []:
         lines.append(f"  running {escape(job.get('job_id'), 200)} on "
                      f"{escape(job.get('queue'), 255)} since {_number(job.get('since')):.0f}")

@@ -5,8 +5,10 @@ answers with a reply document (:func:`rbit.control.commands.reply`). A command i
 obeyed only if its AMQP ``user_id`` is one of ``[control] users``. RabbitMQ checks that
 property: a message whose ``user_id`` differs from the user its connection logged in
 as is refused by the broker itself (``PRECONDITION_FAILED``), so it cannot be forged by
-a client of the broker. A command without ``user_id`` is refused here. Refusals are
-answered ``refused`` with the reason and logged at WARNING with the user.
+a client of the broker. A command without ``user_id`` is refused here. With
+``[control] trusted_keys``, a command must also carry a trusted operator's signature
+(:mod:`rbit.control.authority`). Refusals are answered ``refused`` with the reason,
+change nothing, and are logged at WARNING with the user (and the key id).
 
 :meth:`Controller.status` and :meth:`Controller.history` are the worker's status
 snapshot and history query, for any reader (they are also what an HTTP endpoint
@@ -25,10 +27,13 @@ from typing import TYPE_CHECKING, Any
 from rbit import __version__
 from rbit.control.commands import Command, CommandError, parse, reply
 from rbit.control.observer import JobObserver
+from rbit.errors import SignatureError
 from rbit.safetext import escape
 
 if TYPE_CHECKING:
     from rbit.amqp.broker import Broker
+    from rbit.amqp.control import CommandEnvelope
+    from rbit.control.authority import CommandAuthority
     from rbit.control.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,7 @@ class Controller:
         store: History and paused queues (None: neither is kept).
         backlog: Status events not yet delivered by the sinks.
         request_stop: Starts the graceful stop (as SIGTERM does).
+        authority: Checks command signatures (None: the ``user_id`` check only).
         clock: Wall-clock time; ``monotonic`` measures the uptime.
     """
 
@@ -53,8 +59,10 @@ class Controller:
                  queues: Collection[str], observer: JobObserver,
                  store: StateStore | None, backlog: Callable[[], int],
                  request_stop: Callable[[], None], clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 authority: CommandAuthority | None = None) -> None:
         self.name = name
+        self._authority = authority
         self._users = frozenset(users)
         self._broker = broker
         self._queues = tuple(queues)
@@ -66,17 +74,34 @@ class Controller:
         self._monotonic = monotonic
         self._started = monotonic()
         self._host = socket.gethostname()
+        #: The worker's schedules for ``status`` (:meth:`rbit.schedule.scheduler.Scheduler.status`).
+        self.schedules: Callable[[], list[dict[str, Any]]] | None = None
 
     # ---------------------------------------------------------------- commands
 
-    def handle(self, body: bytes, user_id: str | None) -> bytes:
-        """Answer one command document sent by ``user_id`` (None: no user_id given)."""
+    def handle(self, body: bytes, user_id: str | None,
+               envelope: CommandEnvelope | None = None) -> bytes:
+        """Answer one command document sent by ``user_id`` (None: no user_id given).
+
+        ``envelope`` (routing key, headers, message id, content type) is what the
+        signature check reads.
+        """
         if user_id is None or user_id not in self._users:
             reason = ("no user_id property" if user_id is None
                       else f"user {user_id!r} is not in [control] users")
             log.warning("control command refused: %s (user %s)", escape(reason, 300),
                         escape(user_id, 100))
             return reply(self.name, refused=reason)
+        if self._authority is not None:
+            try:
+                self._authority.check(body, envelope)
+            except SignatureError as exc:
+                reason = f"signature refused: {exc}"
+                log.warning("control command refused: %s (user %s, key %s, message id %s)",
+                            escape(reason, 300), escape(user_id, 100),
+                            escape(getattr(exc, "key_id", None) or "-", 100),
+                            escape(envelope.message_id if envelope else None, 200))
+                return reply(self.name, refused=reason)
         try:
             command = parse(body)
         except CommandError as exc:
@@ -147,7 +172,8 @@ class Controller:
             name, host, pid, version, uptime; ``queues`` (queue, consuming, paused);
             ``running_count`` and, when ``verbose``, ``running`` (job_id, queue, since
             in Unix seconds); ``counts`` since start (done, failed, retried,
-            dead_lettered); ``broker_connected``; ``status_backlog``.
+            dead_lettered); ``broker_connected``; ``status_backlog``; ``schedules``
+            (name, trigger, role, last_fire, next_fire) when the worker has any.
         """
         consuming, paused = self._broker.consuming(), self._broker.paused()
         running = self._observer.running_jobs()
@@ -160,6 +186,8 @@ class Controller:
             "broker_connected": self._broker.connected,
             "status_backlog": self._backlog(),
         }
+        if self.schedules is not None:
+            snapshot["schedules"] = self.schedules()
         if verbose:
             snapshot["running"] = running
         return snapshot

@@ -15,6 +15,7 @@ from typing import Any
 
 from rbit.control.state import MAX_MESSAGE, RecordTuple
 from rbit.outcome import Status
+from rbit.usage import Usage
 
 #: The counters kept since start, as named in the status snapshot.
 COUNTS = ("done", "failed", "retried", "dead_lettered")
@@ -42,7 +43,7 @@ class JobObserver:
         self.running[job_id] = (queue, self._clock())
 
     def ended(self, job_id: str, queue: str, status: Status | None, attempt: int,
-              note: str, failed: bool) -> None:
+              note: str, failed: bool, usage: Usage | None = None) -> None:
         """A job's fate was decided (``status`` None: cut short, to be redelivered).
 
         Args:
@@ -52,6 +53,7 @@ class JobObserver:
             attempt: Which try this was.
             note: The settlement's note (why it was retried or dead-lettered).
             failed: The try failed (it may still be retried).
+            usage: What the try used (:mod:`rbit.usage`), when metered.
         """
         begun = self.running.pop(job_id, None)
         if status is None:
@@ -71,7 +73,7 @@ class JobObserver:
             now = self._clock()
             started = begun[1] if begun is not None else now
             self._record((job_id, queue, status.value, attempt, started, now,
-                          now - started, note[-MAX_MESSAGE:] if note else ""))
+                          now - started, note[-MAX_MESSAGE:] if note else "", usage))
 
     def snapshot_counts(self) -> dict[str, int]:
         """The counts since start, consistent with each other."""

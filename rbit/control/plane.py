@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from rbit.control.authority import CommandAuthority
 from rbit.control.handler import Controller
 from rbit.control.observer import JobObserver
 from rbit.control.state import StateStore
@@ -56,10 +57,13 @@ class ControlPlane:
             log.warning("queues paused (by rbit ctl, before this start): %s",
                         ", ".join(sorted(paused)))
         broker.set_paused(sorted(paused))
+        # Signed commands ([control] trusted_keys): a config asking for them without a
+        # usable key fails here, before the worker connects.
+        self.authority = CommandAuthority.for_worker(settings, settings.worker.name)
         self.controller = Controller(
             settings.worker.name, settings.control.users, broker=broker, queues=queues,
             observer=self.observer, store=self.store, backlog=backlog,
-            request_stop=request_stop)
+            request_stop=request_stop, authority=self.authority)
         self._broker = broker
         #: Whether outcomes are recorded (``[rbit] history_depth`` > 0).
         self.history_enabled = state.history_depth > 0
@@ -91,6 +95,8 @@ class ControlPlane:
 
     def close(self) -> None:
         self.store.close()
+        if self.authority is not None:
+            self.authority.close()
 
     # The worker's reports, for any reader (an HTTP endpoint, say).
 

@@ -21,6 +21,7 @@ job: history is a record, not the source of truth).
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import sqlite3
@@ -42,7 +43,7 @@ CREATE TABLE IF NOT EXISTS history (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL, queue TEXT NOT NULL, status TEXT NOT NULL,
     attempt INTEGER NOT NULL, started REAL NOT NULL, ended REAL NOT NULL,
-    duration REAL NOT NULL, message TEXT NOT NULL);
+    duration REAL NOT NULL, message TEXT NOT NULL, usage TEXT);
 CREATE INDEX IF NOT EXISTS history_queue ON history (queue, id);
 CREATE TABLE IF NOT EXISTS paused (queue TEXT PRIMARY KEY);
 """
@@ -60,14 +61,17 @@ class JobRecord:
     ended: float
     duration: float
     message: str
+    #: What the job used (``wall_s``, ``cpu_s``, ``max_rss_kib``), None if not metered.
+    usage: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 #: What :meth:`StateStore.record` takes: the fields of a :class:`JobRecord`, in order,
-#: as a plain tuple (built on a job's path, where a tuple costs least).
-RecordTuple = tuple[str, str, str, int, float, float, float, str]
+#: as a plain tuple (built on a job's path, where a tuple costs least); the usage is a
+#: :class:`rbit.usage.Usage` or None, turned into JSON by the writer thread.
+RecordTuple = tuple[str, str, str, int, float, float, float, str, Any]
 
 
 def open_state_dir(path: str) -> str:
@@ -100,6 +104,7 @@ class StateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        _add_usage_column(self._db)
         for suffix in ("-wal", "-shm"):  # SQLite creates them with the umask
             if os.path.exists(self._db_path + suffix):
                 os.chmod(self._db_path + suffix, 0o600)
@@ -129,10 +134,10 @@ class StateStore:
         self._flush()
         with self._lock:
             rows = self._db.execute(
-                "SELECT job_id, queue, status, attempt, started, ended, duration, message "
-                "FROM history WHERE queue = ? ORDER BY id DESC LIMIT ?",
+                "SELECT job_id, queue, status, attempt, started, ended, duration, message, "
+                "usage FROM history WHERE queue = ? ORDER BY id DESC LIMIT ?",
                 (queue, max(0, depth))).fetchall()
-        return [JobRecord(*row).to_dict() for row in rows]
+        return [JobRecord(*row[:8], _usage_from_json(row[8])).to_dict() for row in rows]
 
     def flush(self) -> None:
         """Commit what is pending now (the writer does it on its own)."""
@@ -159,7 +164,7 @@ class StateStore:
             self._db.execute("BEGIN")
             self._db.executemany(
                 "INSERT INTO history (job_id, queue, status, attempt, started, ended, "
-                "duration, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                "duration, message, usage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             for queue in queues:
                 self._db.execute(
                     "DELETE FROM history WHERE queue = ? AND id <= (SELECT id FROM history "
@@ -188,12 +193,30 @@ class StateStore:
 def _last_per_queue(batch: list[RecordTuple], depth: int) -> list[RecordTuple]:
     """The last ``depth`` rows of each queue in ``batch``, in order, messages bounded."""
     kept: dict[str, int] = {}
-    rows: list[RecordTuple] = []
+    rows: list[tuple[Any, ...]] = []
     for row in reversed(batch):
         seen = kept.get(row[1], 0)
         if seen < depth:
             kept[row[1]] = seen + 1
-            rows.append(row if len(row[7]) <= MAX_MESSAGE else
-                        (*row[:7], row[7][-MAX_MESSAGE:]))
+            usage = row[8] if len(row) > 8 else None
+            rows.append((*row[:7], row[7][-MAX_MESSAGE:],
+                         None if usage is None else json.dumps(usage.to_dict())))
     rows.reverse()
     return rows
+
+
+def _add_usage_column(db: sqlite3.Connection) -> None:
+    """A history written before jobs were metered gets its ``usage`` column."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(history)")}
+    if "usage" not in columns:
+        db.execute("ALTER TABLE history ADD COLUMN usage TEXT")
+
+
+def _usage_from_json(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        usage = json.loads(text)
+    except ValueError:
+        return None
+    return usage if isinstance(usage, dict) else None

@@ -24,6 +24,9 @@ call from the event loop's thread, does not block, and later calls
 confirmed``). If ``on_confirm`` has a ``fail(reason)`` method the publisher may call that
 instead, with a reason of :mod:`rbit.amqp.records` (``NOT_SENT``, ``NOT_CONFIRMED``,
 ``RETURNED``). :func:`broker_publisher` adapts :class:`rbit.amqp.broker.Broker`.
+
+The server is the credit protocol's by default; a :class:`LineProtocol` makes it serve
+other lines with the same discipline (a ``listen`` schedule's, :mod:`rbit.schedule.listen`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ from rbit.topology import QueueDecl
 log = logging.getLogger(__name__)
 
 Publish = Callable[[bytes, str, Callable[[bool], None]], None]
+#: A line (without its newline) -> (body, message id, stats command or None) to publish, or
+#: None to skip it; raises ProtocolError for an ``ER``.
+Parse = Callable[[bytes], tuple[bytes, str, str | None] | None]
 
 _SOCKET_MODE = 0o660
 _OK = reply_for(None)
@@ -72,6 +78,37 @@ _READS_PER_PASS = 16  # then let other connections have their turn
 _ACCEPTS_PER_PASS = 256
 _ACCEPT_RETRY = 1.0  # seconds to pause accepting when out of descriptors
 _OUT_LIMIT = 65536  # unsent reply bytes before a connection stops being read
+
+
+def parse_credit_line(raw: bytes) -> tuple[bytes, str, str | None] | None:
+    """The credit protocol's :data:`Parse`: blank lines (keep-alives) get no reply."""
+    if not raw.strip():
+        return None
+    event = parse_line(raw)
+    return event.to_json(), event.id, event.command
+
+
+@dataclass(frozen=True)
+class LineProtocol:
+    """What the server does with the lines it reads.
+
+    Attributes:
+        parse: See :data:`Parse`.
+        ok_reply: The reply of a confirmed line, from its message id (None: ``OK``).
+        max_line: The longest line, in bytes; a longer one is answered ``ER line too
+            long`` (:attr:`parse` must refuse a complete one that is longer).
+        returned: The reply when no queue took the message.
+        label: What the log calls a line's message.
+    """
+
+    parse: Parse = parse_credit_line
+    ok_reply: Callable[[str], bytes] | None = None
+    max_line: int = MAX_LINE_BYTES
+    returned: bytes = _RETURNED
+    label: str = "credit event"
+
+
+CREDIT = LineProtocol()
 
 
 class ServerError(RbitError):
@@ -151,8 +188,8 @@ def broker_publisher(broker: Any, queue: str,
     return BrokerPublisher(broker, queue, arguments)
 
 
-class CreditServer:
-    """Listens on a unix socket or TCP and serves the credit line protocol.
+class LineServer:
+    """Listens on a unix socket or TCP and serves the credit line protocol (or another).
 
     Connections are plain non-blocking sockets driven by the event loop's readiness
     callbacks, not asyncio transports: most clients send one line and half-close at
@@ -165,6 +202,7 @@ class CreditServer:
         host: ... or on this TCP host and ``port`` (0 picks a free port).
         port: The TCP port.
         limits: Per-connection limits.
+        protocol: The lines served (default: the credit protocol).
     """
 
     def __init__(
@@ -175,6 +213,7 @@ class CreditServer:
         host: str | None = None,
         port: int | None = None,
         limits: Limits = Limits(),
+        protocol: LineProtocol = CREDIT,
     ) -> None:
         if (unix_path is None) == (host is None):
             raise ValueError("give either unix_path or host and port")
@@ -182,6 +221,7 @@ class CreditServer:
         self._unix_path = unix_path
         self._host, self._port = host, port
         self._limits = limits
+        self._protocol = protocol
         self._listeners: list[socket.socket] = []
         self._shared: _Shared | None = None
         self._socket_inode: int | None = None
@@ -207,7 +247,7 @@ class CreditServer:
         """
         loop = asyncio.get_running_loop()
         self._shared = _Shared(loop, self._publish, self._limits, tcp=self._unix_path is None,
-                               stats=self.stats)
+                               stats=self.stats, protocol=self._protocol)
         if self._unix_path is not None:
             self._listeners = [_bind_unix(self._unix_path)]
             self._socket_inode = os.stat(self._unix_path).st_ino
@@ -215,7 +255,7 @@ class CreditServer:
             self._listeners = _bind_tcp(self._host, self._port)
         for listener in self._listeners:
             loop.add_reader(listener.fileno(), self._accept, listener)
-        log.info("credit front door listening on %s", self.address)
+        log.info("%s front door listening on %s", self._protocol.label, self.address)
 
     def _accept(self, listener: socket.socket) -> None:
         shared = self._shared
@@ -235,7 +275,7 @@ class CreditServer:
                 break
             sock = _socket.socket(family, kind, proto, fd)
             if len(connections) >= most:
-                _turn_away(sock)
+                _turn_away(sock, shared.label)
                 continue
             _Connection(sock, shared).open()
         # Most lines arrive with their connection: publish this batch now rather than
@@ -300,9 +340,13 @@ class CreditServer:
             pass
 
 
-def _turn_away(sock: _socket.socket) -> None:
+#: The server under the name the credit front door knows it by.
+CreditServer = LineServer
+
+
+def _turn_away(sock: _socket.socket, label: str) -> None:
     """One client too many: say so at once rather than leave it waiting."""
-    log.warning("too many credit clients at once; one turned away")
+    log.warning("too many clients at once (%s front door); one turned away", label)
     with contextlib.suppress(OSError):
         sock.send(_TOO_MANY, _DONTWAIT)
     sock.close()
@@ -312,8 +356,12 @@ class _Shared:
     """What every connection of one server uses: loop, outbox, confirms, limits."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, publish: Publish, limits: Limits,
-                 *, tcp: bool, stats: LineStats | None = None) -> None:
+                 *, tcp: bool, stats: LineStats | None = None,
+                 protocol: LineProtocol = CREDIT) -> None:
         self.loop = loop
+        self.parse, self.ok_reply = protocol.parse, protocol.ok_reply
+        self.max_line, self.label = protocol.max_line, protocol.label
+        self.failures = {**_FAILURES, records.RETURNED: protocol.returned}
         self.stats = LineStats() if stats is None else stats
         self.loop_thread = threading.get_ident()
         self.deadlines = _ReplyDeadlines(loop, limits.reply_timeout)
@@ -477,8 +525,8 @@ class _Reply:
 
     def fail(self, reason: str) -> None:
         """The publish failed for ``reason`` (one of :mod:`rbit.amqp.records`')."""
-        data = _FAILURES.get(reason, _NOT_CONFIRMED)
         shared = self.owner.shared
+        data = shared.failures.get(reason, _NOT_CONFIRMED)
         if threading.get_ident() == shared.loop_thread:
             self.settle(data)
             self.owner.flush()
@@ -488,13 +536,16 @@ class _Reply:
     def settle(self, data: bytes) -> None:
         if self.data is not None:
             return
-        if data is not _OK:
-            log.warning("credit event %s answered %s", self.event_id,
+        shared = self.owner.shared
+        ok = data is _OK
+        if not ok:
+            log.warning("%s %s answered %s", shared.label, self.event_id,
                         data.decode("utf-8", "replace").strip())
+        elif shared.ok_reply is not None:
+            data = shared.ok_reply(self.event_id)
         self.data = data
         if self.command is not None:
-            shared = self.owner.shared
-            shared.stats.replied(self.command, data is _OK, shared.loop.time() - self.read_at)
+            shared.stats.replied(self.command, ok, shared.loop.time() - self.read_at)
 
     def refuse(self) -> None:
         """The publisher raised: the event was not sent (on the loop's thread)."""
@@ -599,7 +650,7 @@ class _Connection:
             if start or not continued:
                 self._line_start = self._last_input  # a new line begins in this read
             rest = data[start:]
-            if len(rest) > MAX_LINE_BYTES + 1:
+            if len(rest) > self.shared.max_line + 1:
                 # Reply now, in order, and drop the rest of the line as it arrives.
                 self._replies.append(_Reply(self, _TOO_LONG))
                 self._discarding = True
@@ -607,20 +658,22 @@ class _Connection:
                 self._buffer = rest
 
     def _line(self, raw: bytes) -> None:
-        if not raw.strip():
-            return  # blank lines (e.g. "\r\n" keep-alives) get no reply
+        shared = self.shared
         try:
-            event = parse_line(raw)
+            parsed = shared.parse(raw)
         except ProtocolError as exc:
-            log.info("refused a credit line: %s", exc.reason)
-            self.shared.stats.malformed()
+            log.info("refused a line (%s front door): %s", shared.label, exc.reason)
+            shared.stats.malformed()
             self._replies.append(_Reply(self, reply_for(exc)))
             return
-        shared = self.shared
-        reply = _Reply(self, None, event.id, event.command, shared.loop.time())
-        shared.stats.sent()
+        if parsed is None:
+            return  # e.g. blank credit lines ("\r\n" keep-alives) get no reply
+        body, event_id, command = parsed
+        reply = _Reply(self, None, event_id, command, shared.loop.time())
+        if command is not None:
+            shared.stats.sent()
         self._replies.append(reply)
-        self.shared.outbox.put(event.to_json(), event.id, reply)
+        shared.outbox.put(body, event_id, reply)
 
     # -- replies -----------------------------------------------------------------
 

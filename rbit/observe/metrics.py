@@ -15,6 +15,8 @@ name                                   type     labels
 rbit_jobs_total                        counter  queue, outcome (done, retried,
                                                 dead_lettered)
 rbit_job_duration_seconds              histo.   queue
+rbit_job_cpu_seconds_total             counter  queue (CPU time of metered jobs,
+                                                rbit.usage)
 rbit_jobs_in_progress                  gauge    queue
 rbit_job_retries_total                 counter  queue, kind (failed, blocked)
 rbit_dead_letters_total                counter  queue, reason (retries_exhausted,
@@ -61,7 +63,8 @@ DEAD_REASONS = ("retries_exhausted", "rejected", "undecodable")
 class QueueStats:
     """One queue's job counts (any thread: one lock per update)."""
 
-    __slots__ = ("lock", "running", "outcomes", "retries", "dead", "buckets", "seconds")
+    __slots__ = ("lock", "running", "outcomes", "retries", "dead", "buckets", "seconds",
+                 "cpu_seconds")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -71,6 +74,7 @@ class QueueStats:
         self.dead = dict.fromkeys(DEAD_REASONS, 0)
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
 
     def snapshot(self) -> QueueStats:
         """A consistent copy, for a scrape."""
@@ -82,6 +86,7 @@ class QueueStats:
             copy.dead = dict(self.dead)
             copy.buckets = list(self.buckets)
             copy.seconds = self.seconds
+            copy.cpu_seconds = self.cpu_seconds
         return copy
 
 
@@ -126,11 +131,14 @@ class JobMetrics:
         dead = status is Status.FAILED and settlement.publish is not None
         seconds = max(0.0, self._clock() - started)
         slot = bisect.bisect_left(DURATION_BUCKETS, seconds)
+        usage = outcome.usage
         stats = self._stats(queue)
         with stats.lock:
             stats.running -= 1
             stats.buckets[slot] += 1
             stats.seconds += seconds
+            if usage is not None:
+                stats.cpu_seconds += usage.cpu_s
             if dead:
                 stats.outcomes["dead_lettered"] += 1
                 reason = "rejected" if outcome.kind is Kind.REJECTED else "retries_exhausted"
@@ -197,6 +205,8 @@ def _job_families(stats: dict[str, QueueStats], undecodable: dict[str, int]) -> 
     duration = HistogramMetricFamily("rbit_job_duration_seconds",
                                      "Time from a job's start to its settlement.",
                                      labels=["queue"])
+    cpu = CounterMetricFamily("rbit_job_cpu_seconds", "CPU seconds used by metered jobs "
+                              "(user + system; rbit.usage says whose).", labels=["queue"])
     for queue, one in sorted(stats.items()):
         for outcome, count in one.outcomes.items():
             extra = undecodable.get(queue, 0) if outcome == "dead_lettered" else 0
@@ -212,7 +222,8 @@ def _job_families(stats: dict[str, QueueStats], undecodable: dict[str, int]) -> 
             cumulative += count
             buckets.append((_le(bound), cumulative))
         duration.add_metric([queue], buckets, one.seconds)
-    yield from (jobs, running, retries, dead, duration)
+        cpu.add_metric([queue], one.cpu_seconds)
+    yield from (jobs, running, retries, dead, duration, cpu)
 
 
 def _le(bound: float) -> str:

@@ -9,7 +9,9 @@ A child loads the runner once, then serves jobs one at a time: it reads one JSON
 a line (a job) from the file descriptor named by ``RBIT_PROTOCOL_IN_FD`` and writes
 JSON lines to the one named by ``RBIT_PROTOCOL_OUT_FD``: ``{"status": ..., "message":
 ...}`` for every status the runner reports, then one ``{"outcome": kind, "reason":
-..., "delay": ...}`` for the job. EOF on the request pipe means the worker wants it
+..., "delay": ..., "usage": {...}}`` for the job (``usage``: what the job used, measured
+by the child itself, :mod:`rbit.usage`; with ``"result"``, the runner's return value,
+when the request has ``"broadcast": true``). EOF on the request pipe means the worker wants it
 gone: it exits. Stdout and stderr stay free for the runner's own output. No pickle
 crosses the pipe.
 
@@ -37,7 +39,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rbit.errors import RunnerLoadError
-from rbit.message import Message
+from rbit.message import BroadcastMessage, Message
 from rbit.outcome import Outcome, Status
 from rbit.runners.python import (
     IN_FD_ENV,
@@ -48,6 +50,7 @@ from rbit.runners.python import (
     is_batch_factory,
     resolve_target,
 )
+from rbit.usage import process_mark, process_usage
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,6 +95,7 @@ def serve(target: str, in_fd: int, out_fd: int) -> int:
         for line in source:
             request = json.loads(line)
             status = channel.job_status()
+            mark = process_mark()
             if func is None:
                 outcome = Outcome.failed(error)
             else:
@@ -99,10 +103,22 @@ def serve(target: str, in_fd: int, out_fd: int) -> int:
                     func, _message(request), status, request.get("settings") or {}
                 )
             status.close()
-            channel.send(
-                {"outcome": outcome.kind.value, "reason": outcome.reason, "delay": outcome.delay}
-            )
+            event = _outcome_event(outcome, bool(request.get("broadcast")))
+            event["usage"] = process_usage(mark).to_dict()
+            channel.send(event)
     return 0
+
+
+def _outcome_event(outcome: Outcome, broadcast: bool) -> dict[str, Any]:
+    event = {"outcome": outcome.kind.value, "reason": outcome.reason, "delay": outcome.delay}
+    if broadcast:  # the return value goes back to the broadcast's caller, as JSON
+        try:
+            json.dumps(outcome.result)
+        except (TypeError, ValueError) as exc:
+            return {"outcome": "failed", "reason": f"the result is not JSON-serialisable: {exc}",
+                    "delay": None}
+        event["result"] = outcome.result
+    return event
 
 
 def watch_lifeline(fd: int) -> None:
@@ -160,7 +176,8 @@ class _JobStatus:
 
 
 def _message(request: dict[str, Any]) -> Message:
-    return Message(
+    kind = BroadcastMessage if request.get("broadcast") else Message
+    return kind(
         body=base64.b64decode(request["body"]),
         queue=request["queue"],
         headers=request.get("headers") or {},

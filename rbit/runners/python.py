@@ -8,7 +8,9 @@ A plain runner is a callable ``func(message, set_status, settings)``:
   case-insensitive); an unknown status raises ``ValueError`` in the runner;
 * ``settings`` -- a dict of the runner section's other keys.
 
-How the call ends decides the job's :class:`rbit.outcome.Outcome`:
+How the call ends decides the job's :class:`rbit.outcome.Outcome`; what it returns is
+ignored, except for a broadcast copy (:mod:`rbit.broadcast`), whose caller gets it
+(it must be JSON-serialisable):
 
 * returning normally: done, unless the last status the runner set is terminal --
   ``Failed`` makes the outcome failed (with that status' message), ``Done``,
@@ -57,6 +59,7 @@ Batch runners always run in the worker's process (``python =`` does not apply).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import json
@@ -80,7 +83,10 @@ from rbit.runners.warm import (
     ChildPool,
     child_env,
 )
+from rbit.schedule import nextrun
+from rbit.schedule.nextrun import RunNext
 from rbit.supervisor import CANCEL_REASON, DEFAULT_KILL_GRACE, StopSignal, kill_grace
+from rbit.usage import thread_mark, thread_usage
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +206,9 @@ def call_runner(
     """
     tracker = StatusTracker(set_status)
     try:
-        func(message, tracker, dict(settings))
+        value = func(message, tracker, dict(settings))
+    except RunNext as exc:  # next = job: the schedule's next run (rbit.schedule.nextrun)
+        value = exc
     except Blocked as exc:
         return Outcome.blocked(exc.reason, exc.delay)
     except Reject as exc:
@@ -209,6 +217,10 @@ def call_runner(
         return Outcome.rejected(f"undecodable body: {exc}")
     except BaseException as exc:  # SystemExit, KeyboardInterrupt too: the thread lives on
         return Outcome.failed(describe_exception(exc))
+    if isinstance(value, RunNext):
+        nextrun.report(message.job_id, value)
+    elif message.broadcast:  # the caller of a broadcast gets the return value
+        return dataclasses.replace(tracker.outcome(), result=value)
     return tracker.outcome()
 
 
@@ -276,7 +288,9 @@ class PythonRunner:
         """
         if self._children is not None:
             return self._children.run(message, set_status)
-        return call_runner(self._func, message, set_status, self.settings.settings)
+        mark = thread_mark()
+        outcome = call_runner(self._func, message, set_status, self.settings.settings)
+        return outcome.with_usage(thread_usage(mark))
 
     def cancel(self) -> None:
         """Stop running child processes (SIGTERM now, SIGKILL after ``kill_grace``).

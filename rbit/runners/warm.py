@@ -15,6 +15,9 @@ deadline from the child's private :class:`rbit.fdloop.PollLoop`.
   ``kill_grace``) and fails with ``timed out after N s``; a child that dies mid-job
   (a signal, ``os._exit``, the OOM killer) fails that job only. Either way a fresh child
   is started for the slot at once.
+* A job cancelled (a PyBit ``CancelRequest``, :attr:`rbit.message.Message.cancelled`)
+  has its child's group stopped the same way; the job ends Cancelled and a fresh child
+  takes the slot.
 * A child is retired after the job that reaches ``max_jobs_per_child`` or leaves it
   above ``max_memory_per_child`` bytes of RSS (``/proc/<pid>/statm``): its request pipe
   is closed, which it reads as "exit now", and a fresh child takes the slot.
@@ -32,6 +35,8 @@ a fresh interpreter again.
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -52,6 +57,7 @@ from rbit.fdloop import PollLoop
 from rbit.message import Message
 from rbit.outcome import Outcome, Status
 from rbit.supervisor import (
+    CANCELLED,
     StopSignal,
     Supervisor,
     close_fds,
@@ -59,6 +65,7 @@ from rbit.supervisor import (
     signal_group,
     stop_outcome,
 )
+from rbit.usage import Usage
 
 logger = logging.getLogger("rbit.runners.python")
 
@@ -112,19 +119,20 @@ class ChildPool:
         """
         if self.stop.is_set():
             return Outcome.blocked(self.stop.reason)
+        if message.is_cancelled():  # cancelled since the pool let it start
+            return Outcome.cancelled("cancelled before it started")
         try:
             child = self._borrow()
         except OSError as exc:
             return Outcome.failed(f"cannot start runner process: {exc}")
         line = json.dumps(request(message, self.settings.settings)) + "\n"
         running = [True]
-        # A CancelRequest comes from another thread than the child's supervisor: only a
-        # signal is thread-safe. The child dies of it and is replaced; the job ends
+        # A CancelRequest comes on the I/O thread: it wakes the child's loop, which stops
+        # the child's group as a timeout does. The child is replaced; the job ends
         # Cancelled (rbit.dispatch).
-        message.cancelled.on_set(
-            lambda: running[0] and signal_group(child.pgid, signal.SIGTERM, message.job_id))
+        message.cancelled.on_set(lambda: running[0] and child.cancel(message))
         try:
-            outcome = child.run_job(message.job_id, line.encode(), set_status)
+            outcome = child.run_job(message.job_id, line.encode(), set_status, message)
         except BaseException:  # e.g. KeyboardInterrupt: the child must not outlive us
             child.abort()
             raise
@@ -231,13 +239,31 @@ class WarmChild(Supervisor):
         # the child reads EOF and exits.
         self._pipes = list(pipes)
         self._fds = weakref.finalize(self, _close_all, self._pipes, output)
-        super().__init__(proc, PollLoop(), ((replies, self._feed),),
-                         label=_idle_label(proc.pid), grace=grace, stop_fd=stop_fd)
+        # Wakes the loop for a cancel (:meth:`cancel`); one pipe for the child's life.
+        self._wake_lock = threading.Lock()
+        self._cancel_key: object = None
+        try:
+            wake_r, self._wake_w = os.pipe()
+            self._pipes += (wake_r, self._wake_w)
+            os.set_blocking(self._wake_w, False)
+            super().__init__(proc, PollLoop(), ((replies, self._feed),),
+                             label=_idle_label(proc.pid), grace=grace, stop_fd=stop_fd)
+        except BaseException:
+            # spawn() closes the pipes it made; ours go now, and none twice later (a
+            # closed number is soon another file's).
+            self._fds.detach()
+            close_fds(*self._pipes[len(pipes):])
+            raise
         self.timeout = timeout  # per job, set by run_job, not for the child's whole life
+        self._watch(wake_r, lambda: self._on_wake(wake_r))
 
-    def run_job(self, job_id: str, line: bytes, set_status: SetStatus) -> Outcome:
-        """Run one job (``line``: its request) to its outcome; the child may die of it."""
-        job = self._job = _Job(set_status)
+    def run_job(self, job_id: str, line: bytes, set_status: SetStatus,
+                key: object = None) -> Outcome:
+        """Run one job (``line``: its request) to its outcome; the child may die of it.
+
+        ``key`` names the job for :meth:`cancel` (its message).
+        """
+        job = self._job = _Job(set_status, key)
         self.label = job_id
         os.ftruncate(self._stdout.fileno(), 0)
         os.ftruncate(self._stderr.fileno(), 0)
@@ -252,6 +278,20 @@ class WarmChild(Supervisor):
         _log_output(job_id, self._stdout)
         self.label = _idle_label(self.proc.pid)
         return job.outcome
+
+    def cancel(self, key: object) -> None:
+        """Stop the job named ``key`` (any thread): SIGTERM, SIGKILL after the grace.
+
+        The child's loop belongs to the thread that runs the job: this only wakes it,
+        and the loop stops the child the way a timeout does. A wake-up that comes once
+        that job is over (or before it began) stops nothing else.
+        """
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return
+            self._cancel_key = key
+            with contextlib.suppress(BlockingIOError):  # full: already awake
+                os.write(self._wake_w, b"x")
 
     def alive(self) -> bool:
         """Whether the child still runs (reaps it if not)."""
@@ -293,6 +333,8 @@ class WarmChild(Supervisor):
         self._error = exc
 
     def release(self) -> None:
+        with self._wake_lock:  # no cancel writes to a closed (or reused) fd
+            self._wake_w = -1
         super().release()
         self._fds()  # the pipes and output files, once
 
@@ -312,6 +354,12 @@ class WarmChild(Supervisor):
         return Outcome.failed(
             f"runner process {how} without an outcome; stderr: {self._stderr_tail}"
         )
+
+    def _on_wake(self, fd: int) -> None:
+        os.read(fd, 64)
+        job = self._job
+        if job is not None and job.outcome is None and job.key is self._cancel_key is not None:
+            self.stop(CANCELLED)
 
     def _feed(self, chunk: bytes) -> None:
         self._buffer += chunk
@@ -339,10 +387,11 @@ class WarmChild(Supervisor):
 
 
 class _Job:
-    __slots__ = ("set_status", "outcome")
+    __slots__ = ("set_status", "key", "outcome")
 
-    def __init__(self, set_status: SetStatus) -> None:
+    def __init__(self, set_status: SetStatus, key: object) -> None:
         self.set_status = set_status
+        self.key = key
         self.outcome: Outcome | None = None
 
 
@@ -412,7 +461,7 @@ def rss_bytes(pid: int) -> int | None:
 
 def request(message: Message, settings: Mapping[str, str]) -> dict[str, Any]:
     """The JSON request that carries ``message`` to a child."""
-    return {
+    doc = {
         "body": base64.b64encode(message.body).decode("ascii"),
         "queue": message.queue,
         "headers": json_safe(dict(message.headers or {})),
@@ -422,6 +471,9 @@ def request(message: Message, settings: Mapping[str, str]) -> dict[str, Any]:
         "allowed_classes": sorted(message.allowed_classes),
         "settings": dict(settings),
     }
+    if message.broadcast:  # the child sends the runner's return value back
+        doc["broadcast"] = True
+    return doc
 
 
 def json_safe(value: Any) -> Any:
@@ -444,8 +496,13 @@ def outcome_from(event: Mapping[str, Any]) -> Outcome:
     delay = event.get("delay")
     makers = {"done": Outcome.done, "failed": Outcome.failed, "rejected": Outcome.rejected}
     if kind == "blocked":
-        return Outcome.blocked(reason, None if delay is None else float(delay))
-    return makers[kind](reason)
+        outcome = Outcome.blocked(reason, None if delay is None else float(delay))
+    elif "result" in event:  # a broadcast copy's result (rbit.broadcast)
+        outcome = dataclasses.replace(makers[kind](reason), result=event["result"])
+    else:
+        outcome = makers[kind](reason)
+    usage = event.get("usage")  # absent from an older child's outcome
+    return outcome if usage is None else outcome.with_usage(Usage.from_dict(usage))
 
 
 def _send(fd: int, data: bytes) -> None:

@@ -9,7 +9,10 @@ letters with the reason (like :meth:`rbit.outcome.Outcome.rejected`) and is logg
 at WARNING with its key id and message id.
 
 Retries: the worker that republishes a signed job to a delay queue counter-signs the
-copy with its own ``signing_key`` (:func:`seal`); see :mod:`rbit.security.signing`.
+copy with its own ``signing_key`` (:meth:`WorkerSecurity.seal`); so does the worker
+that parks a copy in its holding queue to renew a long job's lease
+(:meth:`WorkerSecurity.seal_hold`), since that copy comes back to the work queue if the
+worker dies. See :mod:`rbit.security.signing`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rbit import fate
-from rbit.amqp.records import HELD_BY_HEADER, Delivery, Publish
+from rbit.amqp.records import HELD_BY_HEADER, HOLD_ID_HEADER, Delivery, Publish
 from rbit.config import RunnerSettings, Settings
 from rbit.errors import ConfigError, SignatureError
 from rbit.message import ATTEMPTS_HEADER
@@ -29,12 +32,15 @@ from rbit.outcome import Status
 from rbit.safetext import escape
 from rbit.security import keys as keyfiles
 from rbit.security.replay import ReplayWindow
-from rbit.security.signing import SIG_HEADER, Signer, verify
+from rbit.security.signing import COUNTER_HEADERS, SIG_HEADER, Signer, verify
 
 if TYPE_CHECKING:
     from rbit.amqp.broker import Broker
 
 log = logging.getLogger(__name__)
+
+_HOLD_HEADERS = frozenset({HELD_BY_HEADER, HOLD_ID_HEADER,
+                           *(name for name in COUNTER_HEADERS if "-hold-" in name)})
 
 
 class WorkerSecurity:
@@ -63,6 +69,10 @@ class WorkerSecurity:
                               "by this worker: set signing_key (its .pub among the trusted "
                               "keys), or max_retries = 0", file=settings.file,
                               section="security", key="signing_key")
+        else:
+            log.warning("[security] signing_key is not set: a long signed job whose worker "
+                        "dies while it holds the job's lease comes back without a "
+                        "counter-signature and is refused (stale or replay)")
         try:
             self.window = ReplayWindow(security.replay_file)
         except (OSError, Exception) as exc:  # sqlite3.Error too
@@ -140,7 +150,26 @@ class WorkerSecurity:
         if attempts.__class__ is not int:
             return publish
         until = int(self._clock() + publish.expiration_ms / 1000 + self.max_skew)
-        extra = self.signer.countersign(headers, delivery.message.queue, attempts, until)
+        # A retry of a held copy: the hold's counter-signature was for that copy only.
+        kept = {name: value for name, value in headers.items() if name not in _HOLD_HEADERS}
+        extra = self.signer.countersign(kept, delivery.message.queue, attempts, until)
+        return dataclasses.replace(publish, headers={**kept, **extra})
+
+    def seal_hold(self, delivery: Delivery, publish: Publish, valid_for: float) -> Publish:
+        """Counter-sign the held copy of a signed job (a lease renewal).
+
+        Args:
+            delivery: The job being held.
+            publish: Its copy for the holding queue (with its hold id).
+            valid_for: How long (seconds) the copy may take to come back to the work
+                queue should this worker die.
+        """
+        headers = publish.headers or {}
+        if self.signer is None or SIG_HEADER not in headers or HOLD_ID_HEADER not in headers:
+            return publish
+        until = int(self._clock() + valid_for + self.max_skew)
+        extra = self.signer.countersign_copy("hold", headers, delivery.message.queue,
+                                             str(headers[HOLD_ID_HEADER]), until)
         return dataclasses.replace(publish, headers={**headers, **extra})
 
     def close(self) -> None:

@@ -32,11 +32,30 @@ worker that publishes it counter-signs it with its own key (which the fleet trus
 
 A copy claiming to be a retry (``x-rbit-attempts`` set) without a valid counter-signature
 is refused, so a captured job cannot be passed off as a retry to skip the replay check.
+
+Two more copies of a signed job are counter-signed the same way, each over
+``["rbit-<kind>-v1", base_signature, queue, tag, until]``:
+
+* a *held* copy (kind ``hold``): the copy a worker parks in its holding queue to renew
+  a long job's lease (:mod:`rbit.amqp.leases`), which comes back to the work queue if
+  that worker dies. Headers ``x-rbit-hold-key``, ``x-rbit-hold-until``,
+  ``x-rbit-hold-sig``; the tag is the copy's hold id (``x-rbit-hold-id``), so each
+  held copy is taken at most once;
+* a *replay* from the dead letters (kind ``replay``), counter-signed by the key of the
+  operator who ran ``rbit dead-letters replay``. Headers ``x-rbit-replay-key``,
+  ``x-rbit-replay-until``, ``x-rbit-replay-sig``; the tag is the replay count
+  (``x-rbit-replayed``).
+
+The base signature is the job's own ``x-rbit-sig``; for a retry of a replayed job it is
+the replay's counter-signature, so that the replay count a retry is remembered by is
+covered too. A counter-signer must be a trusted key: a publisher without one cannot make
+any of these copies.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from collections.abc import Mapping
@@ -46,6 +65,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from rbit.amqp.records import HOLD_ID_HEADER
 from rbit.errors import SignatureError
 from rbit.message import ATTEMPTS_HEADER
 from rbit.security.keys import TrustedKeys, fingerprint
@@ -58,6 +78,21 @@ SIG_HEADER = "x-rbit-sig"
 RETRY_KEY_HEADER = "x-rbit-retry-key"
 RETRY_UNTIL_HEADER = "x-rbit-retry-until"
 RETRY_SIG_HEADER = "x-rbit-retry-sig"
+HOLD_KEY_HEADER = "x-rbit-hold-key"
+HOLD_UNTIL_HEADER = "x-rbit-hold-until"
+HOLD_SIG_HEADER = "x-rbit-hold-sig"
+REPLAY_KEY_HEADER = "x-rbit-replay-key"
+REPLAY_UNTIL_HEADER = "x-rbit-replay-until"
+REPLAY_SIG_HEADER = "x-rbit-replay-sig"
+#: Header counting a job's replays from the dead letters (set by :mod:`rbit.deadletters`).
+REPLAYED_HEADER = "x-rbit-replayed"
+#: Every counter-signature header: a new copy drops the ones it does not renew.
+COUNTER_HEADERS = (RETRY_KEY_HEADER, RETRY_UNTIL_HEADER, RETRY_SIG_HEADER, HOLD_KEY_HEADER,
+                   HOLD_UNTIL_HEADER, HOLD_SIG_HEADER, REPLAY_KEY_HEADER,
+                   REPLAY_UNTIL_HEADER, REPLAY_SIG_HEADER)
+_COUNTER = {"retry": (RETRY_KEY_HEADER, RETRY_UNTIL_HEADER, RETRY_SIG_HEADER),
+            "hold": (HOLD_KEY_HEADER, HOLD_UNTIL_HEADER, HOLD_SIG_HEADER),
+            "replay": (REPLAY_KEY_HEADER, REPLAY_UNTIL_HEADER, REPLAY_SIG_HEADER)}
 
 #: Prefix of rbit's own headers, never signed by a publisher.
 OWN_PREFIX = "x-rbit-"
@@ -102,9 +137,17 @@ def payload(exchange: str, routing_key: str, message_id: str, stamp: int,
     return json.dumps(document, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
-def _retry_payload(signature: str, queue: str, attempts: int, until: int) -> bytes:
-    document = ["rbit-retry-v1", signature, queue, attempts, until]
+def _counter_payload(kind: str, signature: str, queue: str, tag: int | str,
+                     until: int) -> bytes:
+    document = [f"rbit-{kind}-v1", signature, queue, tag, until]
     return json.dumps(document, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def _base_signature(kind: str, headers: Mapping[str, Any]) -> str:
+    """What a counter-signature of ``kind`` covers: the job's, or its replay's, signature."""
+    if kind == "retry" and REPLAY_SIG_HEADER in headers:
+        return str(headers[REPLAY_SIG_HEADER])
+    return str(headers.get(SIG_HEADER, ""))
 
 
 class Signer:
@@ -145,11 +188,26 @@ class Signer:
     def countersign(self, headers: Mapping[str, Any], queue: str, attempts: int,
                     until: int) -> dict[str, Any]:
         """The counter-signature headers of a retry copy of a signed job."""
-        data = _retry_payload(str(headers.get(SIG_HEADER, "")), queue, attempts, until)
+        return self.countersign_copy("retry", headers, queue, attempts, until)
+
+    def countersign_copy(self, kind: str, headers: Mapping[str, Any], queue: str,
+                         tag: int | str, until: int) -> dict[str, Any]:
+        """The counter-signature headers of rbit's own copy of a signed job.
+
+        Args:
+            kind: ``retry`` (tag: the try number), ``hold`` (tag: the hold id) or
+                ``replay`` (tag: the replay count).
+            headers: The copy's headers (with the job's signature).
+            queue: The queue the copy is for.
+            tag: See ``kind``.
+            until: After this (epoch seconds) the copy is stale.
+        """
+        key_header, until_header, sig_header = _COUNTER[kind]
+        data = _counter_payload(kind, _base_signature(kind, headers), queue, tag, until)
         return {
-            RETRY_KEY_HEADER: self.key_id,
-            RETRY_UNTIL_HEADER: until,
-            RETRY_SIG_HEADER: base64.b64encode(self._key.sign(data)).decode("ascii"),
+            key_header: self.key_id,
+            until_header: until,
+            sig_header: base64.b64encode(self._key.sign(data)).decode("ascii"),
         }
 
 
@@ -161,7 +219,8 @@ class Verified:
         key_id: The publisher's key.
         replay_key: What the replay window remembers it by.
         expires: Until when (epoch seconds) the replay window must remember it.
-        retry: Whether it is a counter-signed retry.
+        retry: Whether it is one of rbit's counter-signed copies (retry, held copy,
+            replay).
     """
 
     key_id: str
@@ -238,31 +297,52 @@ def verify(keys: TrustedKeys, *, body: bytes, headers: Mapping[str, Any],
     if target not in targets:
         raise _error(f"signed for exchange {target[0]!r} route {target[1]!r}, "
                      f"which does not lead to queue {queue!r}", key_id)
+    if HOLD_SIG_HEADER in headers:
+        hold_id = _text(headers, HOLD_ID_HEADER, 64)
+        return _verify_copy("hold", keys, headers, key_id, message_id, queue, now, hold_id)
     if ATTEMPTS_HEADER in headers:
-        return _verify_retry(keys, headers, key_id, message_id, queue, now)
+        attempts = headers.get(ATTEMPTS_HEADER)
+        if attempts.__class__ is not int or RETRY_SIG_HEADER not in headers:
+            raise _error("a retry without a worker's counter-signature", key_id)
+        verified = _verify_copy("retry", keys, headers, key_id, message_id, queue, now,
+                                attempts)
+        if REPLAY_SIG_HEADER in headers:
+            # The replay's counter-signature (covered by the retry's) covers the count;
+            # its own deadline has passed, the retry's applies.
+            replayed = _integer(headers, REPLAYED_HEADER)
+            _verify_copy("replay", keys, headers, key_id, message_id, queue, now, replayed,
+                         check_time=False)
+            return dataclasses.replace(
+                verified, replay_key=f"{verified.replay_key} replay {replayed}")
+        return verified
+    if REPLAY_SIG_HEADER in headers:
+        return _verify_copy("replay", keys, headers, key_id, message_id, queue, now,
+                            _integer(headers, REPLAYED_HEADER))
     if not redelivered and abs(now - stamp) > max_skew:
         raise _error(f"signed at {stamp}, more than {max_skew:g} s from now ({int(now)})",
                      key_id)
     return Verified(key_id, f"{key_id} {message_id}", stamp + max_skew, False)
 
 
-def _verify_retry(keys: TrustedKeys, headers: Mapping[str, Any], key_id: str,
-                  message_id: str, queue: str, now: float) -> Verified:
-    attempts = headers.get(ATTEMPTS_HEADER)
-    if attempts.__class__ is not int or RETRY_SIG_HEADER not in headers:
-        raise _error("a retry without a worker's counter-signature", key_id)
-    worker_key = keys.get(_text(headers, RETRY_KEY_HEADER))
-    if worker_key is None:
-        raise _error("a retry counter-signed by an unknown or revoked key", key_id)
-    until = _integer(headers, RETRY_UNTIL_HEADER)
-    data = _retry_payload(str(headers[SIG_HEADER]), queue, attempts, until)
+def _verify_copy(kind: str, keys: TrustedKeys, headers: Mapping[str, Any], key_id: str,
+                 message_id: str, queue: str, now: float, tag: int | str, *,
+                 check_time: bool = True) -> Verified:
+    key_header, until_header, sig_header = _COUNTER[kind]
+    what = {"retry": "retry", "hold": "held copy", "replay": "replay"}[kind]
+    if sig_header not in headers:
+        raise _error(f"a {what} without a counter-signature", key_id)
+    counter_key = keys.get(_text(headers, key_header))
+    if counter_key is None:
+        raise _error(f"a {what} counter-signed by an unknown or revoked key", key_id)
+    until = _integer(headers, until_header)
+    data = _counter_payload(kind, _base_signature(kind, headers), queue, tag, until)
     try:
-        worker_key.verify(_signature(headers, RETRY_SIG_HEADER), data)
+        counter_key.verify(_signature(headers, sig_header), data)
     except InvalidSignature:
-        raise _error("bad retry counter-signature", key_id) from None
-    if now > until:
-        raise _error(f"a stale retry (valid until {until}, now {int(now)})", key_id)
-    return Verified(key_id, f"{key_id} {message_id} retry {attempts}", until, True)
+        raise _error(f"bad {what} counter-signature", key_id) from None
+    if check_time and now > until:
+        raise _error(f"a stale {what} (valid until {until}, now {int(now)})", key_id)
+    return Verified(key_id, f"{key_id} {message_id} {kind} {tag}", until, True)
 
 
 def _error(reason: str, key_id: str | None) -> SignatureError:

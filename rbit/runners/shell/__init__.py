@@ -66,7 +66,10 @@ How the command ends decides the job's :class:`~rbit.outcome.Outcome`:
   ``cannot run <program>: <reason>``; the retry policy decides what happens next.
 
 Only the last 4 KiB of stderr are kept. stdout goes to ``/dev/null``, except when the
-module's logger is enabled for DEBUG: then its last 4 KiB are logged at DEBUG.
+module's logger is enabled for DEBUG: then its last 4 KiB are logged at DEBUG; and for
+a broadcast copy (:mod:`rbit.broadcast`), whose caller gets the first 64 KiB of it
+(:data:`~rbit.runners.shell.readers.OUTPUT_BYTES`; the rest is read and dropped, and
+the answer says it was cut).
 
 ``timeout = SECONDS`` in the section bounds a run. On expiry the whole process group
 gets SIGTERM; whatever is left of it ``kill_grace`` seconds later (default 5) gets

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rbit.fdloop import FdLoop
 from rbit.outcome import Outcome
-from rbit.runners.shell.readers import SetStatus, StatusReader, Tail
+from rbit.runners.shell.readers import Head, SetStatus, StatusReader, Tail
 from rbit.runners.shell.spawn import Pipes
 from rbit.supervisor import Child, Supervisor, killed_by, stop_outcome, with_tail
 
@@ -44,6 +45,8 @@ class Job(Supervisor):
         loop: FdLoop,
         done: Callable[[Outcome], None],
         spares: Spares | None,
+        *,
+        capture: bool = False,
     ) -> None:
         self._runner = runner
         self._spares = spares
@@ -51,6 +54,8 @@ class Job(Supervisor):
         self._body_path = body_path
         self._job_id = job_id
         self._done = done
+        # A broadcast copy's caller gets the first bytes of stdout; the log, the last.
+        self._output = Head() if capture else None
         self._stdout = Tail()
         self._stderr = Tail()
         streams = [
@@ -58,7 +63,8 @@ class Job(Supervisor):
             (pipes.status_r, StatusReader(job_id, set_status).feed),
         ]
         if pipes.stdout_r is not None:
-            streams.append((pipes.stdout_r, self._stdout.feed))
+            output = self._output
+            streams.append((pipes.stdout_r, self._stdout.feed if output is None else output.feed))
         super().__init__(
             proc,
             loop,
@@ -74,6 +80,10 @@ class Job(Supervisor):
         if stdout:
             log.debug("job %s: stdout tail: %s", self._job_id, stdout)
         outcome = _outcome(code, stopped, self._stderr.text(), self.timeout)
+        if self._output is not None:
+            outcome = dataclasses.replace(outcome, result=self._output.output())
+        if self.usage is not None:
+            outcome = outcome.with_usage(self.usage)
         log.debug("job %s: %s %s", self._job_id, outcome.kind.value, outcome.reason)
         try:
             self._done(outcome)  # in the worker its ack goes out at once

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 
-from rbit.outcome import Status
+from rbit.outcome import Output, Status
+from rbit.schedule import nextrun
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,32 @@ class Tail:
     def text(self) -> str:
         text = self._data.decode("utf-8", "replace").strip()
         return "..." + text if self._truncated and text else text
+
+
+#: The most stdout kept of a broadcast copy's command (its first bytes), for its caller.
+OUTPUT_BYTES = 64 * 1024
+
+
+class Head:
+    """The first ``limit`` bytes of a stream (a broadcast copy's stdout).
+
+    The rest is read and dropped, so that the command never blocks on a full pipe.
+    """
+
+    def __init__(self, limit: int = OUTPUT_BYTES) -> None:
+        self._data = bytearray()
+        self._limit = limit
+        self.truncated = False
+
+    def feed(self, chunk: bytes) -> None:
+        room = self._limit - len(self._data)
+        if len(chunk) > room:
+            self.truncated = True
+        if room > 0:
+            self._data += chunk[:room]
+
+    def output(self) -> Output:
+        return Output(self._data.decode("utf-8", "replace"), self.truncated)
 
 
 class StatusReader:
@@ -63,6 +91,9 @@ class StatusReader:
         words = line.decode("utf-8", "replace").split(None, 1)
         if self._skipping or not words:
             return
+        if words[0].lower() == "next":  # next = job: "Next <seconds | ISO time>"
+            self._next(words[1] if len(words) > 1 else "")
+            return
         try:
             status = Status.parse(words[0])
         except ValueError:
@@ -74,3 +105,12 @@ class StatusReader:
             self._set_status(status.value, words[1].strip() if len(words) > 1 else "")
         except Exception:  # the pipe must keep being read, or the command would block
             log.exception("job %s: set_status(%s) failed", self._job_id, status.value)
+
+    def _next(self, text: str) -> None:
+        try:
+            run = nextrun.parse_next_line(text, datetime.now(UTC))
+        except ValueError:
+            log.warning("job %s: ignoring Next line %r: expected seconds or an ISO-8601 "
+                        "time", self._job_id, text[:80])
+            return
+        nextrun.report(self._job_id, run)

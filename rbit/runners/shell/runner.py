@@ -111,8 +111,9 @@ class ShellRunner:
         if self.stop.is_set():
             done(Outcome.blocked(self.stop.reason))
             return None
-        # stdout is only read at DEBUG: otherwise not worth a pipe and its reads.
-        stdout = log.isEnabledFor(logging.DEBUG)
+        # stdout is only read at DEBUG, or for a broadcast's caller: otherwise not worth
+        # a pipe and its reads.
+        stdout = message.broadcast or log.isEnabledFor(logging.DEBUG)
         spare = spares.take(stdout) if spares is not None else None
         try:
             made = spare.body if spare is not None else None
@@ -149,7 +150,8 @@ class ShellRunner:
             pipes.close_write_ends()  # the child holds its copies; EOF comes when it is gone
         log.debug("job %s: started %s (pid %d)", job_id, argv[0], proc.pid)
         try:
-            job = Job(self, proc, pipes, body_path, job_id, set_status, loop, done, spares)
+            job = Job(self, proc, pipes, body_path, job_id, set_status, loop, done, spares,
+                      capture=message.broadcast)
         except BaseException:
             pipes.close_read_ends()
             signal_group(proc.pid, signal.SIGKILL, job_id)

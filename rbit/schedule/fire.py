@@ -1,0 +1,75 @@
+"""A fire: one job message of a schedule, published like ``rbit submit`` publishes.
+
+Its message id (the job id) is ``NAME@<fire time>``, the time in ISO-8601 UTC
+(``2026-11-30T03:00:00Z``; milliseconds only when the time has some), so that the same
+fire always has the same id whichever worker publishes it. It is persistent, mandatory
+and confirmed (:meth:`rbit.client.Client.publish`), and signed when ``[security]
+signing_key`` is set: an ordinary job, with retries, dead letters, statuses and history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rbit.client import Client
+    from rbit.schedule.settings import ScheduleSettings
+
+#: Headers every fire carries besides the schedule's own.
+SCHEDULE_HEADER = "x-schedule"
+FIRE_TIME_HEADER = "x-schedule-fire-time"
+
+
+def iso_utc(moment: datetime) -> str:
+    """``moment`` as ISO-8601 UTC with a ``Z`` (milliseconds only when non-zero)."""
+    moment = moment.astimezone(UTC)
+    spec = "milliseconds" if moment.microsecond else "seconds"
+    return moment.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
+
+
+def parse_iso(text: str) -> datetime:
+    """The inverse of :func:`iso_utc` (any aware ISO-8601 time is accepted)."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Fire:
+    """One firing of schedule ``schedule`` for fire time ``at``."""
+
+    schedule: str
+    at: datetime
+
+    @property
+    def job_id(self) -> str:
+        return f"{self.schedule}@{iso_utc(self.at)}"
+
+
+def schedule_of(job_id: str) -> str | None:
+    """The schedule name of a fire's job id (None for any other id)."""
+    name, sep, when = job_id.rpartition("@")
+    if not sep or not name:
+        return None
+    try:
+        parse_iso(when)
+    except ValueError:
+        return None
+    return name
+
+
+def publish_fire(client: Client, schedule: ScheduleSettings, fire: Fire) -> None:
+    """Publish ``fire`` and wait for the broker's confirm.
+
+    Raises:
+        Unroutable: No queue would receive it.
+        BrokerError: The broker refused it or the connection failed.
+    """
+    headers = dict(schedule.headers)
+    headers[SCHEDULE_HEADER] = schedule.name
+    headers[FIRE_TIME_HEADER] = iso_utc(fire.at)
+    client.publish(schedule.exchange, schedule.routing_key, schedule.body,
+                   job_id=fire.job_id, headers=headers, content_type=schedule.content_type)
