@@ -978,7 +978,8 @@ def _pricing(section: _Section, worker: WorkerSettings) -> Pricing | None:
     values = {key: section.raw(key) or "" for key in section.keys()  # noqa: SIM118
               if key.startswith("credit")}
     return parse_pricing(values, file=section.file, section=section.name,
-                         machine_id=worker.machine_id)
+                         machine_id=worker.machine_id, queue_type=worker.queue_type,
+                         group_size=worker.quorum_group_size)
 
 
 def _prefetch(section: _Section, worker: WorkerSettings, concurrency: int,

@@ -92,6 +92,18 @@ def test_a_section_without_prices_earns_nothing_and_keeps_credit_queue_for_its_r
     assert not [w for w in settings.warnings if "credit" in w]
 
 
+def test_in_a_quorum_fleet_a_missing_credit_queue_is_declared_quorum(tmp_path):
+    path = tmp_path / "w.ini"
+    path.write_text("[rbit]\nname = w\nmachine_id = box-1\nqueue_type = quorum\n"
+                    "quorum_group_size = 3\n[amqp]\nhost = localhost\n"
+                    "[runner:b]\nrunner = shell!true\ncredits_per_cpu_hour = 2.5\n")
+    runner, = load_config(str(path)).runners
+    publishes = usage_publishes("b", "job-1", Usage(2.0, 1.0, 500), runner.pricing)
+    arguments = {publish.declare.arguments.get("x-queue-type") for publish in publishes}
+    assert arguments == {"quorum"}
+    assert publishes[0].declare.arguments["x-quorum-initial-group-size"] == 3
+
+
 def test_machine_id_defaults_to_etc_machine_id_else_the_host_name(tmp_path):
     path = tmp_path / "machine-id"
     path.write_text("0123abcd\n")

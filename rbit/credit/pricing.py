@@ -54,6 +54,11 @@ class Pricing:
         maximum: Whole credits claimed at most (None: no upper bound).
         credit_queue: The queue the credit runner consumes.
         machine_id: ``[rbit] machine_id``: the machine every claim names.
+        queue_type: ``[rbit] queue_type`` (and ``quorum_group_size``): ``credit_queue``
+            is declared as the fleet's work queues are, should it not exist yet, so
+            that in a quorum fleet it is a quorum queue like the one ``rbit-credit``
+            declares.
+        group_size: ``[rbit] quorum_group_size``.
     """
 
     per_cpu_hour: float = 0.0
@@ -63,10 +68,13 @@ class Pricing:
     maximum: int | None = None
     credit_queue: str = DEFAULT_CREDIT_QUEUE
     machine_id: str = ""
+    queue_type: str = "classic"
+    group_size: int | None = None
 
 
 def parse_pricing(values: Mapping[str, str], *, file: str, section: str,
-                  machine_id: str) -> Pricing | None:
+                  machine_id: str, queue_type: str = "classic",
+                  group_size: int | None = None) -> Pricing | None:
     """The price list of a runner section's raw ``values``; None when it has none.
 
     Raises:
@@ -89,7 +97,7 @@ def parse_pricing(values: Mapping[str, str], *, file: str, section: str,
     queue = values.get(QUEUE_KEY, DEFAULT_CREDIT_QUEUE).strip()
     if not queue or len(queue.encode("utf-8")) > 255:
         raise error(QUEUE_KEY, "expected a queue name of 1-255 bytes")
-    return Pricing(*prices, minimum, maximum, queue, machine_id)
+    return Pricing(*prices, minimum, maximum, queue, machine_id, queue_type, group_size)
 
 
 def _price(values: Mapping[str, str], key: str, error) -> float:

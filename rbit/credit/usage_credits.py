@@ -31,11 +31,12 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from types import MappingProxyType
 
 from rbit.amqp.records import Publish
 from rbit.credit.events import CreditEvent
 from rbit.credit.pricing import Pricing
-from rbit.topology import QueueDecl
+from rbit.topology import QueueDecl, work_queue_arguments
 from rbit.usage import Usage
 
 #: A fault-injection point for tests, never for production: a worker started with
@@ -91,7 +92,10 @@ def usage_events(queue: str, job_id: str, usage: Usage, pricing: Pricing,
 
 def usage_publishes(queue: str, job_id: str, usage: Usage, pricing: Pricing) -> list[Publish]:
     """The credit events of one Done job as persistent, mandatory publishes."""
-    target = QueueDecl(pricing.credit_queue)  # as the front door declares it
+    # Declared only if it does not exist yet, as the fleet's work queues are.
+    arguments = work_queue_arguments(pricing.credit_queue, pricing.queue_type, None,
+                                     pricing.group_size)
+    target = QueueDecl(pricing.credit_queue, arguments=MappingProxyType(arguments))
     return [Publish("", pricing.credit_queue, event.to_json(), message_id=event.id,
                     content_type="application/json", declare=target, mandatory=True)
             for event in usage_events(queue, job_id, usage, pricing)]
