@@ -106,6 +106,8 @@ class Seat:
 
     def on_state(self, tag: int, body: bytes) -> None:
         """A delivery: only the active consumer gets any, so this worker leads."""
+        if not self.leader:
+            log.info("schedule %s: leading (a delivery of its state queue)", self.schedule.name)
         self.leader = True
         try:
             data = json.loads(body)
