@@ -14,8 +14,9 @@ seconds: the token changes hands while the queue elects a new leader. Then:
   delivery, not a second fire, and is counted apart);
 * no fire time is skipped: ``catch_up = all`` fires every time missed during the
   hand-over, so the fire times are one 2 s grid without a hole;
-* fires come again through another leader while the node is still down, and the
-  longest gap between two runs is under :data:`TAKEOVER_BOUND`.
+* fires come again through the other nodes while the node is still down (from any
+  worker: the old leader may lead again once reconnected), and the longest gap
+  between two runs is under :data:`TAKEOVER_BOUND`.
 
 The figures each run measures are printed (``-s``) and quoted in docs/cluster.rst.
 """
@@ -39,6 +40,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.fault, pytest.mark.timeout(600)]
 QUEUE = "ticks"
 STATE_QUEUE = "rbit.schedule.tick"
 FIRE = re.compile(r"^tick@(.+Z)$")
+FIRED = re.compile(r"fired job (tick@\S+Z)")
 WORKERS = 3
 EVERY = 2.0
 OUTAGE = 10.0  # seconds the lost node stays down
@@ -85,9 +87,10 @@ def fired_after(out: Path, moment: float) -> bool:
     return any(fire_time(name) > moment for name in runs(out))
 
 
-def leaders(workers: list[WorkerProcess]) -> list[int]:
-    """Indexes of the workers that have published a fire."""
-    return [i for i, worker in enumerate(workers) if "fired job" in worker.text()]
+def leaders(workers: list[WorkerProcess], since: float = 0.0) -> list[int]:
+    """Indexes of the workers that published a fire due after ``since``."""
+    return [i for i, worker in enumerate(workers)
+            if any(fire_time(fired) > since for fired in FIRED.findall(worker.text()))]
 
 
 def test_a_schedule_fires_once_per_tick_across_the_loss_of_its_leaders_node(
@@ -126,7 +129,8 @@ def test_a_schedule_fires_once_per_tick_across_the_loss_of_its_leaders_node(
         wait_until(lambda: fired_after(out, down + EVERY), TAKEOVER_BOUND + EVERY,
                    "a fire from another leader while the node is down")
         taken_over = time.time() - down
-        new_leaders = [i for i in leaders(workers) if i != lost]
+        # Any worker may lead now, the old leader too (it reconnected through another node).
+        leading = [names[i] for i in leaders(workers, since=down)]
         time.sleep(max(0.0, OUTAGE - (time.time() - down)))  # the outage's length
         node.start_again()
         back = time.time()
@@ -154,8 +158,8 @@ def test_a_schedule_fires_once_per_tick_across_the_loss_of_its_leaders_node(
     latest = max(late, key=late.get)
     print(f"\n[cluster schedule] state queue leader {state_leader.split('@')[0]}, "
           f"leader worker {names[lost]} on {node.nodename.split('@')[0]}; "
-          f"fires {len(record)}, fire from another leader {taken_over:.1f} s after the "
-          f"loss (worker {[names[i] for i in new_leaders]}), longest gap between runs "
+          f"fires {len(record)}, a fire due after the loss ran {taken_over:.1f} s after "
+          f"it (leaders since: {leading}), longest gap between runs "
           f"{longest_gap:.1f} s, latest fire {late[latest]:.1f} s after its time "
           f"({fire_time(latest) - down:+.1f} s from the loss), "
           f"redelivered runs {redelivered}")
@@ -164,7 +168,6 @@ def test_a_schedule_fires_once_per_tick_across_the_loss_of_its_leaders_node(
     gaps = {round(b - a, 3) for a, b in pairwise(times)}
     assert gaps == {EVERY}, gaps  # none skipped (catch_up = all)
     assert times[0] < down < times[-1]
-    assert new_leaders, "no other worker fired"
     assert longest_gap < TAKEOVER_BOUND
     assert redelivered <= 1  # at most the one fire job in flight at the loss
     for worker in workers:
