@@ -20,6 +20,8 @@ function el(tag, props, ...children) {
   return node;
 }
 
+function firstLine(value) { return text(value).split("\n")[0]; }
+
 function text(value) { return value === null || value === undefined ? "-" : String(value); }
 
 function when(unix) {
@@ -176,7 +178,7 @@ async function loadJobs() {
     el("td", {}, el("a", { className: "job", onclick: () => openJob(row.job_id) }, text(row.job_id))),
     el("td", {}, text(row.queue)), el("td", {}, badge(text(row.status), row.status)),
     el("td", {}, seconds(row.duration)), el("td", {}, usage(row.usage)), el("td", {}, text(row.worker)),
-    el("td", { className: "msg" }, text(row.message)))));
+    el("td", { className: "msg", title: text(row.message) }, firstLine(row.message)))));
 }
 
 function jobsSoon() {
@@ -188,7 +190,8 @@ async function openJob(jobId) {
   state.openJob = jobId;
   const job = await api("/api/job?" + new URLSearchParams({ id: jobId }));
   $("job-id").textContent = jobId;
-  const items = job.statuses.map((s) => el("li", {}, text(s.time) + " ", badge(text(s.status), s.status), " " + text(s.worker) + " " + text(s.message)));
+  const items = job.statuses.map((s) => el("li", {}, text(s.time) + " ", badge(text(s.status), s.status), " " + text(s.worker),
+    el("div", { className: "msg" }, text(s.message))));
   if (!items.length) {
     for (const o of job.outcomes) items.push(el("li", {}, when(o.ended) + " ", badge(text(o.status), o.status), " " + text(o.worker) + " " + text(o.message)));
   }
@@ -204,7 +207,7 @@ function follow() {
     const event = JSON.parse(message.data);
     const ticker = $("ticker");
     ticker.prepend(el("li", {}, text(event.time) + " " + text(event.job_id) + " " + text(event.queue) + " ",
-      badge(text(event.status), event.status), " " + text(event.message)));
+      badge(text(event.status), event.status), " " + firstLine(event.message)));
     while (ticker.children.length > 50) ticker.lastChild.remove();
     if (["Done", "Failed", "Cancelled", "Uploaded"].includes(event.status)) jobsSoon();
     if (state.openJob === event.job_id) openJob(event.job_id).catch(() => {});
