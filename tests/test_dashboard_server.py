@@ -330,3 +330,14 @@ def test_a_bad_dashboard_key_names_file_section_and_key(tmp_path, section, key):
 def test_an_unknown_dashboard_key_is_warned_about(tmp_path):
     settings = load_config(_config(tmp_path, "[dashboard]\nrefrsh = 3\n"))
     assert any("refrsh" in w and "refresh" in w for w in settings.warnings)
+
+
+def test_the_command_line_maps_bad_configs_and_binds_to_the_documented_codes(tmp_path):
+    from rbit.cli import ExitCode
+    from rbit.cli import main as rbit_main
+
+    bad = _config(tmp_path, "[dashboard]\nrefresh = 0\n")
+    assert rbit_main(["dashboard", bad]) == ExitCode.CONFIG == 78
+    good = _config(tmp_path, "")
+    assert rbit_main(["dashboard", good, "--bind", "nowhere"]) == ExitCode.USAGE == 2
+    assert rbit_main(["dashboard"]) == ExitCode.USAGE

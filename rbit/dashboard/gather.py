@@ -22,6 +22,7 @@ per round to each worker, at most every 2 seconds (5 by default).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -29,8 +30,10 @@ from collections.abc import Callable
 from typing import Any
 
 from rbit.amqp.admin import AdminSession
+from rbit.amqp.control import ALL_KEY
 from rbit.amqp.fleet import FleetSession
 from rbit.config import Settings
+from rbit.control.authority import sign_command
 from rbit.control.client import ask
 from rbit.control.commands import Command
 from rbit.dashboard.jobs import JobLog, history_row
@@ -171,13 +174,33 @@ class Gatherer:
     def _gather_history(self, fleet: FleetSession, queues: list[str]) -> None:
         full = self._rounds % FULL_HISTORY_EVERY == 0
         depth = self._dash.history_rows if full else min(SHORT_HISTORY, self._dash.history_rows)
+        answering = {str(w["name"]) for w in self.snapshot()["workers"]}
         for queue in queues:
-            result = ask(fleet, Command("history", queue=queue, depth=depth), None,
-                         REPLY_TIMEOUT, signer=self._signer)
+            replies = self._ask_answering(fleet, Command("history", queue=queue, depth=depth),
+                                          answering)
             self._jobs.add_history([history_row(item, str(reply.get("worker")))
-                                    for reply in result["replies"]
+                                    for reply in replies
                                     for item in reply.get("history") or []
                                     if isinstance(item, dict)])
+
+    def _ask_answering(self, fleet: FleetSession, command: Command,
+                       answering: set[str]) -> list[dict[str, Any]]:
+        """Ask every worker, waiting only for those that answered ``status`` this round.
+
+        A worker seen lately but gone (killed) would otherwise cost the full reply
+        timeout for every queue, every round.
+        """
+        def enough(raw: list[bytes]) -> bool:
+            return answering <= {doc.get("worker") for doc in _documents(raw)}
+
+        sign = None
+        if self._signer is not None:
+            def sign(key: str, message_id: str, body: bytes) -> dict[str, Any]:
+                return sign_command(self._signer, key, message_id, "application/json", body)
+        if not answering:
+            return []
+        return _documents(fleet.ask(ALL_KEY, command.to_json(), REPLY_TIMEOUT, enough,
+                                    sign=sign))
 
     def _depths(self, queues: list[str], workers: list[dict[str, Any]],
                 ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, str]]]]:
@@ -214,6 +237,18 @@ class Gatherer:
             if session is not None:
                 session.close()
         self._fleet = self._admin = None
+
+
+def _documents(raw: list[bytes]) -> list[dict[str, Any]]:
+    found = []
+    for body in raw:
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            found.append(doc)
+    return found
 
 
 def _queue_state(queue: str, workers: list[dict[str, Any]]) -> dict[str, Any]:
