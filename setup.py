@@ -22,6 +22,8 @@ setup(
     license_files=["license.txt"],
     # rbit, rbit.runners, rbit.credit and rbitext, plus any subpackage they grow.
     packages=find_packages(include=["rbit", "rbit.*", "rbitext", "rbitext.*"]),
+    # The dashboard's page (rbit.dashboard): served from the installed package.
+    package_data={"rbit.dashboard": ["static/*.html", "static/*.js", "static/*.css"]},
     python_requires=">=3.11",
     install_requires=[
         # rbit.amqp.loops writes frames straight to pika's plain-TCP transport, a
@@ -46,7 +48,10 @@ setup(
     extras_require={
         # ruff is pinned to a minor series: its rules change between them, and the test
         # command fails on any lint error.
-        "test": ["pytest", "pytest-timeout", "hypothesis", "ruff>=0.17,<0.18"],
+        # selenium drives Debian's chromium (chromium-driver) in the dashboard's browser
+        # test; 4.x has the W3C-only WebDriver API used there.
+        "test": ["pytest", "pytest-timeout", "hypothesis", "ruff>=0.17,<0.18",
+                 "selenium>=4.10,<5"],
     },
     entry_points={
         "console_scripts": [

@@ -1,8 +1,8 @@
 """``rbit CONFIG [--poll-time SECONDS] [--debug]``; dispatches the other verbs.
 
 ``rbit dead-letters ...`` (:mod:`rbit.deadletters`), ``rbit ctl ...``
-(:mod:`rbit.control`), ``rbit submit|watch|keys ...`` (:mod:`rbit.submit`), ``rbit
-broadcast ...`` (:mod:`rbit.broadcast`).
+(:mod:`rbit.control`), ``rbit dashboard ...`` (:mod:`rbit.dashboard`), ``rbit
+submit|watch|keys ...`` (:mod:`rbit.submit`), ``rbit broadcast ...`` (:mod:`rbit.broadcast`).
 
 Thin: parse arguments, configure logging, build the worker, run it, map errors to
 exit codes.
@@ -66,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] in ("dead-letters", "dlq"):
         from rbit.deadletters import main as dead_letters_main
         return dead_letters_main(args[1:])
+    if args and args[0] == "dashboard":
+        from rbit.dashboard.app import main as dashboard_main
+        return dashboard_main(args[1:])
     if args and args[0] == "broadcast":
         from rbit.broadcast import main as broadcast_main
         return broadcast_main(args[1:])

@@ -26,6 +26,7 @@ from rbit.credit.pricing import (
     default_machine_id,
     parse_pricing,
 )
+from rbit.dashboard.settings import DashboardSettings, parse_dashboard
 from rbit.errors import ConfigError
 from rbit.schedule.settings import SECTION_PREFIX as _SCHEDULE_PREFIX
 from rbit.schedule.settings import ScheduleSettings, parse_schedule
@@ -208,6 +209,7 @@ class Settings:
     state: StateSettings = field(default_factory=lambda: StateSettings())
     security: SecuritySettings = SecuritySettings()
     schedules: tuple[ScheduleSettings, ...] = ()  # [schedule:NAME] (rbit.schedule)
+    dashboard: DashboardSettings = DashboardSettings()  # [dashboard] (rbit.dashboard)
 
     def require_signed(self, runner: RunnerSettings) -> bool:
         """Whether ``runner``'s jobs must carry a trusted signature."""
@@ -316,7 +318,8 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
     schedules = tuple(parse_schedule(reader, runners, worker.exchange) for reader in scheduled)
     warnings.extend(line for reader in scheduled for line in reader.unknown_keys())
     warnings.extend(_unknown_sections(path, parser.sections()))
-    for name in ("rbit", "amqp", "status", "http", "control", "security"):
+    dashboard = parse_dashboard(readers.get("dashboard"))
+    for name in ("rbit", "amqp", "status", "http", "control", "security", "dashboard"):
         if name in readers:
             warnings.extend(readers[name].unknown_keys())
     return Settings(
@@ -333,6 +336,7 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
         state=state,
         security=security,
         schedules=schedules,
+        dashboard=dashboard,
     )
 
 
@@ -445,7 +449,7 @@ def _is_logging_section(name: str) -> bool:
 
 
 def _unknown_sections(path: str, names: Sequence[str]) -> list[str]:
-    known = {"rbit", "amqp", "status", "http", "control", "security"}
+    known = {"rbit", "amqp", "status", "http", "control", "security", "dashboard"}
     return [
         f"file {path}, section [{name}]: unknown section, ignored"
         + _suggestion(name, sorted(known) + ["runner:<queue>", "schedule:<name>"])

@@ -71,7 +71,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"rbit: configuration error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     try:
-        signer = _signer(settings) if options.action == "replay" else None
+        signer = operator_signer(settings) if options.action == "replay" else None
     except ConfigError as exc:
         print(f"rbit: configuration error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
@@ -97,7 +97,7 @@ def main(argv: Sequence[str]) -> int:
     return ExitCode.OK
 
 
-def _signer(settings: Settings) -> Signer | None:
+def operator_signer(settings: Settings) -> Signer | None:
     """The operator's key, which counter-signs replays of signed jobs (None: not set)."""
     if not settings.security.signing_key:
         return None
@@ -111,15 +111,42 @@ def _check_queue(settings: Settings, queue: str) -> None:
         raise ConfigError(f"no [runner:{queue}] section", file=settings.file)
 
 
+def _reason(headers: dict) -> object:
+    reason = headers.get(DEAD_REASON_HEADER) or headers.get(UNDECODABLE_HEADER) or \
+        headers.get("x-first-death-reason", "?")
+    reason_text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else reason
+    return reason_text.splitlines()[0] if isinstance(reason_text, str) and reason_text \
+        else reason_text
+
+
+def fields(delivery: Delivery) -> dict[str, str]:
+    """A dead letter's job id, reason (first line), tries, worker and time, as text.
+
+    Every value came from the network: each is made printable and bounded
+    (:func:`rbit.safetext.escape`); a reader showing them must still treat them as text.
+    """
+    message = delivery.message
+    headers = message.headers
+    return {"job_id": message.job_id, "reason": escape(_reason(headers) or "", 300),
+            "attempts": escape(headers.get(ATTEMPTS_HEADER, "?"), 20),
+            "worker": escape(headers.get(DEAD_WORKER_HEADER, "?"), 100),
+            "time": escape(headers.get(DEAD_TIME_HEADER, "?"), 40)}
+
+
+def peek(session: AdminSession, queue: str, limit: int) -> list[dict[str, str]]:
+    """The first ``limit`` dead letters of ``queue`` as :func:`fields`, left in place.
+
+    They are taken unacked: they go back when ``session`` closes, so close it soon.
+    """
+    return [fields(delivery) for delivery in _take(session, queue, limit)]
+
+
 def _describe(delivery: Delivery) -> str:
     # Every value here came from the network: escaped, so that it can neither forge a
     # line nor send escape sequences to the terminal, and bounded.
     message = delivery.message
     headers = message.headers
-    reason = headers.get(DEAD_REASON_HEADER) or headers.get(UNDECODABLE_HEADER) or \
-        headers.get("x-first-death-reason", "?")
-    reason_text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else reason
-    first_line = reason_text.splitlines()[0] if isinstance(reason_text, str) else reason
+    first_line = _reason(headers)
     job_id = message.job_id  # sets raw_job_id when the id had to be made safe
     raw = f" (named {escape(message.raw_job_id, 200)})" if message.raw_job_id else ""
     return (f"{job_id}{raw}\ttries={escape(headers.get(ATTEMPTS_HEADER, '?'), 20)}\t"

@@ -1,6 +1,7 @@
 # Shared install steps for scripts/test and scripts/demo; source it from the repo root.
 # Installs, when missing: Debian's rabbitmq-server (without starting a system broker),
-# a virtualenv at .venv, and rbit itself with its test extras (editable).
+# Debian's chromium and chromium-driver (the dashboard's browser test), a virtualenv at
+# .venv, and rbit itself with its test extras (editable).
 
 RBIT_VENV=${RBIT_VENV:-.venv}
 _apt_updated=
@@ -42,6 +43,16 @@ ensure_rabbitmq() {
     _apt_install rabbitmq-server || rc=$?
     [ -n "$added" ] && _as_root rm -f "$policy"
     return $rc
+}
+
+have_chromium() {
+    command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1
+}
+
+ensure_chromium() {
+    have_chromium && return 0
+    echo "==> installing chromium and chromium-driver (Debian packages)"
+    _apt_install chromium chromium-driver
 }
 
 ensure_venv() {

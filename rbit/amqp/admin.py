@@ -112,6 +112,26 @@ class AdminSession:
         with _translated(queue):
             return self._channel.queue_declare(queue, passive=True).method.message_count
 
+    def depth(self, queue: str) -> tuple[int, int]:
+        """(ready messages, consumers) of an existing queue, from a passive declare.
+
+        The session stays usable after a queue that does not exist (the broker closes
+        the channel then: a new one is opened), so a long-lived reader can ask again.
+
+        Raises:
+            QueueNotFound: There is no such queue.
+            BrokerError: The broker refused otherwise.
+        """
+        try:
+            with _translated(queue):
+                method = self._channel.queue_declare(queue, passive=True).method
+        except QueueNotFound:
+            with _translated(queue):
+                self._channel = self._connection.channel()
+                self._channel.confirm_delivery()
+            raise
+        return method.message_count, method.consumer_count
+
     def get(self, queue: str) -> Delivery | None:
         """Take one message without acking it (None when the queue is empty).
 

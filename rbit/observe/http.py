@@ -101,11 +101,7 @@ class ObserveServer:
                  name: str = "rbit-http") -> None:
         handler = type("Handler", (_Handler,), {"endpoints": endpoints,
                                                 "token": settings.token})
-        try:
-            self._server = _Server((settings.host, settings.port), handler)
-        except OSError as exc:
-            raise HttpError(f"[http] bind {settings.host}:{settings.port}: "
-                            f"{exc.strerror or exc}") from exc
+        self._server = bind_server(settings.host, settings.port, handler, "[http] bind")
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.5}, name=name, daemon=True)
 
@@ -126,7 +122,9 @@ class ObserveServer:
         self._server.server_close()
 
 
-class _Server(ThreadingHTTPServer):
+class Server(ThreadingHTTPServer):
+    """A threading HTTP server on IPv4 or IPv6 (by the host's form); daemon threads."""
+
     daemon_threads = True
     allow_reuse_address = True
 
@@ -136,11 +134,90 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, handler)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    endpoints: Endpoints
-    token: str | None
+def bind_server(host: str, port: int, handler: type, what: str) -> Server:
+    """A :class:`Server` bound to ``host:port`` (``what`` names the setting in errors).
+
+    Raises:
+        HttpError: The address cannot be bound.
+    """
+    try:
+        return Server((host, port), handler)
+    except OSError as exc:
+        raise HttpError(f"{what} {host}:{port}: {exc.strerror or exc}") from exc
+
+
+def bearer_matches(header: str, token: str) -> bool:
+    """Whether an ``Authorization`` header value carries ``Bearer <token>``."""
+    scheme, _, value = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        value.strip().encode("utf-8", "replace"), token.encode("utf-8"))
+
+
+class BaseHandler(BaseHTTPRequestHandler):
+    """Request handling shared by rbit's HTTP servers: bounded bodies, JSON, replies.
+
+    A client has :data:`REQUEST_TIMEOUT` seconds to send its request; a body is read
+    only with a ``Content-Length`` of at most :data:`MAX_BODY` bytes; only the request
+    line is logged (a token travels in a header or a cookie).
+    """
+
     timeout = REQUEST_TIMEOUT
     server_version = "rbit"
+
+    def _guarded(self, route: Callable[[dict], None], query: dict) -> None:
+        try:
+            route(query)
+        except Exception:  # a broken callable must not take the endpoint down
+            log.exception("HTTP %s %s failed", self.command, self.path[:200])
+            self._send(500, "internal error\n")
+
+    def _read_body(self) -> bytes | None:
+        """The request body (None: refused, the reply is sent)."""
+        length_text = self.headers.get("Content-Length", "")
+        if not length_text.isdigit():
+            self._send(411, "a Content-Length is required\n")
+            return None
+        if int(length_text) > MAX_BODY:
+            self._send(413, f"the body is larger than {MAX_BODY} bytes\n")
+            return None
+        return self.rfile.read(int(length_text))
+
+    def _read_json(self) -> Any:
+        raw = self._read_body()
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._send(400, f"not JSON: {exc}\n")
+            return None
+
+    def _json(self, code: int, value: Any) -> None:
+        self._send(code, json.dumps(value, default=str).encode("utf-8") + b"\n",
+                   content_type="application/json")
+
+    def _send(self, code: int, body: str | bytes, *, content_type: str = "text/plain; "
+              "charset=utf-8", extra: dict[str, str] | None = None) -> None:
+        data = body.encode("utf-8") if isinstance(body, str) else body
+        self.send_response(code)
+        if code != 204:
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if data and self.command != "HEAD":
+            self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        # The request line only (never a header: the token travels in one).
+        log.debug("HTTP %s %s", self.address_string(), format % args)
+
+
+class _Handler(BaseHandler):
+    endpoints: Endpoints
+    token: str | None
 
     # ------------------------------------------------------------------- methods
 
@@ -164,13 +241,6 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._guarded(self._logconfig, {})
 
-    def _guarded(self, route: Callable[[dict], None], query: dict) -> None:
-        try:
-            route(query)
-        except Exception:  # a broken callable must not take the endpoint down
-            log.exception("HTTP %s %s failed", self.command, self.path[:200])
-            self._send(500, "internal error\n")
-
     # -------------------------------------------------------------------- access
 
     def _authorized(self, *, post: bool) -> bool:
@@ -179,10 +249,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(403, "refused: set [http] token to allow changes\n")
                 return False
             return True
-        given = self.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-                value.strip().encode("utf-8", "replace"), self.token.encode("utf-8")):
+        if bearer_matches(self.headers.get("Authorization", ""), self.token):
             return True
         self._send(401, "a valid bearer token is required\n",
                    extra={"WWW-Authenticate": 'Bearer realm="rbit"'})
@@ -231,42 +298,3 @@ class _Handler(BaseHTTPRequestHandler):
             return
         log.info("logging reconfigured through the HTTP endpoint")
         self._send(204, b"")
-
-    def _read_json(self) -> Any:
-        length_text = self.headers.get("Content-Length", "")
-        if not length_text.isdigit():
-            self._send(411, "a Content-Length is required\n")
-            return None
-        if int(length_text) > MAX_BODY:
-            self._send(413, f"the body is larger than {MAX_BODY} bytes\n")
-            return None
-        raw = self.rfile.read(int(length_text))
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            self._send(400, f"not JSON: {exc}\n")
-            return None
-
-    # -------------------------------------------------------------------- output
-
-    def _json(self, code: int, value: Any) -> None:
-        self._send(code, json.dumps(value, default=str).encode("utf-8") + b"\n",
-                   content_type="application/json")
-
-    def _send(self, code: int, body: str | bytes, *, content_type: str = "text/plain; "
-              "charset=utf-8", extra: dict[str, str] | None = None) -> None:
-        data = body.encode("utf-8") if isinstance(body, str) else body
-        self.send_response(code)
-        if code != 204:
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-        for name, value in (extra or {}).items():
-            self.send_header(name, value)
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        if data and self.command != "HEAD":
-            self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        # The request line only (never a header: the token travels in one).
-        log.debug("HTTP %s %s", self.address_string(), format % args)
