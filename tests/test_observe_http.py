@@ -207,3 +207,23 @@ def test_the_endpoint_listens_on_loopback_unless_told_otherwise(tmp_path):
     path.write_text("[rbit]\nname = w\n[amqp]\nhost = localhost\n")
     assert load_config(str(path)).http is None  # off by default
     assert HttpSettings().host == "127.0.0.1"
+
+
+def test_without_http_the_pools_count_nothing_for_metrics(tmp_path, rabbit, vhost, out):
+    """Metrics no one can scrape cost the job path nothing: only [http] attaches them."""
+    from rbit.worker import Worker
+
+    with_http = _config(tmp_path, rabbit, vhost, out, "succeed")
+    without = tmp_path / "plain.ini"
+    without.write_text(with_http.read_text().split("\n[http]")[0] + "\n")
+    for path, counted in ((without, False), (with_http, True)):
+        worker = Worker(load_config(str(path)))
+        observation = WorkerObservation(worker)
+        worker.start(timeout=20)
+        try:
+            assert [pool.metrics is not None for pool in worker.pools] == [counted]
+            assert (observation.server is not None) is counted
+            assert "0 jobs running" in observation.status_line()
+        finally:
+            worker.shutdown(threading.Event(), grace=15)
+            observation.close()

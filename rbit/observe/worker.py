@@ -1,7 +1,7 @@
 """A worker's observability: metrics, the HTTP endpoint and systemd, started together.
 
-:class:`WorkerObservation` is built after the worker (its pools get the metrics'
-observer before any job starts) and before it connects (a port that cannot be bound
+:class:`WorkerObservation` is built after the worker (with ``[http]``, its pools get
+the metrics' observer before any job starts) and before it connects (a port that cannot be bound
 stops the worker at once). ``/stats`` and ``/history`` serve the control plane's status
 snapshot and job history (:mod:`rbit.control`), the same data ``rbit ctl status`` and
 ``rbit ctl history`` gather.
@@ -15,7 +15,6 @@ import time
 from typing import TYPE_CHECKING
 
 from rbit.observe.http import Endpoints, ObserveServer
-from rbit.observe.metrics import JobMetrics, WorkerMetrics, WorkerSources
 from rbit.systemd import Heartbeat, Notifier
 
 if TYPE_CHECKING:
@@ -39,25 +38,31 @@ class WorkerObservation:
         self._worker = worker
         self._started = time.time()
         self._stopping = False
-        self.jobs = JobMetrics(pool.settings.queue for pool in worker.pools)
+        http = worker.settings.http
+        # Without [http] nothing can scrape the metrics: the job pools count nothing for
+        # them (and prometheus_client is not even loaded).
+        self.server = None if http is None else ObserveServer(http, self._endpoints(worker))
+        self._notifier = notifier or Notifier(None)
+        self._heartbeat = Heartbeat(self._notifier, self._io_alive, self.status_line)
+
+    def _endpoints(self, worker: Worker) -> Endpoints:
+        from rbit.observe.metrics import JobMetrics, WorkerMetrics, WorkerSources
+
+        jobs = JobMetrics(pool.settings.queue for pool in worker.pools)
         for pool in worker.pools:
-            pool.metrics = self.jobs
+            pool.metrics = jobs
         broker = worker.broker
-        self.metrics = WorkerMetrics(self.jobs, WorkerSources(
+        metrics = WorkerMetrics(jobs, WorkerSources(
             connected=lambda: broker.connected,
             reconnects=lambda: broker.connections_lost,
             renewals=lambda: broker.leases.renewed,
             undecodable=lambda: list(broker.consumers.refused.items()),
             backlog=worker.reporter.pending,
         ))
-        http = worker.settings.http
         # /stats and /history serve what `rbit ctl status|history` answer (rbit.control).
         control = worker.control
-        self.server = None if http is None else ObserveServer(http, Endpoints(
-            healthy=self.healthy, metrics=self.metrics.exposition, status=control.status,
-            history=control.history if control.history_enabled else None))
-        self._notifier = notifier or Notifier(None)
-        self._heartbeat = Heartbeat(self._notifier, self._io_alive, self.status_line)
+        return Endpoints(healthy=self.healthy, metrics=metrics.exposition, status=control.status,
+                         history=control.history if control.history_enabled else None)
 
     def start(self) -> None:
         """The worker consumes: serve HTTP and tell systemd it is ready."""
@@ -96,10 +101,11 @@ class WorkerObservation:
 
     def status_line(self) -> str:
         """One line for ``systemctl status``."""
+        running = len(self._worker.control.observer.running)
         if self._stopping:
-            return f"stopping, {self.jobs.running()} jobs running"
+            return f"stopping, {running} jobs running"
         state = "consuming" if self._worker.broker.connected else "reconnecting;"
-        return f"{state} {len(self._worker.pools)} queues, {self.jobs.running()} jobs running"
+        return f"{state} {len(self._worker.pools)} queues, {running} jobs running"
 
     def _queues_text(self, paused: frozenset[str] = frozenset()) -> str:
         return ", ".join(pool.settings.queue for pool in self._worker.pools
