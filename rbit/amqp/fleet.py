@@ -93,29 +93,47 @@ class FleetSession:
         Raises:
             BrokerError: The broker refused the command or the session failed.
         """
-        replies: list[bytes] = []
+        def properties(correlation: str) -> dict[str, Any]:
+            headers = sign(routing_key, correlation, body) if sign is not None else None
+            return {"user_id": self._user, "content_type": "application/json",
+                    "message_id": correlation, "headers": headers}
+
+        return self._request(CONTROL_EXCHANGE, routing_key, body, properties, timeout,
+                             enough, "command")
+
+    def _request(self, exchange: str, routing_key: str, body: bytes,
+                 properties: Callable[[str], dict[str, Any]], timeout: float,
+                 enough: Callable[[list[bytes]], bool], what: str) -> list[bytes]:
+        """Publish ``body`` to ``exchange`` and gather the answers sent to its reply-to.
+
+        ``properties(correlation_id)`` gives the message's other AMQP properties. Answers
+        come through RabbitMQ's direct reply-to, those with another correlation id are
+        dropped; gathering ends at ``timeout`` or once ``enough(answers)``.
+
+        Raises:
+            BrokerError: The broker refused the publish or the session failed (``what``
+                names the message in the error).
+        """
+        answers: list[bytes] = []
         correlation = uuid.uuid4().hex
 
-        def on_reply(_channel, _method, props, reply: bytes) -> None:
+        def on_answer(_channel, _method, props, answer: bytes) -> None:
             if props.correlation_id == correlation:
-                replies.append(reply)
+                answers.append(answer)
 
         try:
             channel = self._connection.channel()
-            channel.exchange_declare(CONTROL_EXCHANGE, "direct", durable=True)
-            channel.basic_consume(_REPLY_TO, on_reply, auto_ack=True)
-            headers = sign(routing_key, correlation, body) if sign is not None else None
+            channel.exchange_declare(exchange, "direct", durable=True)
+            channel.basic_consume(_REPLY_TO, on_answer, auto_ack=True)
             props = spec.BasicProperties(reply_to=_REPLY_TO, correlation_id=correlation,
-                                         user_id=self._user, content_type="application/json",
-                                         delivery_mode=1, message_id=correlation,
-                                         headers=headers)
-            channel.basic_publish(CONTROL_EXCHANGE, routing_key, body, props)
+                                         delivery_mode=1, **properties(correlation))
+            channel.basic_publish(exchange, routing_key, body, props)
             deadline = time.monotonic() + timeout
-            while not enough(replies):
+            while not enough(answers):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._connection.process_data_events(time_limit=min(left, 0.1))
         except pika.exceptions.AMQPError as exc:
-            raise BrokerError(f"cannot send the command: {exc!r}") from exc
-        return replies
+            raise BrokerError(f"cannot send the {what}: {exc!r}") from exc
+        return answers

@@ -8,18 +8,11 @@ takes the answers through RabbitMQ's direct reply-to: nothing is declared for th
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import pika.exceptions
-from pika import spec
-
 from rbit.amqp.broadcast import BROADCAST_EXCHANGE
 from rbit.amqp.fleet import FleetSession
-from rbit.errors import BrokerError
-
-_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 class BroadcastSession(FleetSession):
@@ -40,28 +33,10 @@ class BroadcastSession(FleetSession):
         Raises:
             BrokerError: The broker refused the publish or the session failed.
         """
-        answers: list[bytes] = []
-        correlation = uuid.uuid4().hex
+        def properties(_correlation: str) -> dict[str, Any]:
+            return {"message_id": message_id, "headers": dict(headers),
+                    "content_type": content_type, "timestamp": int(time.time()),
+                    "expiration": str(max(1, int(timeout * 1000)))}
 
-        def on_answer(_channel, _method, props, answer: bytes) -> None:
-            if props.correlation_id == correlation:
-                answers.append(answer)
-
-        try:
-            channel = self._connection.channel()
-            channel.exchange_declare(BROADCAST_EXCHANGE, "direct", durable=True)
-            channel.basic_consume(_REPLY_TO, on_answer, auto_ack=True)
-            props = spec.BasicProperties(
-                reply_to=_REPLY_TO, correlation_id=correlation, message_id=message_id,
-                headers=dict(headers), content_type=content_type, delivery_mode=1,
-                timestamp=int(time.time()), expiration=str(max(1, int(timeout * 1000))))
-            channel.basic_publish(BROADCAST_EXCHANGE, queue, body, props)
-            deadline = time.monotonic() + timeout
-            while not enough(answers):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._connection.process_data_events(time_limit=min(left, 0.1))
-        except pika.exceptions.AMQPError as exc:
-            raise BrokerError(f"cannot send the broadcast: {exc!r}") from exc
-        return answers
+        return self._request(BROADCAST_EXCHANGE, queue, body, properties, timeout, enough,
+                             "broadcast")
