@@ -55,6 +55,7 @@ ReportFn = Callable[..., None]
 STOPPING = "the worker is stopping"
 
 _STOP = object()
+_DONE, _DONE_STATUS = Kind.DONE, Status.DONE
 
 
 def pool_for(runner: RunnerSettings, job_runner: Any, broker: Broker, report: ReportFn, *,
@@ -107,9 +108,10 @@ class JobPool:
         self._busy = 0
         #: Told of each job's start and settlement (the metrics), when set.
         self.metrics: Any = None
-        #: Told of each job's start and fate (running jobs, counts, history), if set.
+        #: Keeps each job's entry from its start to its fate (running jobs, counts,
+        #: history, the jobs PyBit's commands find), if set.
         self.observer: JobObserver | None = None
-        #: Told of each job's start and end (PyBit's commands, :mod:`rbit.pybit`), when set.
+        #: PyBit's commands (:mod:`rbit.pybit`) can cancel this pool's jobs, when set.
         self.tracker: Any = None
         #: ``sealer(delivery, publish) -> publish``: counter-signs retry copies of signed
         #: jobs (rbit.security.gate), when set.
@@ -161,30 +163,31 @@ class JobPool:
         When the pool is closing it goes back to its queue; when its connection is
         gone the broker redelivers it anyway.
         """
+        message = delivery.message
         if self._closing:
             self._requeue(delivery)
         elif self._broker.is_current(delivery):
-            if not delivery.message.is_cancelled():
+            if not message.is_cancelled():
                 return False
             # Cancelled (a PyBit CancelRequest) while it waited here: never started.
-            set_status = JobStatus(self._report, delivery.message.job_id, self.settings.queue)
+            set_status = JobStatus(self._report, message.job_id, self.settings.queue, message)
             self._settle(delivery, Outcome.cancelled("cancelled before it started"),
                          set_status)
             return True
-        if self.tracker is not None:
-            self.tracker.ended(delivery.message)
+        if self.observer is not None:  # PyBit's commands keep jobs not started there
+            self.observer.dropped(message)
         self._settled()
         return True
 
     def _status_callback(self, delivery: Delivery) -> JobStatus:
-        job_id = delivery.message.job_id
+        """The job's ``set_status``, which is also its entry in the observer's books."""
+        message = delivery.message
+        queue_name = self.settings.queue
+        set_status = JobStatus(self._report, message.job_id, queue_name, message)
         if self.metrics is not None:
-            self.metrics.job_started(self.settings.queue)
+            self.metrics.job_started(queue_name)
         if self.observer is not None:
-            self.observer.started(job_id, self.settings.queue)
-        set_status = JobStatus(self._report, job_id, self.settings.queue)
-        if self.tracker is not None:
-            self.tracker.started(delivery.message, set_status)
+            self.observer.started(set_status)
         return set_status
 
     def _requeue(self, delivery: Delivery) -> None:
@@ -201,8 +204,6 @@ class JobPool:
         """
         message = delivery.message
         queue_name = self.settings.queue
-        if self.tracker is not None:
-            self.tracker.ended(message)
         ok = outcome.kind is Kind.DONE and not self._cancelled
         status = (outcome.status or Status.DONE) if ok else Status.FAILED
         note = "" if ok else (STOPPING if self._cancelled else outcome.reason)
@@ -210,8 +211,8 @@ class JobPool:
             self.metrics.job_settled(queue_name, outcome, fate.Settlement(None, status, note),
                                      set_status.started)
         if self.observer is not None:
-            self.observer.ended(message.job_id, queue_name, status if ok else None,
-                                message.attempt, note, not ok)
+            self.observer.ended(set_status, status if ok else None, message.attempt, note,
+                                not ok)
         last = set_status.last  # a runner that ended on Done itself has said it all
         set_status.final(None if ok and last is not None and last.terminal else status, note)
         self._settled()
@@ -221,22 +222,26 @@ class JobPool:
             delivery.answer(outcome, "")  # type: ignore[attr-defined]
 
     def _settle(self, delivery: Delivery, outcome: Outcome, set_status: JobStatus) -> None:
-        if delivery.message.broadcast:
+        message = delivery.message
+        if (outcome.kind is _DONE and outcome.status is None and not outcome.reason
+                and not message.broadcast and not self._cancelled
+                and (self.tracker is None or not message.is_cancelled())):
+            self._settle_done(delivery, outcome, set_status)
+            return
+        if message.broadcast:
             self._answer(delivery, outcome, set_status)
             return
-        if self.tracker is not None:
-            self.tracker.ended(delivery.message)
-            if delivery.message.is_cancelled() and outcome.status is not Status.CANCELLED:
-                # Stopped for a CancelRequest (or a runner that saw message.cancelled):
-                # whatever the try returned, the job was cancelled, and is not retried.
-                outcome = Outcome.cancelled()
+        if (self.tracker is not None and message.is_cancelled()
+                and outcome.status is not Status.CANCELLED):
+            # Stopped for a CancelRequest (or a runner that saw message.cancelled):
+            # whatever the try returned, the job was cancelled, and is not retried.
+            outcome = Outcome.cancelled()
         if self._cancelled:  # cut short by a second signal: left unacked, so redelivered
             set_status.final(None)
             log.warning("job %s: stopped before it ended; the broker will redeliver it",
-                        delivery.message.job_id)
+                        message.job_id)
             if self.observer is not None:
-                self.observer.ended(delivery.message.job_id, self.settings.queue, None, 0,
-                                    "", False)
+                self.observer.ended(set_status, None, 0, "", False)
             self._settled()
             return
         settlement = fate.decide(outcome, delivery, self.settings, worker=self._worker)
@@ -244,9 +249,8 @@ class JobPool:
         if self.metrics is not None:
             self.metrics.job_settled(self.settings.queue, outcome, settlement, set_status.started)
         if self.observer is not None:
-            message = delivery.message
-            self.observer.ended(message.job_id, self.settings.queue, settlement.status,
-                                message.attempt, settlement.note or outcome.reason,
+            self.observer.ended(set_status, settlement.status, message.attempt,
+                                settlement.note or outcome.reason,
                                 outcome.kind is not Kind.DONE, usage)
         last = set_status.last
         # A runner that ended on Done, Uploaded or Cancelled itself has said it all: a
@@ -275,6 +279,34 @@ class JobPool:
             if self.sealer is not None:
                 publish = self.sealer(delivery, publish)
             self._broker.publish_then_ack(delivery, publish)
+
+    def _settle_done(self, delivery: Delivery, outcome: Outcome,
+                     set_status: JobStatus) -> None:
+        """:meth:`_settle` of nearly every job: Done, nothing to add, not a broadcast.
+
+        The steps the general path takes for the settlement :data:`rbit.fate.ACK`,
+        without the questions whose answer is known then.
+        """
+        usage = outcome.usage
+        if self.metrics is not None:
+            self.metrics.job_settled(self.settings.queue, outcome, fate.ACK,
+                                     set_status.started)
+        if self.observer is not None:
+            self.observer.ended(set_status, _DONE_STATUS, delivery.message.attempt, "",
+                                False, usage)
+        last = set_status.last
+        # A runner that ended on Done, Uploaded or Cancelled itself has said it all.
+        if last is not None and last.terminal:
+            set_status.final(None)
+        else:
+            set_status.final(_DONE_STATUS, "", usage)
+        self._settled()
+        if usage is None or self.settings.pricing is None or (
+                last is not None and last.terminal and last is not _DONE_STATUS
+                and last is not Status.UPLOADED):
+            self._broker.ack(delivery)
+        else:
+            self._ack_after_credits(delivery, usage)
 
     def _ack_after_credits(self, delivery: Delivery, usage: Usage) -> None:
         """Publish a Done job's credit events; ack the job once all are confirmed.
@@ -553,15 +585,39 @@ class JobStatus:
     Once the job is settled (:meth:`final`), later calls -- from a thread the runner
     left behind, say -- are logged at DEBUG and dropped: a job's statuses never go on
     after its final one.
+
+    It is also the job's one entry in the worker's books
+    (:class:`rbit.control.observer.JobObserver`): the observer keeps it while the job
+    runs, notes its fate on it, and hands it to the history, whose writer thread makes
+    the row (:meth:`history_row`). A job's path thus builds no other record of it.
+
+    Args:
+        report: The status sink.
+        job_id: The job's id.
+        queue_name: Its queue.
+        message: The job, when the observer keeps an entry for it (its key there).
     """
 
-    __slots__ = ("_report", "_job_id", "_queue", "last", "_settled", "started")
+    __slots__ = ("_report", "job_id", "queue", "message", "last", "_settled", "started",
+                 "since", "fate", "attempt", "note", "usage", "ended")
 
-    def __init__(self, report: ReportFn, job_id: str, queue_name: str) -> None:
-        self._report, self._job_id, self._queue = report, job_id, queue_name
+    since: float
+    ended: float
+    fate: Status
+    attempt: int
+    note: str
+    usage: Usage | None
+
+    def __init__(self, report: ReportFn, job_id: str, queue_name: str,
+                 message: Any = None) -> None:
+        self._report, self.job_id, self.queue = report, job_id, queue_name
+        self.message = message
         self.last: Status | None = None
         self._settled = False
         self.started = time.monotonic()  # the job's start, for its duration
+        # The rest is set by the observer, and only read after it set them: when the
+        # job started and ended (Unix seconds), and its fate (the settlement's status,
+        # the try, the note, what it used). Left unset meanwhile: nothing to pay.
 
     def __call__(self, status: str | Status, message: str = "") -> None:
         parsed = status if status.__class__ is Status else Status.parse(status)
@@ -569,10 +625,10 @@ class JobStatus:
         with _FINAL_LOCK:  # against a settlement on another thread meanwhile
             if self._settled:
                 log.debug("job %s: status %s set after the job was settled; ignored",
-                          self._job_id, parsed.value)
+                          self.job_id, parsed.value)
                 return
             self.last = parsed
-            self._report(self._job_id, self._queue, parsed, text)
+            self._report(self.job_id, self.queue, parsed, text)
 
     def final(self, status: Status | None, message: str = "", usage: Usage | None = None) -> None:
         """Reports the job's final status (None: none to add); no status follows it.
@@ -584,9 +640,14 @@ class JobStatus:
             if status is not None:
                 self.last = status
                 if usage is None:
-                    self._report(self._job_id, self._queue, status, message)
+                    self._report(self.job_id, self.queue, status, message)
                 else:
-                    self._report(self._job_id, self._queue, status, message, usage)
+                    self._report(self.job_id, self.queue, status, message, usage)
+
+    def history_row(self) -> tuple[Any, ...]:
+        """The job's history row (:data:`rbit.control.state.RecordTuple`), once ended."""
+        return (self.job_id, self.queue, self.fate.value, self.attempt, self.since, self.ended,
+                self.ended - self.since, self.note, self.usage)
 
 
 # One lock for all jobs: held only while a status is handed to the (non-blocking) sink.

@@ -52,7 +52,8 @@ class Settlement:
     note: str
 
 
-_ACK = Settlement(None, Status.DONE, "")
+#: The settlement of nearly every job: Done, acked.
+ACK = Settlement(None, Status.DONE, "")
 
 
 def retry_delay(policy: RetryPolicy, attempt: int, rng: Callable[[], float]) -> tuple[int, int]:
@@ -76,7 +77,7 @@ def decide(
     if outcome.kind is Kind.DONE:
         if outcome.status is not None:
             return Settlement(None, outcome.status, outcome.reason)
-        return Settlement(None, Status.DONE, outcome.reason) if outcome.reason else _ACK
+        return Settlement(None, Status.DONE, outcome.reason) if outcome.reason else ACK
     if outcome.kind is Kind.REJECTED:
         return _dead(delivery, runner.queue, worker, outcome.reason or "rejected", now)
     attempt = min(delivery.message.attempt, runner.retry.max_retries + 1)

@@ -52,7 +52,8 @@ from rbit.topology import QueueDecl
 
 if TYPE_CHECKING:
     from rbit.amqp.broker import Broker
-    from rbit.dispatch import JobStatus, ReportFn
+    from rbit.control.observer import JobObserver
+    from rbit.dispatch import ReportFn
 
 log = logging.getLogger(__name__)
 
@@ -76,47 +77,36 @@ def command_queue(settings: Settings) -> QueueDecl:
 
 
 class JobTracker:
-    """The jobs this worker holds, from delivery to settlement (thread-safe).
+    """Finds the jobs this worker holds, from delivery to settlement (thread-safe).
 
-    Every job passes here three times, on the I/O thread and the job threads: single
-    dict operations (atomic under the GIL) instead of a lock, keyed by the message
-    itself, so that nothing on the I/O thread works out a job id. A command looks the
-    id up among the held messages (a few hundred at most, and commands are rare). Two
-    copies of one job id held at once (a redelivery racing its first copy's end) are
-    both cancelled.
+    The jobs are the observer's (:class:`rbit.control.observer.JobObserver`): one entry
+    per job, keyed by the message itself, so that nothing on the I/O thread works out
+    a job id. The tracker only adds the jobs received and not started yet
+    (:meth:`arrived`, on the I/O thread). A command looks the id up among the held
+    messages (a few hundred at most, and commands are rare). Two copies of one job id
+    held at once (a redelivery racing its first copy's end) are both cancelled.
 
     Args:
         report: The status reporter's ``report``.
+        jobs: The worker's observer, which keeps each job's entry.
     """
 
-    def __init__(self, report: ReportFn) -> None:
+    def __init__(self, report: ReportFn, jobs: JobObserver) -> None:
         self._report = report
-        self._jobs: dict[Message, JobStatus | None] = {}  # held -> its set_status once started
-
-    def arrived(self, message: Message) -> None:
-        self._jobs[message] = None
-
-    def started(self, message: Message, set_status: JobStatus) -> None:
-        if message in self._jobs:
-            self._jobs[message] = set_status
-
-    def ended(self, message: Message) -> None:
-        self._jobs.pop(message, None)
-
-    def _held(self, job_id: str) -> list[tuple[Message, JobStatus | None]]:
-        return [(message, status) for message, status in list(self._jobs.items())
-                if message.job_id == job_id]
+        self._jobs = jobs
+        #: A job was received: it can be cancelled from now on.
+        self.arrived = jobs.arrived
 
     def cancel(self, job_id: str) -> bool:
         """Cancel job ``job_id``; False when this worker does not hold it."""
-        held = self._held(job_id)
+        held = self._jobs.held(job_id)
         for message, _ in held:
             message.cancelled.set()  # hooks run here: a shell! job's group gets SIGTERM
         return bool(held)
 
     def report_again(self, job_id: str) -> bool:
         """Report job ``job_id``'s current status again; False when not held here."""
-        held = self._held(job_id)
+        held = self._jobs.held(job_id)
         if not held:
             return False
         message, set_status = held[-1]

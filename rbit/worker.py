@@ -71,21 +71,22 @@ class Worker:
             self.broker.leases.sealer = self.security.seal_hold
         self.pools = [self._pool(runner) for runner in settings.runners]
         consumers = [self._consumer(pool) for pool in self.pools]
+        # Before PyBit's commands: they find the jobs in the control plane's observer.
+        self.control = ControlPlane(settings, self.broker, self.pools,
+                                    backlog=self.reporter.pending, request_stop=request_stop)
         self.pybit_check: pybit.QueuedCheck | None = None
         if pybit.commands_enabled(settings):
             consumers = self._pybit_consumers(consumers)
         self.broker.set_consumers(consumers)
         self.broker.set_broadcast(broadcast.routes(self.pools, self.security, settings,
                                                    self.reporter.report))
-        self.control = ControlPlane(settings, self.broker, self.pools,
-                                    backlog=self.reporter.pending, request_stop=request_stop)
         self.scheduler = Scheduler(settings, publish=self.broker.publish, broker=self.broker)
         if self.scheduler.seats or self.scheduler.local:
             self.control.controller.schedules = self.scheduler.status
 
     def _pybit_consumers(self, consumers: list[ConsumerSpec]) -> list[ConsumerSpec]:
         """PyBit's commands: jobs tracked and checked, and the command queue consumed."""
-        tracker = pybit.JobTracker(self.reporter.report)
+        tracker = pybit.JobTracker(self.reporter.report, self.control.observer)
         check = self.pybit_check = pybit.QueuedCheck(
             self.broker, pybit.front_end(self.settings), tracker)
         for pool in self.pools:

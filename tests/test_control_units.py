@@ -16,8 +16,11 @@ from rbit.control.commands import Command, CommandError, parse
 from rbit.control.handler import Controller
 from rbit.control.observer import JobObserver
 from rbit.control.state import StateStore
+from rbit.dispatch import JobStatus
 from rbit.errors import ConfigError
+from rbit.message import Message
 from rbit.outcome import Status
+from rbit.usage import Usage
 
 
 @pytest.mark.parametrize("body", [
@@ -75,18 +78,56 @@ def test_observer_counts_and_records_each_fate():
     records = []
     clock = iter([100.0, 100.5, 200.0, 201.0, 300.0, 300.25]).__next__
     observer = JobObserver(records.append, clock=clock)
-    observer.started("j1", "q")
+    j1, j2, j3 = (_entry(job_id) for job_id in ("j1", "j2", "j3"))
+    observer.started(j1)
     assert observer.running_jobs() == [{"job_id": "j1", "queue": "q", "since": 100.0}]
-    observer.ended("j1", "q", Status.DONE, 1, "", False)
-    observer.started("j2", "q")
-    observer.ended("j2", "q", Status.WAITING, 1, "try 1 of 4 failed", True)
-    observer.started("j3", "q")
-    observer.ended("j3", "q", Status.FAILED, 4, "failed after 4 tries", True)
+    assert observer.running_count() == 1
+    observer.ended(j1, Status.DONE, 1, "", False)
+    observer.started(j2)
+    observer.ended(j2, Status.WAITING, 1, "try 1 of 4 failed", True)
+    observer.started(j3)
+    observer.ended(j3, Status.FAILED, 4, "failed after 4 tries", True)
     assert observer.snapshot_counts() == {"done": 1, "failed": 2, "retried": 1,
                                           "dead_lettered": 1}
-    assert [(r[0], r[2], r[6]) for r in records] == [
+    rows = [r.history_row() for r in records]
+    assert [(r[0], r[2], r[6]) for r in rows] == [
         ("j1", "Done", 0.5), ("j2", "Waiting", 1.0), ("j3", "Failed", 0.25)]
     assert observer.running_jobs() == []
+
+
+def _entry(job_id):
+    message = Message(b"{}", "q", message_id=job_id)
+    return JobStatus(lambda *args: None, job_id, "q", message)
+
+
+def test_history_rows_are_built_from_job_entries_by_the_writer(tmp_path):
+    clock = iter([100.0, 101.5]).__next__
+    store = StateStore(str(tmp_path / "s"), history_depth=5)
+    observer = JobObserver(store.record, clock=clock)
+    job = _entry("j1")
+    observer.started(job)
+    observer.ended(job, Status.WAITING, 2, "x" * 900, True, Usage(1.5, 0.25))
+    [row] = store.history("q", 5)
+    assert (row["job_id"], row["status"], row["attempt"], row["duration"]) == (
+        "j1", "Waiting", 2, 1.5)
+    assert len(row["message"]) == 500
+    assert row["usage"] == {"wall_s": 1.5, "cpu_s": 0.25, "max_rss_kib": None}
+    store.close()
+
+
+def test_the_observer_holds_jobs_received_for_pybit_until_they_end():
+    observer = JobObserver()
+    job = _entry("j1")
+    observer.arrived(job.message)
+    assert observer.held("j1") == [(job.message, None)]
+    assert observer.running_jobs() == []
+    observer.started(job)
+    assert observer.held("j1") == [(job.message, job)]
+    observer.ended(job, None, 1, "", False)
+    assert observer.held("j1") == []
+    observer.arrived(job.message)
+    observer.dropped(job.message)
+    assert observer.held("j1") == []
 
 
 class _Broker:

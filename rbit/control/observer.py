@@ -1,9 +1,15 @@
-"""What the job pools tell about each job: running now, counts, history.
+"""What the job pools tell about each job: held and running now, counts, history.
 
-A pool calls :meth:`JobObserver.started` when a job starts and :meth:`JobObserver.ended`
-once its fate is decided, from whatever thread runs it. Both are a few dict operations
-(atomic under the GIL), two counter increments under a lock held for nothing else, and
-one deque append: nothing here waits for a disk or the network.
+One entry per job: the job's own :class:`~rbit.dispatch.JobStatus`, kept in one dict
+keyed by its message from the job's start (:meth:`JobObserver.started`) to its
+settlement (:meth:`JobObserver.ended`). The same dict holds the jobs a worker with
+PyBit's command queue has received but not started yet (:meth:`JobObserver.arrived`),
+so that a ``CancelRequest`` finds a job wherever it is (:mod:`rbit.pybit`). A job's
+path costs one dict insert and one pop (atomic under the GIL), two counter increments
+under a lock held for nothing else and, with the history on, the entry itself handed
+to ``record``: the state store's writer thread turns it into a row
+(:meth:`~rbit.dispatch.JobStatus.history_row`). Nothing here waits for a disk or the
+network.
 """
 
 from __future__ import annotations
@@ -11,56 +17,71 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rbit.control.state import MAX_MESSAGE, RecordTuple
 from rbit.outcome import Status
-from rbit.usage import Usage
+
+if TYPE_CHECKING:
+    from rbit.dispatch import JobStatus
+    from rbit.message import Message
+    from rbit.usage import Usage
 
 #: The counters kept since start, as named in the status snapshot.
 COUNTS = ("done", "failed", "retried", "dead_lettered")
 
+_FAILED, _WAITING, _BLOCKED = Status.FAILED, Status.WAITING, Status.BLOCKED
+
 
 class JobObserver:
-    """Running jobs and counts since start; outcomes go to ``record``.
+    """The jobs held and running, counts since start; outcomes go to ``record``.
 
     Args:
-        record: Takes each outcome (a :data:`~rbit.control.state.RecordTuple`); must
-            not block. None: no history.
+        record: Takes each ended job's entry (a :class:`~rbit.dispatch.JobStatus`, see
+            :meth:`rbit.control.state.StateStore.record`); must not block. None: no
+            history.
         clock: Wall-clock time (Unix seconds).
     """
 
-    def __init__(self, record: Callable[[RecordTuple], None] | None = None,
+    def __init__(self, record: Callable[[Any], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._record = record
         self._clock = clock
-        #: job id -> (queue, started): the jobs running now.
-        self.running: dict[str, tuple[str, float]] = {}
+        #: message -> its entry once started (None: received, not started yet).
+        self._jobs: dict[Message, JobStatus | None] = {}
         self.counts = dict.fromkeys(COUNTS, 0)
         self._lock = threading.Lock()  # += is not atomic across job threads
 
-    def started(self, job_id: str, queue: str) -> None:
-        self.running[job_id] = (queue, self._clock())
+    def arrived(self, message: Message) -> None:
+        """A job was received (PyBit's commands only: it can be cancelled from now)."""
+        self._jobs[message] = None
 
-    def ended(self, job_id: str, queue: str, status: Status | None, attempt: int,
-              note: str, failed: bool, usage: Usage | None = None) -> None:
+    def started(self, job: JobStatus) -> None:
+        """A job starts; ``job`` is its entry until it ends."""
+        job.since = self._clock()
+        self._jobs[job.message] = job
+
+    def dropped(self, message: Message) -> None:
+        """A received job will not run here (given back, or its delivery is stale)."""
+        self._jobs.pop(message, None)
+
+    def ended(self, job: JobStatus, status: Status | None, attempt: int, note: str,
+              failed: bool, usage: Usage | None = None) -> None:
         """A job's fate was decided (``status`` None: cut short, to be redelivered).
 
         Args:
-            job_id: The job.
-            queue: Its queue.
+            job: The job's entry.
             status: Done, Waiting/Blocked (retried) or Failed (dead-lettered).
             attempt: Which try this was.
             note: The settlement's note (why it was retried or dead-lettered).
             failed: The try failed (it may still be retried).
             usage: What the try used (:mod:`rbit.usage`), when metered.
         """
-        begun = self.running.pop(job_id, None)
+        self._jobs.pop(job.message, None)
         if status is None:
             return
-        if status is Status.FAILED:
+        if status is _FAILED:
             key = "dead_lettered"
-        elif status is Status.WAITING or status is Status.BLOCKED:
+        elif status is _WAITING or status is _BLOCKED:
             key = "retried"
         else:
             key = "done"
@@ -70,18 +91,30 @@ class JobObserver:
             if failed:
                 counts["failed"] += 1
         if self._record is not None:
-            now = self._clock()
-            started = begun[1] if begun is not None else now
-            self._record((job_id, queue, status.value, attempt, started, now,
-                          now - started, note[-MAX_MESSAGE:] if note else "", usage))
+            job.fate, job.attempt, job.note, job.usage = status, attempt, note, usage
+            job.ended = self._clock()
+            self._record(job)
 
     def snapshot_counts(self) -> dict[str, int]:
         """The counts since start, consistent with each other."""
         with self._lock:
             return dict(self.counts)
 
+    def held(self, job_id: str) -> list[tuple[Message, JobStatus | None]]:
+        """The messages of job ``job_id`` held here, with their entries once started.
+
+        Two copies of one job id may be held at once (a redelivery racing its first
+        copy's end).
+        """
+        return [(message, job) for message, job in list(self._jobs.items())
+                if message.job_id == job_id]
+
+    def running_count(self) -> int:
+        """How many jobs run now."""
+        return sum(1 for job in list(self._jobs.values()) if job is not None)
+
     def running_jobs(self) -> list[dict[str, Any]]:
         """The jobs running now: job id, queue, since (Unix seconds), oldest first."""
-        jobs = [{"job_id": job_id, "queue": queue, "since": since}
-                for job_id, (queue, since) in list(self.running.items())]
+        jobs = [{"job_id": job.job_id, "queue": job.queue, "since": job.since}
+                for job in list(self._jobs.values()) if job is not None]
         return sorted(jobs, key=lambda job: job["since"])

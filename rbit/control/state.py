@@ -8,8 +8,9 @@ loss may lose the last transactions, never corrupt the file. FULL would add an f
 per commit for that case alone, which history does not need. Paused queues are
 written with ``synchronous=FULL`` at once, since an operator relies on them.
 
-Recording never blocks a job: :meth:`StateStore.record` appends a tuple to an
-in-memory deque (one atomic append), and a writer thread commits what has gathered
+Recording never blocks a job: :meth:`StateStore.record` appends the job's entry to
+an in-memory deque (one atomic append), and a writer thread turns the entries into
+rows (status names, durations, bounded messages, usage as JSON), commits what has gathered
 every :data:`FLUSH_INTERVAL` seconds, then prunes each queue to its last
 ``history_depth`` outcomes. Of a batch it writes only the last ``history_depth`` rows
 of each queue (the others would be pruned at once), so a busy worker's history costs
@@ -28,7 +29,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,20 @@ class JobRecord:
         return asdict(self)
 
 
-#: What :meth:`StateStore.record` takes: the fields of a :class:`JobRecord`, in order,
-#: as a plain tuple (built on a job's path, where a tuple costs least); the usage is a
-#: :class:`rbit.usage.Usage` or None, turned into JSON by the writer thread.
+#: A history row before the writer bounds its message and writes its usage as JSON:
+#: the fields of a :class:`JobRecord`, in order; the usage is a
+#: :class:`rbit.usage.Usage` or None. :meth:`StateStore.record` takes one of these,
+#: or a job's entry (:class:`HistoryEntry`), which costs a job's path nothing more.
 RecordTuple = tuple[str, str, str, int, float, float, float, str, Any]
+
+
+class HistoryEntry(Protocol):
+    """A job's entry as the job pools keep it (:class:`rbit.dispatch.JobStatus`)."""
+
+    queue: str
+
+    def history_row(self) -> RecordTuple:
+        """The entry's :data:`RecordTuple` (called on the writer thread)."""
 
 
 def open_state_dir(path: str) -> str:
@@ -95,7 +106,7 @@ class StateStore:
         self.path = path
         self.depth = history_depth
         self._db_path = open_state_dir(path)
-        self._pending: collections.deque[RecordTuple] = collections.deque()
+        self._pending: collections.deque[RecordTuple | HistoryEntry] = collections.deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one connection, shared by the writer and readers
@@ -125,8 +136,11 @@ class StateStore:
 
     # ------------------------------------------------------------------ history
 
-    def record(self, item: RecordTuple) -> None:
-        """Queue an outcome for the writer (any thread; never blocks)."""
+    def record(self, item: RecordTuple | HistoryEntry) -> None:
+        """Queue an outcome for the writer (any thread; never blocks).
+
+        ``item`` is a row, or a job's entry whose row the writer thread builds.
+        """
         self._pending.append(item)
 
     def history(self, queue: str, depth: int) -> list[dict[str, Any]]:
@@ -190,14 +204,22 @@ class StateStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
 
 
-def _last_per_queue(batch: list[RecordTuple], depth: int) -> list[RecordTuple]:
-    """The last ``depth`` rows of each queue in ``batch``, in order, messages bounded."""
+def _last_per_queue(batch: list[RecordTuple | HistoryEntry],
+                    depth: int) -> list[tuple[Any, ...]]:
+    """The last ``depth`` rows of each queue in ``batch``, in order, messages bounded.
+
+    Only the rows kept are built from their entries: a busy worker's batch may hold
+    thousands of outcomes of one queue.
+    """
     kept: dict[str, int] = {}
     rows: list[tuple[Any, ...]] = []
-    for row in reversed(batch):
-        seen = kept.get(row[1], 0)
+    for item in reversed(batch):
+        is_row = item.__class__ is tuple
+        queue = item[1] if is_row else item.queue  # type: ignore[index,union-attr]
+        seen = kept.get(queue, 0)
         if seen < depth:
-            kept[row[1]] = seen + 1
+            kept[queue] = seen + 1
+            row = item if is_row else item.history_row()  # type: ignore[union-attr]
             usage = row[8] if len(row) > 8 else None
             rows.append((*row[:7], row[7][-MAX_MESSAGE:],
                          None if usage is None else json.dumps(usage.to_dict())))

@@ -101,7 +101,7 @@ class WorkerObservation:
 
     def status_line(self) -> str:
         """One line for ``systemctl status``."""
-        running = len(self._worker.control.observer.running)
+        running = self._worker.control.observer.running_count()
         if self._stopping:
             return f"stopping, {running} jobs running"
         state = "consuming" if self._worker.broker.connected else "reconnecting;"
