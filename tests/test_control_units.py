@@ -130,6 +130,15 @@ def test_the_observer_holds_jobs_received_for_pybit_until_they_end():
     assert observer.held("j1") == []
 
 
+def test_a_job_settled_without_starting_is_recorded_with_no_duration():
+    records = []
+    observer = JobObserver(records.append, clock=lambda: 50.0)
+    job = _entry("j1")
+    observer.arrived(job.message)
+    observer.ended(job, Status.CANCELLED, 1, "cancelled before it started", False)
+    assert records[0].history_row()[4:7] == (50.0, 50.0, 0.0)
+
+
 class _Broker:
     connected = True
 

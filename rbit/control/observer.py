@@ -76,7 +76,7 @@ class JobObserver:
             failed: The try failed (it may still be retried).
             usage: What the try used (:mod:`rbit.usage`), when metered.
         """
-        self._jobs.pop(job.message, None)
+        begun = self._jobs.pop(job.message, None)
         if status is None:
             return
         if status is _FAILED:
@@ -92,7 +92,9 @@ class JobObserver:
                 counts["failed"] += 1
         if self._record is not None:
             job.fate, job.attempt, job.note, job.usage = status, attempt, note, usage
-            job.ended = self._clock()
+            job.ended = now = self._clock()
+            if begun is not job:  # settled without starting (cancelled while it waited)
+                job.since = now
             self._record(job)
 
     def snapshot_counts(self) -> dict[str, int]:
