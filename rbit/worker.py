@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rbit import broadcast, decoding, jobguard, pybit
 from rbit.amqp.broker import Broker
@@ -28,9 +28,11 @@ from rbit.runners.protocols import BatchRunner
 from rbit.runners.python import load_python_runner
 from rbit.runners.shell import ShellRunner
 from rbit.schedule.scheduler import Scheduler
-from rbit.security.gate import WorkerSecurity
 from rbit.status import StatusReporter
 from rbit.topology import Topology, worker_topology
+
+if TYPE_CHECKING:
+    from rbit.security.gate import WorkerSecurity
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class Worker:
         self.reporter = StatusReporter(settings.status, worker.name, publish=self._publish_status)
         # Signed jobs (rbit.security): loaded before the runners, so that a config asking
         # for signatures without a usable key fails first.
-        self.security = WorkerSecurity.for_worker(settings)
+        self.security = _security(settings)
         if self.security is not None:
             # A held copy of a long signed job comes back if this worker dies: counter-
             # signed, it is then verifiable like a retry.
@@ -243,6 +245,18 @@ def _batch_prefetch(runner: RunnerSettings, job_runner: BatchRunner) -> RunnerSe
         return runner
     log.info("[runner:%s]: prefetch %d, the runner's batch size", runner.queue, batch)
     return dataclasses.replace(runner, prefetch=batch)
+
+
+def _security(settings: Settings) -> WorkerSecurity | None:
+    """The worker's signature checks, or None when no runner requires signatures.
+
+    :mod:`rbit.security` is imported only then: it loads ``cryptography``, several
+    megabytes of memory that a worker without signed jobs has no use for.
+    """
+    if not any(settings.require_signed(runner) for runner in settings.runners):
+        return None
+    from rbit.security.gate import WorkerSecurity
+    return WorkerSecurity(settings)
 
 
 def _topology(settings: Settings) -> Topology:

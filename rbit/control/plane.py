@@ -12,7 +12,6 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from rbit.control.authority import CommandAuthority
 from rbit.control.handler import Controller
 from rbit.control.observer import JobObserver
 from rbit.control.state import StateStore
@@ -21,6 +20,7 @@ from rbit.errors import ConfigError, DuplicateWorker
 if TYPE_CHECKING:
     from rbit.amqp.broker import Broker
     from rbit.config import Settings
+    from rbit.control.authority import CommandAuthority
     from rbit.dispatch import JobPool
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class ControlPlane:
         broker.set_paused(sorted(paused))
         # Signed commands ([control] trusted_keys): a config asking for them without a
         # usable key fails here, before the worker connects.
-        self.authority = CommandAuthority.for_worker(settings, settings.worker.name)
+        self.authority = _authority(settings)
         self.controller = Controller(
             settings.worker.name, settings.control.users, broker=broker, queues=queues,
             observer=self.observer, store=self.store, backlog=backlog,
@@ -107,3 +107,14 @@ class ControlPlane:
     def history(self, queue: str, depth: int) -> list[dict[str, Any]]:
         """See :meth:`rbit.control.handler.Controller.history`."""
         return self.controller.history(queue, depth)
+
+
+def _authority(settings: Settings) -> CommandAuthority | None:
+    """The worker's check of signed commands, or None when they need no signature.
+
+    :mod:`rbit.control.authority` is imported only then: it loads ``cryptography``.
+    """
+    if not settings.control.trusted_keys:
+        return None
+    from rbit.control.authority import CommandAuthority
+    return CommandAuthority.for_worker(settings, settings.worker.name)
