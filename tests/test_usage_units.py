@@ -135,3 +135,43 @@ def test_usage_round_trips_through_the_child_protocol():
     assert Usage.from_dict(json.loads(json.dumps(usage.to_dict()))) == usage
     assert Usage.from_dict({"wall_s": "x"}) is None
     assert Usage.from_dict(None) is None
+
+
+@pytest.mark.parametrize(("keys", "metered"), [
+    ({}, True),  # the history keeps each job's usage
+    ({"rbit": "history_depth = 0", "status": "sinks = amqp"}, True),
+    ({"rbit": "history_depth = 0", "http": "bind = 127.0.0.1:0"}, True),
+    ({"rbit": "history_depth = 0", "runner": "credits_per_cpu_hour = 10"}, True),
+    ({"rbit": "history_depth = 0", "status": "sinks = log"}, False),
+])
+def test_in_thread_jobs_are_metered_when_something_reads_their_usage(tmp_path, keys,
+                                                                     metered):
+    from rbit.worker import _usage_read
+
+    settings = _worker_settings(tmp_path, keys)
+    assert _usage_read(settings, settings.runners[0]) is metered
+
+
+@pytest.mark.parametrize(("keys", "metered"), [
+    ({}, True), ({"rbit": "history_depth = 0", "status": "sinks = log"}, False)])
+def test_the_worker_tells_its_in_thread_runners_whether_to_meter(tmp_path, keys, metered):
+    from rbit.worker import Worker
+
+    worker = Worker(_worker_settings(tmp_path, keys))
+    try:
+        assert worker.pools[0].runner.metered is metered
+    finally:
+        worker.control.close()
+        worker.broker.ioloop.close()  # never started: its wake-up socket pair
+
+
+def _worker_settings(tmp_path, keys):
+    sections = {"rbit": f"name = w\nstate_dir = {tmp_path}/st\n", "amqp": "host = 127.0.0.1\n",
+                "status": "", "http": None,
+                "runner": "runner = python!rbit.client:new_job_id\n"}
+    for section, text in keys.items():
+        sections[section] = (sections[section] or "") + text + "\n"
+    ini = tmp_path / "rbit.ini"
+    ini.write_text("".join(f"[{'runner:q' if name == 'runner' else name}]\n{text}"
+                           for name, text in sections.items() if text is not None))
+    return load_config(str(ini))

@@ -77,6 +77,7 @@ class JobObserver:
             usage: What the try used (:mod:`rbit.usage`), when metered.
         """
         begun = self._jobs.pop(job.message, None)
+        job.message = None  # the history keeps the entry a while, not the job's body
         if status is None:
             return
         if status is _FAILED:
