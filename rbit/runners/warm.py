@@ -51,9 +51,8 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from rbit.config import RunnerSettings
 from rbit.decoding import DEFAULT_ALLOWED_CLASSES
 from rbit.fdloop import PollLoop
 from rbit.message import Message
@@ -68,6 +67,9 @@ from rbit.supervisor import (
     stop_outcome,
 )
 from rbit.usage import Usage
+
+if TYPE_CHECKING:  # a runner child never imports the configuration: it starts faster
+    from rbit.config import RunnerSettings
 
 logger = logging.getLogger("rbit.runners.python")
 
