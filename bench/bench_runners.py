@@ -25,13 +25,16 @@ import time
 from pathlib import Path
 
 _N = int(os.environ.get("BENCH_N", "0"))
-_DIR = Path(os.environ.get("BENCH_DIR", "."))
+# Unset outside the benchmark (a test running these jobs, say): no files are written.
+_DIR = Path(os.environ["BENCH_DIR"]) if os.environ.get("BENCH_DIR") else None
 _MARKS = frozenset(int(m) for m in os.environ.get("BENCH_MARKS", "").split(",") if m)
 # next() on itertools.count is atomic under the GIL: safe from several worker threads.
 _counter = itertools.count(1)
 
 
 def _write(name: str, text: str) -> None:
+    if _DIR is None:
+        return
     # Write then rename, so the benchmark never reads a half-written file.
     tmp = _DIR / (name + ".tmp")
     tmp.write_text(text)
@@ -65,7 +68,7 @@ def tick(count: int | None = None) -> bool:
     if count == 1:
         _write("threads-first", _thread_cpu())
         _write("first", "%d %.6f\n" % (os.getpid(), time.time()))
-    if count in _MARKS:
+    if count in _MARKS and _DIR is not None:
         with open(_DIR / "progress", "a") as out:
             out.write("%d %.6f %d\n" % (count, time.time(), _vmrss_kb()))
     if count == _N:

@@ -21,6 +21,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+#: Cancelled timers the heap may hold before a purge (also: at most half of it).
+_PURGE_MIN = 64
+
 
 class Timer(Protocol):
     def cancel(self) -> None: ...
@@ -38,13 +41,16 @@ class FdLoop(Protocol):
 
 
 class _PollTimer:
-    __slots__ = ("callback",)
+    __slots__ = ("callback", "_loop")
 
-    def __init__(self, callback: Callable[[], None] | None) -> None:
+    def __init__(self, callback: Callable[[], None] | None, loop: PollLoop) -> None:
         self.callback = callback
+        self._loop = loop
 
     def cancel(self) -> None:
-        self.callback = None
+        if self.callback is not None:
+            self.callback = None
+            self._loop._cancelled += 1
 
 
 class PollLoop:
@@ -57,6 +63,10 @@ class PollLoop:
         self._handlers: dict[int, Callable[[], None]] = {}
         self._timers: list[tuple[float, int, _PollTimer]] = []
         self._order = itertools.count()
+        # Cancelled timers still in the heap. A warm child's loop sets a deadline per
+        # job and cancels it when the job ends: without a purge, thousands of dead
+        # timers (a ``timeout`` apart) would pile up in the heap.
+        self._cancelled = 0
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         self._poll.register(fd, select.POLLIN)
@@ -67,7 +77,9 @@ class PollLoop:
         del self._handlers[fd]
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = _PollTimer(callback)
+        if self._cancelled > _PURGE_MIN and self._cancelled * 2 > len(self._timers):
+            self._purge()
+        timer = _PollTimer(callback, self)
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._order), timer))
         return timer
 
@@ -75,6 +87,9 @@ class PollLoop:
         """Dispatch events and timers until ``done()`` is true."""
         timers = self._timers
         while not done():
+            while timers and timers[0][2].callback is None:  # cancelled: no wake-up for it
+                heapq.heappop(timers)
+                self._cancelled -= 1
             timeout = None
             if timers:
                 timeout = max(0, math.ceil((timers[0][0] - time.monotonic()) * 1000))
@@ -83,6 +98,15 @@ class PollLoop:
                 if handler is not None:
                     handler()
             while timers and timers[0][0] <= time.monotonic():
-                callback = heapq.heappop(timers)[2].callback
+                timer = heapq.heappop(timers)[2]
+                callback, timer.callback = timer.callback, None
                 if callback is not None:
                     callback()
+                else:
+                    self._cancelled -= 1
+
+    def _purge(self) -> None:
+        """Drops cancelled timers from the heap (in place: run_until holds the list)."""
+        self._timers[:] = [entry for entry in self._timers if entry[2].callback is not None]
+        heapq.heapify(self._timers)
+        self._cancelled = 0

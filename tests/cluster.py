@@ -257,6 +257,26 @@ class Cluster:
 # -------------------------------------------------------------------------- command line
 
 
+def quorum_worker_config(tmp_path: Path, cluster: Cluster, vhost: str, name: str,
+                         first: int, sections: dict[str, dict]) -> Path:
+    """The config of a quorum worker ``name`` whose ``url`` lists the nodes from node
+    ``first`` on (each worker of a test a different order), plus ``sections`` (its
+    runners and schedules). Written to ``tmp_path/<name>.ini``."""
+    order = [(first + i) % SIZE for i in range(SIZE)]
+    sections = {
+        "rbit": {"name": name, "polling_time": 5, "shutdown_grace": 5, "queue_type": "quorum",
+                 "state_dir": tmp_path / f"state-{name}"},
+        # reconnect_max_delay stays at its default (30 s): the tests' bounds hold anyway.
+        "amqp": {"url": cluster.url(vhost, order), "connect_timeout": 2, "heartbeat": 5},
+        **sections,
+    }
+    text = "".join(f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) + "\n"
+                   for section, keys in sections.items())
+    path = tmp_path / f"{name}.ini"
+    path.write_text(text)
+    return path
+
+
 def _state(base: Path) -> dict:
     path = base / "cluster.json"
     if not path.exists():

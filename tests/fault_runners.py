@@ -28,9 +28,19 @@ def _write(settings, event: str, message) -> None:
 
 
 def _pause(settings) -> None:
+    """Sleeps ``sleep`` seconds, or waits (up to 120 s) for the file ``gate``."""
+    if "gate" in settings:
+        _wait_for(Path(settings["gate"]))
+        return
     seconds = float(settings.get("sleep", 0))
     if seconds:
         time.sleep(seconds)
+
+
+def _wait_for(gate: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a file the test creates
 
 
 def record(message, set_status, settings):
@@ -40,7 +50,8 @@ def record(message, set_status, settings):
 
 
 def long_job(message, set_status, settings):
-    """Records ``start``, sleeps ``sleep`` seconds, records ``end``."""
+    """Records ``start``, sleeps ``sleep`` seconds (or waits for ``gate``), records
+    ``end``."""
     _write(settings, "start", message)
     _pause(settings)
     _write(settings, "end", message)
@@ -67,10 +78,7 @@ def gated(message, set_status, settings):
     must be republished) or records ``done``. With ``first_try = reject`` every try is
     rejected instead (a dead-letter copy must be published)."""
     _write(settings, "start", message)
-    gate = Path(settings["gate"])
-    deadline = time.monotonic() + 120
-    while not gate.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling a file the test creates
+    _wait_for(Path(settings["gate"]))
     if settings.get("first_try") == "reject":
         _write(settings, "failed", message)
         raise Reject("rejected at the gate")
@@ -120,10 +128,7 @@ def gated_each(message, set_status, settings):
     """Like :func:`gated`, with one gate per job: the file ``<gate>/<job id>``; with
     ``first_try = pass`` every try is ``done``."""
     _write(settings, "start", message)
-    gate = Path(settings["gate"]) / message.job_id
-    deadline = time.monotonic() + 120
-    while not gate.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)  # polling a file the test creates
+    _wait_for(Path(settings["gate"]) / message.job_id)
     if settings.get("first_try") == "reject":
         _write(settings, "failed", message)
         raise Reject("rejected at the gate")

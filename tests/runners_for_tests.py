@@ -58,6 +58,21 @@ def chatty(message, set_status, settings):
     set_status("Uploaded", json.dumps(reply, sort_keys=True))
 
 
+def fields(message, set_status, settings):
+    """Reports every field of the message it got, and its settings, as one JSON status."""
+    reply = {
+        "body": message.body.hex(),
+        "queue": message.queue,
+        "headers": dict(message.headers),
+        "redelivered": message.redelivered,
+        "message_id": message.message_id,
+        "content_type": message.content_type,
+        "allowed_classes": sorted(message.allowed_classes),
+        "settings": settings,
+    }
+    set_status("Uploaded", json.dumps(reply, sort_keys=True))
+
+
 def sleep_forever(message, set_status, settings):
     """Starts a grandchild that also sleeps, writes both pids, then sleeps."""
     grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])

@@ -26,7 +26,7 @@ from typing import Any
 
 import pika
 import pytest
-from cluster import Cluster
+from cluster import Cluster, quorum_worker_config
 from fault_helpers import WorkerProcess, wait_until
 from test_credit_frontdoor_faults import Clients, Daemon, queued_ids
 
@@ -53,21 +53,11 @@ WAIT = 120.0
 def worker_config(tmp_path: Path, cluster: Cluster, vhost: str, name: str, first: int,
                   out: Path) -> Path:
     """A quorum worker whose ``url`` lists the nodes starting with node ``first``."""
-    order = [(first + i) % WORKERS for i in range(WORKERS)]
-    sections = {
-        "rbit": {"name": name, "polling_time": 5, "shutdown_grace": 5, "queue_type": "quorum",
-                 "state_dir": tmp_path / f"state-{name}"},
-        # reconnect_max_delay stays at its default (30 s): the bound must hold anyway.
-        "amqp": {"url": cluster.url(vhost, order), "connect_timeout": 2, "heartbeat": 5},
+    return quorum_worker_config(tmp_path, cluster, vhost, name, first, {
         f"runner:{QUEUE}": {"runner": "python!cluster_runners:record_job", "concurrency": 2,
                             "prefetch": PREFETCH, "sleep": JOB_SECONDS, "outdir": out,
                             "worker": name, "retry_delay": 1, "max_retries": 2},
-    }
-    text = "".join(f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) + "\n"
-                   for section, keys in sections.items())
-    path = tmp_path / f"{name}.ini"
-    path.write_text(text)
-    return path
+    })
 
 
 def runs(out: Path) -> dict[str, list[tuple[str, float]]]:

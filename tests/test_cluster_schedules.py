@@ -30,7 +30,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from cluster import Cluster
+from cluster import Cluster, quorum_worker_config
 from fault_helpers import WorkerProcess, wait_until
 
 from rbit.schedule.fire import parse_iso
@@ -53,21 +53,12 @@ WAIT = 120.0
 def worker_config(tmp_path: Path, cluster: Cluster, vhost: str, name: str, first: int,
                   out: Path) -> Path:
     """A quorum worker carrying the schedule, listing the nodes from node ``first``."""
-    order = [(first + i) % WORKERS for i in range(WORKERS)]
-    sections = {
-        "rbit": {"name": name, "polling_time": 5, "shutdown_grace": 5, "queue_type": "quorum",
-                 "state_dir": tmp_path / f"state-{name}"},
-        "amqp": {"url": cluster.url(vhost, order), "connect_timeout": 2, "heartbeat": 5},
+    return quorum_worker_config(tmp_path, cluster, vhost, name, first, {
         f"runner:{QUEUE}": {"runner": "python!cluster_runners:record_fire",
                             "routing_key": QUEUE, "outdir": out, "worker": name},
         "schedule:tick": {"queue": QUEUE, "body": "tick", "every": f"{EVERY:g}s",
                           "catch_up": "all"},
-    }
-    text = "".join(f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) + "\n"
-                   for section, keys in sections.items())
-    path = tmp_path / f"{name}.ini"
-    path.write_text(text)
-    return path
+    })
 
 
 def runs(out: Path) -> dict[str, list[tuple[str, float, bool]]]:

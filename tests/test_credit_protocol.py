@@ -73,6 +73,8 @@ def test_valid_lines_round_trip(event: CreditEvent) -> None:
     parsed = parse_line(format_line(event) + "\n")
     assert parsed.command == event.command
     assert dict(parsed.args) == dict(event.args)
+    assert parsed.id != event.id  # without its id, a line is a new event
+    assert parse_line(format_line(event, with_id=True) + "\n").id == event.id
 
 
 @given(_events(), st.data())

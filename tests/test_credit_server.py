@@ -29,6 +29,7 @@ import pytest
 from rbit.config import HostAddress
 from rbit.credit import daemon
 from rbit.credit.client import DaemonUnavailable, send
+from rbit.credit.events import CreditEvent
 from rbit.credit.protocol import MAX_LINE_BYTES, ProtocolError
 from rbit.credit.server import CreditServer, Limits, ServerError
 from rbit.credit.settings import load_credit_config
@@ -577,6 +578,9 @@ def test_run_serves_until_sigterm_and_status_follows(rabbit, vhost, short_dir: P
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda i: send(f"CLAIM,slot=s{i},machine=m", socket_path=sock_path),
                           range(64)))
+        resent = CreditEvent("meta", {"slot": "job42", "note": "again"})
+        send(resent, socket_path=sock_path)
+        send(resent, socket_path=sock_path)  # as after a timeout: the same id again
         assert cli(config, "stop").returncode == 0
         assert proc.wait(TIMEOUT) == 0
     finally:
@@ -588,7 +592,9 @@ def test_run_serves_until_sigterm_and_status_follows(rabbit, vhost, short_dir: P
     messages = drain_queue(rabbit.url(vhost), "rbit.credits")
     events = [event for event, _ in messages]
     assert events[0]["args"] == {"slot": "job42", "credits": 10}
-    assert sorted(e["args"]["slot"] for e in events[1:]) == sorted(f"s{i}" for i in range(64))
+    claims = [e["args"]["slot"] for e in events if e["command"] == "claim"]
+    assert sorted(claims) == sorted(f"s{i}" for i in range(64))
+    assert [e["id"] for e in events if e["command"] == "meta"] == [resent.id, resent.id]
     for event, props in messages:
         assert props.message_id == event["id"]
         assert props.content_type == "application/json"

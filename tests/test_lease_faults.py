@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import time
 
 import pytest
 from fault_helpers import (
@@ -35,6 +37,7 @@ CONSUMER_TIMEOUT = CONSUMER_TIMEOUT_MS / 1000
 # A long heartbeat: the tests hold the broker's bytes back for seconds, which must not
 # look like a dead broker to the worker.
 QUIET = {"heartbeat": 30}
+RENEWING = re.compile(r"renewing its lease through (\S+)")
 
 
 def _worker(tmp_path, amqp: dict, runner: dict, name: str = "worker", *,
@@ -100,36 +103,78 @@ def test_connection_dropped_mid_renewal_runs_the_job_again_and_loses_nothing(
     assert "PRECONDITION_FAILED" not in text
 
 
+def _holding_queue(worker: WorkerProcess) -> str | None:
+    """The holding queue, once a second renewal began (the first one declared it)."""
+    names = RENEWING.findall(worker.text())
+    return names[0] if len(names) >= 2 else None
+
+
+def _stays(predicate, seconds: float, *, until: bool = False) -> bool:
+    """Whether ``predicate`` holds throughout ``seconds`` (polled); with ``until``,
+    whether it comes true within them."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if bool(predicate()) is until:
+            return until
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+def _rbit_lines(worker: WorkerProcess) -> str:
+    return "\n".join(line for line in worker.text().splitlines() if " pika." not in line)
+
+
+def _freeze_with_a_confirm_held(proxy: Proxy, publisher: Publisher, hold: str,
+                                pid: int) -> None:
+    """SIGSTOP the worker while a renewal's copy waits in ``hold`` for its confirm.
+
+    The hold may start while a renewal is already past its confirm (its copy is taken
+    back within milliseconds) or waiting for its ``basic_get`` (no copy comes): then
+    the worker is let go and the next renewal is tried.
+    """
+    for _ in range(5):
+        proxy.hold_from_broker()
+        if _stays(lambda: _ready(publisher, hold) == 1, 3, until=True):
+            os.kill(pid, signal.SIGSTOP)
+            # Stopped: a copy still there after a while is one the worker cannot take.
+            if _stays(lambda: _ready(publisher, hold) == 1, 0.5):
+                return
+            os.kill(pid, signal.SIGCONT)
+        proxy.release()
+    raise AssertionError("no renewal was caught waiting for its confirm")
+
+
 def test_worker_stalled_past_the_hold_ttl_runs_the_job_again_and_loses_nothing(
         tmp_path, rabbit, vhost):
     # Renewals every second (the worker's consumer_timeout is 2 s), so that the broker's
-    # 10 s timeout is far off while the worker stalls past the 5 s hold TTL.
+    # 10 s timeout is far off while the worker stalls past the 5 s hold TTL. The first
+    # run lasts until the gate opens; the rerun finds it open.
     proxy = Proxy((rabbit.host, rabbit.port))
     amqp = {"host": f"127.0.0.1:{proxy.port}", "virtual_host": vhost, **QUIET}
-    worker = _worker(tmp_path, amqp, {"sleep": 8}, rbit={"consumer_timeout": 2})
+    gate = tmp_path / "gate"
+    worker = _worker(tmp_path, amqp, {"gate": gate}, rbit={"consumer_timeout": 2})
     publisher = Publisher(rabbit.url(vhost))
     records = Records(tmp_path / "record")
-    stopped = False
     try:
         publisher.jobs(["long-1"])
-        hold = wait_until(lambda: _renewed(rabbit, vhost), 30, "a first renewal")
+        hold = wait_until(lambda: _holding_queue(worker), 30, "a second renewal")
         # Freeze the worker between the copy and the ack: its confirm is held, the
         # worker stopped, then the confirm let through to a worker that cannot read it.
-        proxy.hold_from_broker()
-        wait_until(lambda: _ready(publisher, hold) == 1, 10, "a new copy")
-        os.kill(worker.proc.pid, signal.SIGSTOP)
-        stopped = True
-        proxy.release()
-        wait_until(lambda: _ready(publisher, hold) == 0, 15, "the copy to expire")
-        os.kill(worker.proc.pid, signal.SIGCONT)
-        stopped = False
-        wait_until(lambda: "it will run again" in worker.text(), 20, "the worker to notice")
+        _freeze_with_a_confirm_held(proxy, publisher, hold, worker.proc.pid)
+        try:
+            proxy.release()
+            wait_until(lambda: _ready(publisher, hold) == 0, 15, "the copy to expire")
+        finally:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+        try:
+            wait_until(lambda: "it will run again" in worker.text(), 20, "the worker to notice")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the worker logged:\n{_rbit_lines(worker)}") from None
+        gate.touch()
         wait_until(lambda: len(records.events("start")) == 2 and _every_run_ended(records)
                    and all_empty(rabbit, vhost), 40, "the rerun to end")
         assert worker.alive
     finally:
-        if stopped:
-            os.kill(worker.proc.pid, signal.SIGCONT)
         worker.stop()
         publisher.close()
         proxy.close()

@@ -203,6 +203,25 @@ def test_child_mode_receives_headers_with_bytes_as_text(child_path):
     assert json.loads(statuses.seen[-1][1])["headers"] == {"x-trace": "abc", "n": 3}
 
 
+@pytest.mark.parametrize("message", [
+    Message(body=b"{}", queue="q"),  # every field at its default: left out of the request
+    Message(body=b"\x00\xffbinary", queue="q", headers={"n": 3}, redelivered=True,
+            message_id="job-7", content_type="application/octet-stream",
+            allowed_classes=frozenset({"pybit.models.Job", "mysite.Thing"})),
+    Message(body=b"{}", queue="q", allowed_classes=frozenset()),
+], ids=["defaults", "every-field-set", "no-classes-allowed"])
+@pytest.mark.parametrize("settings", [{}, {"name": "World"}], ids=["no-settings", "settings"])
+def test_a_child_sees_the_message_and_settings_a_thread_sees(child_path, message, settings):
+    seen = {}
+    for where, extra in (("thread", {}), ("child", {"python": sys.executable})):
+        statuses = Statuses()
+        with _loaded(_settings("fields", settings=settings, **extra)) as runner:
+            assert runner.run(message, statuses).kind is Kind.DONE
+        seen[where] = json.loads(statuses.seen[-1][1])
+    assert seen["child"] == seen["thread"]
+    assert seen["child"]["settings"] == settings
+
+
 @pytest.mark.parametrize("func", ["explode", "blocked", "reject", "fail_by_status"])
 def test_child_mode_outcomes_match_in_thread_outcomes(child_path, func):
     in_thread, _ = _run(func)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from fault_helpers import WorkerProcess
+from local_schedule_runners import worker_config
+from rabbit import free_port
 from test_config_errors import EXIT_CONFIG, assert_config_error, run_rbit
 from worker_helpers import wait_until
 
@@ -23,35 +25,7 @@ OK = re.compile(rb"OK (in@[0-9a-f]{32})")
 
 
 def listen_config(tmp_path: Path, url: str, out: Path, listen: str) -> Path:
-    path = tmp_path / "worker.ini"
-    path.write_text(f"""
-[rbit]
-name = listen-worker
-polling_time = 1
-shutdown_grace = 10
-state_dir = {tmp_path / "state"}
-
-[amqp]
-url = {url}
-connect_timeout = 2
-
-[runner:{QUEUE}]
-runner = python!local_schedule_runners:record
-routing_key = {QUEUE}
-concurrency = 4
-out = {out}
-
-[schedule:in]
-queue = {QUEUE}
-listen = {listen}
-""")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return worker_config(tmp_path, url, out, QUEUE, "in", f"listen = {listen}")
 
 
 @pytest.fixture(params=["unix", "tcp"])

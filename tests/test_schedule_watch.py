@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from fault_helpers import WorkerProcess
+from local_schedule_runners import worker_config
 from test_config_errors import EXIT_CONFIG, assert_config_error, run_rbit
 from worker_helpers import wait_until
 
@@ -27,30 +28,8 @@ QUEUE = "files"
 
 def watch_config(tmp_path: Path, url: str, out: Path, directory: Path,
                  pattern: str = "") -> Path:
-    path = tmp_path / "worker.ini"
-    path.write_text(f"""
-[rbit]
-name = watch-worker
-polling_time = 1
-shutdown_grace = 10
-state_dir = {tmp_path / "state"}
-
-[amqp]
-url = {url}
-connect_timeout = 2
-
-[runner:{QUEUE}]
-runner = python!local_schedule_runners:record
-routing_key = {QUEUE}
-concurrency = 4
-out = {out}
-
-[schedule:incoming]
-queue = {QUEUE}
-watch = {directory}
-{pattern}
-""")
-    return path
+    return worker_config(tmp_path, url, out, QUEUE, "incoming",
+                         f"watch = {directory}\n{pattern}")
 
 
 def jobs(out: Path) -> dict[str, dict]:

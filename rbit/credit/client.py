@@ -37,6 +37,9 @@ def send(
 ) -> None:
     """Send one event to the ``rbit-credit`` daemon and wait for its ``OK``.
 
+    An event is sent with its id (``event_id=``): sending the same event again, after
+    an error or a timeout, cannot count it twice. A line is sent as it is.
+
     Args:
         line_or_event: A protocol line (``"ALLOC,slot=job42,credits=10"``) or an event.
         socket_path: The daemon's unix socket (the default when no ``host`` is given:
@@ -61,7 +64,7 @@ def send(
 
 def _line(line_or_event: str | bytes | CreditEvent) -> bytes:
     if isinstance(line_or_event, CreditEvent):
-        text = format_line(line_or_event)
+        text = format_line(line_or_event, with_id=True)  # a resend keeps its id
     elif isinstance(line_or_event, bytes):
         text = line_or_event.decode("utf-8", "surrogateescape")
     else:

@@ -83,8 +83,11 @@ def parse_line(line: bytes | str) -> CreditEvent:
     return CreditEvent(command, check(args), None if event_id is None else event_id.strip())
 
 
-def format_line(event: CreditEvent) -> str:
+def format_line(event: CreditEvent, *, with_id: bool = False) -> str:
     """The protocol line (without terminator) for ``event``'s command and arguments.
+
+    With ``with_id`` the line carries ``event_id=<event.id>`` too, so that sending it
+    again cannot count it twice.
 
     Raises:
         ProtocolError: A key or value cannot travel on one line (holds ``,``, a line
@@ -95,6 +98,8 @@ def format_line(event: CreditEvent) -> str:
         if "," in f"{key}{value}" or "=" in str(key) or _CONTROL.search(f"{key}{value}"):
             raise ProtocolError(f"argument {_shorten(str(key))!r} cannot be written on one line")
         parts.append(f"{key}={value}")
+    if with_id:
+        parts.append(f"event_id={event.id}")
     return ",".join(parts)
 
 

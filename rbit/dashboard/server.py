@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rbit.dashboard.settings import DashboardSettings
-from rbit.observe.http import BaseHandler, bearer_matches, bind_server
+from rbit.observe.http import BaseHandler, ServedServer, bearer_matches
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Sessions:
             self._sessions.pop(sid, None)
 
 
-class DashboardServer:
+class DashboardServer(ServedServer):
     """Serves the dashboard from a daemon thread until :meth:`close`.
 
     Args:
@@ -122,28 +122,14 @@ class DashboardServer:
             "board": board, "actions": actions if settings.token else None,
             "token": settings.token, "refresh": settings.refresh, "sessions": Sessions(),
             "static": load_static()})
-        self._server = bind_server(settings.host, settings.port, handler, "[dashboard] bind")
+        super().__init__(settings.host, settings.port, handler, what="[dashboard] bind",
+                         name="rbit-dashboard-http", announce="dashboard on http://%s:%d/")
         self._board = board
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.5},
-                                        name="rbit-dashboard-http", daemon=True)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The bound host and port (the port chosen by the system for port 0)."""
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
-
-    def start(self) -> None:
-        self._thread.start()
-        log.info("dashboard on http://%s:%d/", *self.address)
 
     def close(self) -> None:
         """Stop serving, end the event streams, release the port."""
         self._board.hub.close()
-        if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
+        super().close()
 
 
 class _Handler(BaseHandler):

@@ -85,8 +85,47 @@ def apply_logconfig(document: dict) -> None:
         raise ValueError(f"logging refused it: {exc}") from exc
 
 
-class ObserveServer:
-    """The HTTP endpoint, served from a daemon thread until :meth:`close`.
+class ServedServer:
+    """An HTTP server bound at once and served from a daemon thread until :meth:`close`.
+
+    Args:
+        host: The address to bind.
+        port: The port (0: one the system picks).
+        handler: The request handler class.
+        what: Names the setting in errors (``[http] bind``).
+        name: Names the serving thread.
+        announce: The log line at start, formatted with the host and port.
+
+    Raises:
+        HttpError: The address cannot be bound.
+    """
+
+    def __init__(self, host: str, port: int, handler: type, *, what: str, name: str,
+                 announce: str) -> None:
+        self._server = bind_server(host, port, handler, what)
+        self._announce = announce
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.5}, name=name, daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound host and port (the port chosen by the system for port 0)."""
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info(self._announce, *self.address)
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()
+
+
+class ObserveServer(ServedServer):
+    """The worker's HTTP endpoint.
 
     Args:
         settings: Where to listen, and the token.
@@ -101,25 +140,8 @@ class ObserveServer:
                  name: str = "rbit-http") -> None:
         handler = type("Handler", (_Handler,), {"endpoints": endpoints,
                                                 "token": settings.token})
-        self._server = bind_server(settings.host, settings.port, handler, "[http] bind")
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.5}, name=name, daemon=True)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The bound host and port (the port chosen by the system for port 0)."""
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
-
-    def start(self) -> None:
-        self._thread.start()
-        log.info("HTTP endpoint on %s:%d", *self.address)
-
-    def close(self) -> None:
-        """Stop serving and release the port."""
-        if self._thread.is_alive():
-            self._server.shutdown()
-        self._server.server_close()
+        super().__init__(settings.host, settings.port, handler, what="[http] bind",
+                         name=name, announce="HTTP endpoint on %s:%d")
 
 
 class Server(ThreadingHTTPServer):

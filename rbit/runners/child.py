@@ -6,14 +6,15 @@ Usage::
     python -m rbit.runners.child --check pkg.module:func  # can this interpreter load it?
 
 A child loads the runner once, then serves jobs one at a time: it reads one JSON object
-a line (a job) from the file descriptor named by ``RBIT_PROTOCOL_IN_FD`` and writes
-JSON lines to the one named by ``RBIT_PROTOCOL_OUT_FD``: ``{"status": ..., "message":
-...}`` for every status the runner reports, then one ``{"outcome": kind, "reason":
-..., "delay": ..., "usage": {...}}`` for the job (``usage``: what the job used, measured
-by the child itself, :mod:`rbit.usage`; with ``"result"``, the runner's return value,
-when the request has ``"broadcast": true``). EOF on the request pipe means the worker wants it
-gone: it exits. Stdout and stderr stay free for the runner's own output. No pickle
-crosses the pipe.
+a line (a job, :func:`rbit.runners.warm.request`) from the file descriptor named by
+``RBIT_PROTOCOL_IN_FD`` and writes JSON lines to the one named by
+``RBIT_PROTOCOL_OUT_FD``: ``{"status": ..., "message": ...}`` for every status the
+runner reports, then one ``{"outcome": kind, "reason": ..., "delay": ..., "usage":
+{...}}`` for the job, without ``reason`` when it is empty and ``delay`` when there is
+none (``usage``: what the job used, measured by the child itself, :mod:`rbit.usage`;
+with ``"result"``, the runner's return value, when the request has ``"broadcast":
+true``). EOF on the request pipe means the worker wants it gone: it exits. Stdout and
+stderr stay free for the runner's own output. No pickle crosses the pipe.
 
 The worker also holds the write end of a lifeline pipe (``RBIT_LIFELINE_FD``) that it
 never writes. It reads as EOF only once every copy is closed, that is when the worker
@@ -38,6 +39,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from rbit.decoding import DEFAULT_ALLOWED_CLASSES
 from rbit.errors import RunnerLoadError
 from rbit.message import BroadcastMessage, Message
 from rbit.outcome import Outcome, Status
@@ -51,6 +53,11 @@ from rbit.runners.python import (
     resolve_target,
 )
 from rbit.usage import process_mark, process_usage
+
+# Built once: json.loads/json.dumps with options build a codec per call, and the
+# loads of bytes guesses their encoding each time (ours are UTF-8).
+_decode = json.JSONDecoder().decode
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,7 +91,7 @@ def serve(target: str, in_fd: int, out_fd: int) -> int:
     # Grandchildren (os.system, subprocess) must not hold the protocol pipes open.
     os.set_inheritable(in_fd, False)
     os.set_inheritable(out_fd, False)
-    channel = _Channel(os.fdopen(out_fd, "w", encoding="utf-8"))
+    channel = _Channel(out_fd)
     func: Callable[..., Any] | None = None
     error = ""
     try:
@@ -93,7 +100,7 @@ def serve(target: str, in_fd: int, out_fd: int) -> int:
         error = describe_exception(exc)
     with os.fdopen(in_fd, "rb") as source:
         for line in source:
-            request = json.loads(line)
+            request = _decode(line.decode("utf-8"))
             status = channel.job_status()
             mark = process_mark()
             if func is None:
@@ -110,13 +117,17 @@ def serve(target: str, in_fd: int, out_fd: int) -> int:
 
 
 def _outcome_event(outcome: Outcome, broadcast: bool) -> dict[str, Any]:
-    event = {"outcome": outcome.kind.value, "reason": outcome.reason, "delay": outcome.delay}
+    # An empty reason and no delay are left out: the worker reads them as such.
+    event: dict[str, Any] = {"outcome": outcome.kind.value}
+    if outcome.reason:
+        event["reason"] = outcome.reason
+    if outcome.delay is not None:
+        event["delay"] = outcome.delay
     if broadcast:  # the return value goes back to the broadcast's caller, as JSON
         try:
             json.dumps(outcome.result)
         except (TypeError, ValueError) as exc:
-            return {"outcome": "failed", "reason": f"the result is not JSON-serialisable: {exc}",
-                    "delay": None}
+            return {"outcome": "failed", "reason": f"the result is not JSON-serialisable: {exc}"}
         event["result"] = outcome.result
     return event
 
@@ -142,16 +153,19 @@ def watch_lifeline(fd: int) -> None:
 class _Channel:
     """The protocol pipe; runners may report statuses from several threads."""
 
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
         self._lock = threading.Lock()
 
     def send(self, event: dict[str, Any], job: _JobStatus | None = None) -> None:
+        data = (_encode(event) + "\n").encode("utf-8")
         with self._lock:
             if job is not None and not job.open:
                 return
-            self._stream.write(json.dumps(event) + "\n")
-            self._stream.flush()
+            # One write per line, straight to the pipe: nothing buffered to flush.
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
 
     def job_status(self) -> _JobStatus:
         return _JobStatus(self)
@@ -177,6 +191,7 @@ class _JobStatus:
 
 def _message(request: dict[str, Any]) -> Message:
     kind = BroadcastMessage if request.get("broadcast") else Message
+    classes = request.get("allowed_classes")  # absent: the default allow-list
     return kind(
         body=base64.b64decode(request["body"]),
         queue=request["queue"],
@@ -184,7 +199,7 @@ def _message(request: dict[str, Any]) -> Message:
         redelivered=bool(request.get("redelivered")),
         message_id=request.get("message_id"),
         content_type=request.get("content_type"),
-        allowed_classes=frozenset(request.get("allowed_classes") or ()),
+        allowed_classes=DEFAULT_ALLOWED_CLASSES if classes is None else frozenset(classes),
     )
 
 

@@ -28,9 +28,12 @@ import fnmatch
 import os
 import re
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
-from rbit.config import RunnerSettings
 from rbit.errors import RunnerLoadError
+
+if TYPE_CHECKING:  # imported by runner children, which do not need the configuration
+    from rbit.config import RunnerSettings
 
 #: What ``env_keep`` is when a runner section does not set it.
 DEFAULT_KEEP = (

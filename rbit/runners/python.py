@@ -68,9 +68,8 @@ import subprocess
 import threading
 import traceback
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rbit.config import RunnerSettings
 from rbit.errors import Blocked, DecodeError, Reject, RunnerLoadError
 from rbit.message import Message
 from rbit.outcome import Outcome, Status
@@ -87,6 +86,9 @@ from rbit.schedule import nextrun
 from rbit.schedule.nextrun import RunNext
 from rbit.supervisor import CANCEL_REASON, DEFAULT_KILL_GRACE, StopSignal, kill_grace
 from rbit.usage import thread_mark, thread_usage
+
+if TYPE_CHECKING:  # a runner child never imports the configuration: it starts faster
+    from rbit.config import RunnerSettings
 
 logger = logging.getLogger(__name__)
 

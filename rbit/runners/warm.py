@@ -38,6 +38,7 @@ import base64
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -50,9 +51,9 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from rbit.config import RunnerSettings
+from rbit.decoding import DEFAULT_ALLOWED_CLASSES
 from rbit.fdloop import PollLoop
 from rbit.message import Message
 from rbit.outcome import Outcome, Status
@@ -67,6 +68,9 @@ from rbit.supervisor import (
 )
 from rbit.usage import Usage
 
+if TYPE_CHECKING:  # a runner child never imports the configuration: it starts faster
+    from rbit.config import RunnerSettings
+
 logger = logging.getLogger("rbit.runners.python")
 
 #: Environment variables naming the child's protocol and lifeline file descriptors.
@@ -80,6 +84,11 @@ _RETIRED = "retired child did not exit after its last job"
 _REAP_WAIT = 15.0  # beyond the grace: SIGKILL, then reaping (rbit.supervisor)
 
 SetStatus = Callable[..., None]
+
+# Built once: json.loads/json.dumps with options build a codec per call, and the
+# loads of bytes guesses their encoding each time (ours are UTF-8).
+_decode = json.JSONDecoder().decode
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class ChildPool:
@@ -125,14 +134,14 @@ class ChildPool:
             child = self._borrow()
         except OSError as exc:
             return Outcome.failed(f"cannot start runner process: {exc}")
-        line = json.dumps(request(message, self.settings.settings)) + "\n"
+        line = _encode(request(message, self.settings.settings)) + "\n"
         running = [True]
         # A CancelRequest comes on the I/O thread: it wakes the child's loop, which stops
         # the child's group as a timeout does. The child is replaced; the job ends
         # Cancelled (rbit.dispatch).
         message.cancelled.on_set(lambda: running[0] and child.cancel(message))
         try:
-            outcome = child.run_job(message.job_id, line.encode(), set_status, message)
+            outcome = child.run_job(message.job_id, line.encode("utf-8"), set_status, message)
         except BaseException:  # e.g. KeyboardInterrupt: the child must not outlive us
             child.abort()
             raise
@@ -229,6 +238,7 @@ class WarmChild(Supervisor):
     ) -> None:
         self._requests, replies, _ = pipes
         self._stdout, self._stderr = output
+        self._output_fds = (self._stdout.fileno(), self._stderr.fileno())
         self.jobs = 0
         self._job: _Job | None = None
         self._buffer = b""
@@ -265,8 +275,8 @@ class WarmChild(Supervisor):
         """
         job = self._job = _Job(set_status, key)
         self.label = job_id
-        os.ftruncate(self._stdout.fileno(), 0)
-        os.ftruncate(self._stderr.fileno(), 0)
+        _empty(self._output_fds[0])
+        _empty(self._output_fds[1])
         _send(self._requests, line)
         if self.timeout is not None:
             self.set_deadline(self.timeout)
@@ -370,7 +380,7 @@ class WarmChild(Supervisor):
     def _handle(self, line: bytes) -> None:
         job = self._job
         try:
-            event = json.loads(line)
+            event = _decode(line.decode("utf-8"))
             if job is None:
                 return  # a stray line between jobs (the child drops them; an old child may not)
             if "status" in event:
@@ -460,20 +470,35 @@ def rss_bytes(pid: int) -> int | None:
 
 
 def request(message: Message, settings: Mapping[str, str]) -> dict[str, Any]:
-    """The JSON request that carries ``message`` to a child."""
-    doc = {
+    """The JSON request that carries ``message`` to a child.
+
+    What a child takes as the default is left out: empty ``headers`` and ``settings``,
+    ``redelivered`` when false, ``allowed_classes`` when it is the default allow-list.
+    """
+    doc: dict[str, Any] = {
         "body": base64.b64encode(message.body).decode("ascii"),
         "queue": message.queue,
-        "headers": json_safe(dict(message.headers or {})),
-        "redelivered": bool(message.redelivered),
         "message_id": message.message_id,
         "content_type": message.content_type,
-        "allowed_classes": sorted(message.allowed_classes),
-        "settings": dict(settings),
     }
+    if message.headers:
+        doc["headers"] = json_safe(dict(message.headers))
+    if message.redelivered:
+        doc["redelivered"] = True
+    classes = message.allowed_classes
+    if classes is not DEFAULT_ALLOWED_CLASSES and classes != DEFAULT_ALLOWED_CLASSES:
+        doc["allowed_classes"] = _sorted_classes(classes)
+    if settings:
+        doc["settings"] = dict(settings)
     if message.broadcast:  # the child sends the runner's return value back
         doc["broadcast"] = True
     return doc
+
+
+@functools.lru_cache(maxsize=16)
+def _sorted_classes(classes: frozenset[str]) -> tuple[str, ...]:
+    # One allow-list per runner section: sorted once, not per job.
+    return tuple(sorted(classes))
 
 
 def json_safe(value: Any) -> Any:
@@ -493,16 +518,18 @@ def outcome_from(event: Mapping[str, Any]) -> Outcome:
     """The :class:`Outcome` a child reported."""
     kind = event["outcome"]
     reason = str(event.get("reason") or "")
-    delay = event.get("delay")
-    makers = {"done": Outcome.done, "failed": Outcome.failed, "rejected": Outcome.rejected}
     if kind == "blocked":
+        delay = event.get("delay")
         outcome = Outcome.blocked(reason, None if delay is None else float(delay))
     elif "result" in event:  # a broadcast copy's result (rbit.broadcast)
-        outcome = dataclasses.replace(makers[kind](reason), result=event["result"])
+        outcome = dataclasses.replace(_MAKERS[kind](reason), result=event["result"])
     else:
-        outcome = makers[kind](reason)
+        outcome = _MAKERS[kind](reason)
     usage = event.get("usage")  # absent from an older child's outcome
     return outcome if usage is None else outcome.with_usage(Usage.from_dict(usage))
+
+
+_MAKERS = {"done": Outcome.done, "failed": Outcome.failed, "rejected": Outcome.rejected}
 
 
 def _send(fd: int, data: bytes) -> None:
@@ -535,6 +562,12 @@ def _output_file() -> IO[bytes]:
     flags = fcntl.fcntl(file.fileno(), fcntl.F_GETFL)
     fcntl.fcntl(file.fileno(), fcntl.F_SETFL, flags | os.O_APPEND)
     return file
+
+
+def _empty(fd: int) -> None:
+    """Truncates an output file, if the child wrote to it (a truncation costs a write)."""
+    if os.lseek(fd, 0, os.SEEK_END):
+        os.ftruncate(fd, 0)
 
 
 def _idle_label(pid: int) -> str:
