@@ -55,7 +55,7 @@ ReportFn = Callable[..., None]
 STOPPING = "the worker is stopping"
 
 _STOP = object()
-_DONE, _DONE_STATUS = Kind.DONE, Status.DONE
+_DONE, _DONE_STATUS, _BUILDING = Kind.DONE, Status.DONE, Status.BUILDING
 
 
 def pool_for(runner: RunnerSettings, job_runner: Any, broker: Broker, report: ReportFn, *,
@@ -438,7 +438,7 @@ class ThreadPool(_QueuedPool):
 
     def _start(self, delivery: Delivery) -> None:
         set_status = self._status_callback(delivery)
-        set_status(Status.BUILDING, "")
+        set_status.building()
         try:
             outcome = self.runner.run(delivery.message, set_status)
         except BaseException as exc:  # a runner must not take a worker thread down
@@ -560,7 +560,7 @@ class EventedPool(JobPool):
                 self._slot_freed()
             self._start_waiting()
 
-        set_status(Status.BUILDING, "")
+        set_status.building()
         try:
             job = self.runner.start_job(delivery.message, set_status, done,
                                         self._broker.fd_loop())
@@ -629,6 +629,14 @@ class JobStatus:
                 return
             self.last = parsed
             self._report(self.job_id, self.queue, parsed, text)
+
+    def building(self) -> None:
+        """Report Building, rbit's own first status of every job, as it starts.
+
+        No lock: nothing can settle a job that has not been handed to its runner yet.
+        """
+        self.last = _BUILDING
+        self._report(self.job_id, self.queue, _BUILDING, "")
 
     def final(self, status: Status | None, message: str = "", usage: Usage | None = None) -> None:
         """Reports the job's final status (None: none to add); no status follows it.
