@@ -248,6 +248,7 @@ def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
             state = stat.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
+    # ProcessLookupError: the process was reaped between the open and the read.
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
     return state != "Z"
