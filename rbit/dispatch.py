@@ -566,7 +566,7 @@ class EventedPool(JobPool):
                                         self._broker.fd_loop())
             if job is not None and self.tracker is not None:
                 # A CancelRequest arrives on this (the I/O) thread, the job's own loop.
-                delivery.message.cancelled.on_set(lambda: job.stop("cancelled"))
+                delivery.message.on_cancel(lambda: job.stop("cancelled"))
         except Exception as exc:  # a runner must not take the I/O thread down
             log.exception("job %s: cannot start", delivery.message.job_id)
             done(Outcome.failed(f"{type(exc).__name__}: {exc}"))

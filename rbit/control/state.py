@@ -9,12 +9,12 @@ per commit for that case alone, which history does not need. Paused queues are
 written with ``synchronous=FULL`` at once, since an operator relies on them.
 
 Recording never blocks a job: :meth:`StateStore.record` appends the job's entry to
-an in-memory deque (one atomic append), and a writer thread turns the entries into
-rows (status names, durations, bounded messages, usage as JSON), commits what has gathered
-every :data:`FLUSH_INTERVAL` seconds, then prunes each queue to its last
-``history_depth`` outcomes. Of a batch it writes only the last ``history_depth`` rows
-of each queue (the others would be pruned at once), so a busy worker's history costs
-a bounded number of rows per batch, however many jobs it runs. A worker killed before
+its queue's in-memory deque (one atomic append), and a writer thread turns the entries
+into rows (status names, durations, bounded messages, usage as JSON), commits what has
+gathered every :data:`FLUSH_INTERVAL` seconds, then prunes each queue to its last
+``history_depth`` outcomes. Each deque holds at most ``history_depth`` entries (an
+older one would be pruned at once): a busy worker's history costs a bounded number of
+rows and objects per interval, however many jobs it runs. A worker killed before
 a flush loses at most the outcomes of that last interval from its history (never a
 job: history is a record, not the source of truth).
 """
@@ -106,7 +106,8 @@ class StateStore:
         self.path = path
         self.depth = history_depth
         self._db_path = open_state_dir(path)
-        self._pending: collections.deque[RecordTuple | HistoryEntry] = collections.deque()
+        # queue -> its outcomes not yet written, the last history_depth of them.
+        self._pending: dict[str, collections.deque[RecordTuple | HistoryEntry]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one connection, shared by the writer and readers
@@ -141,7 +142,11 @@ class StateStore:
 
         ``item`` is a row, or a job's entry whose row the writer thread builds.
         """
-        self._pending.append(item)
+        queue = item[1] if item.__class__ is tuple else item.queue  # type: ignore[index,union-attr]
+        pending = self._pending.get(queue)
+        if pending is None:  # setdefault: atomic, should two threads race here
+            pending = self._pending.setdefault(queue, collections.deque(maxlen=self.depth))
+        pending.append(item)
 
     def history(self, queue: str, depth: int) -> list[dict[str, Any]]:
         """The last ``depth`` outcomes of ``queue``, newest first (pending ones too)."""
@@ -168,22 +173,23 @@ class StateStore:
                 time.sleep(1.0)  # a full disk: do not spin
 
     def _flush(self) -> None:
-        pending = self._pending
-        batch = [pending.popleft() for _ in range(len(pending))]
-        if not batch or not self.depth:
-            return
-        rows = _last_per_queue(batch, self.depth)
-        queues = {row[1] for row in rows}
-        with self._lock, self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT INTO history (job_id, queue, status, attempt, started, ended, "
-                "duration, message, usage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            for queue in queues:
-                self._db.execute(
-                    "DELETE FROM history WHERE queue = ? AND id <= (SELECT id FROM history "
-                    "WHERE queue = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                    (queue, queue, self.depth))
+        # Under the lock: a reader's flush and the writer's take and write in turn, so
+        # that rows are written in the order their jobs ended.
+        with self._lock:
+            rows = [_row(item) for pending in list(self._pending.values())
+                    for item in _take(pending)]
+            if not rows or not self.depth:
+                return
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(
+                    "INSERT INTO history (job_id, queue, status, attempt, started, ended, "
+                    "duration, message, usage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                for queue in {row[1] for row in rows}:
+                    self._db.execute(
+                        "DELETE FROM history WHERE queue = ? AND id <= (SELECT id FROM "
+                        "history WHERE queue = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                        (queue, queue, self.depth))
 
     # ------------------------------------------------------------------- paused
 
@@ -204,27 +210,17 @@ class StateStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
 
 
-def _last_per_queue(batch: list[RecordTuple | HistoryEntry],
-                    depth: int) -> list[tuple[Any, ...]]:
-    """The last ``depth`` rows of each queue in ``batch``, in order, messages bounded.
+def _take(pending: collections.deque) -> list[Any]:
+    """What ``pending`` holds now; job threads may append meanwhile."""
+    return [pending.popleft() for _ in range(len(pending))]
 
-    Only the rows kept are built from their entries: a busy worker's batch may hold
-    thousands of outcomes of one queue.
-    """
-    kept: dict[str, int] = {}
-    rows: list[tuple[Any, ...]] = []
-    for item in reversed(batch):
-        is_row = item.__class__ is tuple
-        queue = item[1] if is_row else item.queue  # type: ignore[index,union-attr]
-        seen = kept.get(queue, 0)
-        if seen < depth:
-            kept[queue] = seen + 1
-            row = item if is_row else item.history_row()  # type: ignore[union-attr]
-            usage = row[8] if len(row) > 8 else None
-            rows.append((*row[:7], row[7][-MAX_MESSAGE:],
-                         None if usage is None else json.dumps(usage.to_dict())))
-    rows.reverse()
-    return rows
+
+def _row(item: RecordTuple | HistoryEntry) -> tuple[Any, ...]:
+    """The database row of an outcome: its message bounded, its usage as JSON."""
+    row = item if item.__class__ is tuple else item.history_row()  # type: ignore[union-attr]
+    usage = row[8] if len(row) > 8 else None
+    return (*row[:7], row[7][-MAX_MESSAGE:],
+            None if usage is None else json.dumps(usage.to_dict()))
 
 
 def _add_usage_column(db: sqlite3.Connection) -> None:

@@ -139,7 +139,7 @@ class ChildPool:
         # A CancelRequest comes on the I/O thread: it wakes the child's loop, which stops
         # the child's group as a timeout does. The child is replaced; the job ends
         # Cancelled (rbit.dispatch).
-        message.cancelled.on_set(lambda: running[0] and child.cancel(message))
+        message.on_cancel(lambda: running[0] and child.cancel(message))
         try:
             outcome = child.run_job(message.job_id, line.encode("utf-8"), set_status, message)
         except BaseException:  # e.g. KeyboardInterrupt: the child must not outlive us

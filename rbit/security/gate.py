@@ -81,13 +81,6 @@ class WorkerSecurity:
         self.exchange = settings.worker.exchange
         self.worker_name = settings.worker.name
 
-    @classmethod
-    def for_worker(cls, settings: Settings) -> WorkerSecurity | None:
-        """The worker's security, or None when no runner requires signatures."""
-        if not any(settings.require_signed(runner) for runner in settings.runners):
-            return None
-        return cls(settings)
-
     def gate(self, runner: RunnerSettings, broker: Broker,
              on_delivery: Callable[[Delivery], None],
              report: Callable[[str, str, Status, str], None]) -> Callable[[Delivery], None]:
