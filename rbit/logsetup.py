@@ -48,6 +48,10 @@ def configure(settings: Settings | None, debug: bool) -> None:
 
 
 def _install(stream: IO[str], level: int, fmt: str) -> None:
+    # A record gathers its thread's and process's names only when the format shows
+    # them: a few microseconds less per line (the logging HOWTO's "Optimization").
+    logging.logThreads = "%(thread" in fmt
+    logging.logProcesses = logging.logMultiprocessing = "%(process" in fmt
     handler = BatchingStreamHandler(stream)
     handler.setFormatter(LineFormatter(fmt))
     logging.basicConfig(level=level, force=True, handlers=[handler])

@@ -12,6 +12,7 @@ import threading
 import pytest
 from worker_helpers import Amqp, WorkerProcess, wait_until, write_config
 
+from rbit import logsetup
 from rbit.cli import ExitCode
 from rbit.logsetup import BatchingStreamHandler, LineFormatter
 from rbit.outcome import Status
@@ -200,3 +201,23 @@ def test_a_record_factory_set_by_the_operator_makes_the_status_records(caplog):
         logging.setLogRecordFactory(previous)
     assert type(caplog.records[-1]) is Tagged
     assert caplog.records[-1].getMessage() == "job j3 q: Done"
+
+
+def test_records_gather_thread_and_process_names_only_when_the_format_shows_them():
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.logThreads, logging.logProcesses,
+             logging.logMultiprocessing)
+    try:
+        logsetup.configure(None, debug=False)  # the default format names neither
+        plain = _record("x")
+        logsetup.configure(None, debug=True)  # the debug format names the thread
+        debug = _record("x")
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = saved[0], saved[1]
+        logging.logThreads, logging.logProcesses, logging.logMultiprocessing = saved[2:]
+    assert plain.threadName is None
+    assert plain.processName is None
+    assert plain.process is None
+    assert debug.threadName == threading.current_thread().name
