@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from rbit import fate
 from rbit.amqp.records import Delivery
 from rbit.config import RunnerSettings
-from rbit.credit.usage_credits import credits_confirmed, usage_publishes
+from rbit.credit.usage_credits import ack_after_credits
 from rbit.outcome import Kind, Outcome, Status
 from rbit.runners.protocols import (
     BatchRunner,
@@ -271,7 +271,7 @@ class JobPool:
                     or (ended is not Status.DONE and ended is not Status.UPLOADED)):
                 self._broker.ack(delivery)
             else:
-                self._ack_after_credits(delivery, usage)
+                ack_after_credits(self._broker, self.settings, delivery, usage)
         else:
             # The note quotes the runner's error, which may be megabytes long.
             log.info("job %s: %s", delivery.message.job_id, one_line(settlement.note))
@@ -306,34 +306,7 @@ class JobPool:
                 and last is not Status.UPLOADED):
             self._broker.ack(delivery)
         else:
-            self._ack_after_credits(delivery, usage)
-
-    def _ack_after_credits(self, delivery: Delivery, usage: Usage) -> None:
-        """Publish a Done job's credit events; ack the job once all are confirmed.
-
-        A publish that fails (nacked, returned, connection lost) sends the job back to
-        its queue instead: its next run publishes the same event ids, counted once.
-        """
-        job_id = delivery.message.job_id
-        publishes = usage_publishes(self.settings.queue, job_id, usage, self.settings.pricing)
-        left = len(publishes)
-        failed = False
-
-        def confirmed(ok: bool) -> None:  # on the I/O thread, like every confirm
-            nonlocal left, failed
-            left -= 1
-            failed = failed or not ok
-            if left:
-                return
-            if failed:
-                log.warning("job %s: its credit events were not confirmed; the job goes "
-                            "back to its queue", job_id)
-                self._broker.requeue(delivery)
-                return
-            credits_confirmed()  # a fault-injection point for tests; nothing otherwise
-            self._broker.ack(delivery)
-
-        self._broker.send_many([(publish, confirmed) for publish in publishes])
+            ack_after_credits(self._broker, self.settings, delivery, usage)
 
     def _settled(self) -> None:
         if self._count_busy:

@@ -26,18 +26,26 @@ once (:mod:`rbitext.seen`), counts the job once.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import signal
 import time
 from collections.abc import Callable
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-from rbit.amqp.records import Publish
+from rbit.amqp.records import Delivery, Publish
 from rbit.credit.events import CreditEvent
 from rbit.credit.pricing import Pricing
 from rbit.topology import QueueDecl, work_queue_arguments
 from rbit.usage import Usage
+
+if TYPE_CHECKING:
+    from rbit.amqp.broker import Broker
+    from rbit.config import RunnerSettings
+
+log = logging.getLogger(__name__)
 
 #: A fault-injection point for tests, never for production: a worker started with
 #: this variable set to ``1`` kills itself with SIGKILL as soon as a job's credit events
@@ -99,6 +107,41 @@ def usage_publishes(queue: str, job_id: str, usage: Usage, pricing: Pricing) -> 
     return [Publish("", pricing.credit_queue, event.to_json(), message_id=event.id,
                     content_type="application/json", declare=target, mandatory=True)
             for event in usage_events(queue, job_id, usage, pricing)]
+
+
+def ack_after_credits(broker: Broker, runner: RunnerSettings, delivery: Delivery,
+                      usage: Usage) -> None:
+    """Publish a Done job's credit events; ack the job once all are confirmed.
+
+    A publish that fails (nacked, returned, connection lost) sends the job back to its
+    queue instead: its next run publishes the same event ids, counted once.
+
+    Args:
+        broker: Publishes the events and settles the delivery.
+        runner: The job's section (its queue and its ``pricing``).
+        delivery: The Done job.
+        usage: What it used.
+    """
+    job_id = delivery.message.job_id
+    publishes = usage_publishes(runner.queue, job_id, usage, runner.pricing)
+    left = len(publishes)
+    failed = False
+
+    def confirmed(ok: bool) -> None:  # on the I/O thread, like every confirm
+        nonlocal left, failed
+        left -= 1
+        failed = failed or not ok
+        if left:
+            return
+        if failed:
+            log.warning("job %s: its credit events were not confirmed; the job goes back "
+                        "to its queue", job_id)
+            broker.requeue(delivery)
+            return
+        credits_confirmed()  # a fault-injection point for tests; nothing otherwise
+        broker.ack(delivery)
+
+    broker.send_many([(publish, confirmed) for publish in publishes])
 
 
 def credits_confirmed() -> None:
