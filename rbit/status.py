@@ -217,6 +217,24 @@ def _made_by_logging(level: int, args: tuple) -> logging.LogRecord:
                           "log_status")
 
 
+def _logging_flags() -> tuple[bool, bool, bool]:
+    return logging.logThreads, logging.logProcesses, logging.logMultiprocessing
+
+
+def _template() -> dict:
+    """The fields every status record shares.
+
+    Made again when logging's switches changed (:mod:`rbit.logsetup` turns off what its
+    format does not show).
+    """
+    global _TEMPLATE, _TEMPLATE_FLAGS
+    flags = _logging_flags()
+    if flags != _TEMPLATE_FLAGS:
+        _TEMPLATE, _TEMPLATE_FLAGS = _made_by_logging(_INFO, ()).__dict__.copy(), flags
+    return _TEMPLATE
+
+
+_TEMPLATE_FLAGS = _logging_flags()
 _TEMPLATE = _made_by_logging(_INFO, ()).__dict__.copy()
 _LEVEL_NAMES = {_INFO: logging.getLevelName(_INFO), _DEBUG: logging.getLevelName(_DEBUG)}
 
@@ -232,11 +250,12 @@ def _record(level: int, args: tuple) -> logging.LogRecord:
         return _made_by_logging(level, args)
     record = _new_record(logging.LogRecord)
     fields = record.__dict__
-    fields.update(_TEMPLATE)
+    template = _template()
+    fields.update(template)
     now = time.time_ns()
     fields["created"] = created = now / 1e9
     fields["msecs"] = (now % 1_000_000_000) // 1_000_000 + 0.0
-    fields["relativeCreated"] = (created - _TEMPLATE["created"]) * 1000 + _TEMPLATE[
+    fields["relativeCreated"] = (created - template["created"]) * 1000 + template[
         "relativeCreated"]
     fields["levelno"] = level
     fields["levelname"] = _LEVEL_NAMES[level]

@@ -172,7 +172,11 @@ def test_line_formatter_adds_a_traceback_as_the_default_formatter_does():
     assert LineFormatter(fmt).format(record) == logging.Formatter(fmt).format(record)
 
 
-def test_a_status_record_has_what_a_logging_record_has(caplog):
+@pytest.mark.parametrize("gathered", [True, False], ids=["names", "no names"])
+def test_a_status_record_has_what_a_logging_record_has(caplog, monkeypatch, gathered):
+    # rbit.logsetup turns the thread and process names off when its format omits them.
+    for switch in ("logThreads", "logProcesses", "logMultiprocessing"):
+        monkeypatch.setattr(logging, switch, gathered)
     caplog.set_level(logging.INFO, logger="rbit.status")
     log_status("j2", "q", Status.FAILED, "no")
     ours = caplog.records[-1]
