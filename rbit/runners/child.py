@@ -52,12 +52,8 @@ from rbit.runners.python import (
     is_batch_factory,
     resolve_target,
 )
+from rbit.runners.warm import decode_json, encode_json
 from rbit.usage import process_mark, process_usage
-
-# Built once: json.loads/json.dumps with options build a codec per call, and the
-# loads of bytes guesses their encoding each time (ours are UTF-8).
-_decode = json.JSONDecoder().decode
-_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,7 +96,7 @@ def serve(target: str, in_fd: int, out_fd: int) -> int:
         error = describe_exception(exc)
     with os.fdopen(in_fd, "rb") as source:
         for line in source:
-            request = _decode(line.decode("utf-8"))
+            request = decode_json(line.decode("utf-8"))
             status = channel.job_status()
             mark = process_mark()
             if func is None:
@@ -158,7 +154,7 @@ class _Channel:
         self._lock = threading.Lock()
 
     def send(self, event: dict[str, Any], job: _JobStatus | None = None) -> None:
-        data = (_encode(event) + "\n").encode("utf-8")
+        data = (encode_json(event) + "\n").encode("utf-8")
         with self._lock:
             if job is not None and not job.open:
                 return

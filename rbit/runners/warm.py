@@ -85,10 +85,11 @@ _REAP_WAIT = 15.0  # beyond the grace: SIGKILL, then reaping (rbit.supervisor)
 
 SetStatus = Callable[..., None]
 
-# Built once: json.loads/json.dumps with options build a codec per call, and the
-# loads of bytes guesses their encoding each time (ours are UTF-8).
-_decode = json.JSONDecoder().decode
-_encode = json.JSONEncoder(separators=(",", ":")).encode
+# The protocol's codecs, for both sides of the pipes (rbit.runners.child too). Built
+# once: json.loads/json.dumps with options build a codec per call, and the loads of
+# bytes guesses their encoding each time (ours are UTF-8).
+decode_json = json.JSONDecoder().decode
+encode_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class ChildPool:
@@ -134,7 +135,7 @@ class ChildPool:
             child = self._borrow()
         except OSError as exc:
             return Outcome.failed(f"cannot start runner process: {exc}")
-        line = _encode(request(message, self.settings.settings)) + "\n"
+        line = encode_json(request(message, self.settings.settings)) + "\n"
         running = [True]
         # A CancelRequest comes on the I/O thread: it wakes the child's loop, which stops
         # the child's group as a timeout does. The child is replaced; the job ends
@@ -380,7 +381,7 @@ class WarmChild(Supervisor):
     def _handle(self, line: bytes) -> None:
         job = self._job
         try:
-            event = _decode(line.decode("utf-8"))
+            event = decode_json(line.decode("utf-8"))
             if job is None:
                 return  # a stray line between jobs (the child drops them; an old child may not)
             if "status" in event:
