@@ -11,8 +11,11 @@ written with ``synchronous=FULL`` at once, since an operator relies on them.
 Recording never blocks a job: :meth:`StateStore.record` appends the job's entry to
 its queue's in-memory deque (one atomic append), and a writer thread turns the entries
 into rows (status names, durations, bounded messages, usage as JSON), commits what has
-gathered every :data:`FLUSH_INTERVAL` seconds, then prunes each queue to its last
-``history_depth`` outcomes. Each deque holds at most ``history_depth`` entries (an
+gathered every :data:`FLUSH_INTERVAL` seconds (one INSERT statement for up to
+:data:`INSERT_ROWS` rows: SQLite's steps run without the GIL, and one step per row
+would hand it to the job and I/O threads and back once per row), then prunes each
+queue to its last ``history_depth`` outcomes. The writer wakes on its timer only,
+never per job. Each deque holds at most ``history_depth`` entries (an
 older one would be pruned at once): a busy worker's history costs a bounded number of
 rows and objects per interval, however many jobs it runs. A worker killed before
 a flush loses at most the outcomes of that last interval from its history (never a
