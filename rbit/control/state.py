@@ -28,6 +28,7 @@ import collections
 import itertools
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -241,8 +242,23 @@ def _row(item: RecordTuple | HistoryEntry) -> tuple[Any, ...]:
     """The database row of an outcome: its message bounded, its usage as JSON."""
     row = item if item.__class__ is tuple else item.history_row()  # type: ignore[union-attr]
     usage = row[8] if len(row) > 8 else None
-    return (*row[:7], row[7][-MAX_MESSAGE:],
-            None if usage is None else json.dumps(usage.to_dict()))
+    return (*row[:7], row[7][-MAX_MESSAGE:], None if usage is None else _usage_json(usage))
+
+
+_USAGE_JSON = '{"wall_s": %r, "cpu_s": %r, "max_rss_kib": %s}'
+_isfinite = math.isfinite
+
+
+def _usage_json(usage: Any) -> str:
+    """``json.dumps(usage.to_dict())``, in a quarter of its time.
+
+    Every written row has one: at a few hundred jobs a second, every job's. A finite
+    float's ``repr`` is what json writes for it; the rest goes through json.
+    """
+    wall, cpu, rss = round(usage.wall_s, 6), round(usage.cpu_s, 6), usage.max_rss_kib
+    if rss.__class__ is not int and rss is not None or not (_isfinite(wall) and _isfinite(cpu)):
+        return json.dumps(usage.to_dict())
+    return _USAGE_JSON % (wall, cpu, "null" if rss is None else rss)
 
 
 def _add_usage_column(db: sqlite3.Connection) -> None:
