@@ -15,7 +15,7 @@ from rbit.control.client import exit_code, seen_lately
 from rbit.control.commands import Command, CommandError, parse
 from rbit.control.handler import Controller
 from rbit.control.observer import JobObserver
-from rbit.control.state import INSERT_ROWS, StateStore
+from rbit.control.state import INSERT_ROWS, StateStore, _usage_json
 from rbit.dispatch import JobStatus
 from rbit.errors import ConfigError
 from rbit.message import Message
@@ -80,6 +80,13 @@ def test_a_flush_larger_than_one_insert_statement_keeps_every_row_in_order(tmp_p
     assert rows[1]["usage"] is None
     assert rows[1]["message"] == f"m{depth + 1}"
     store.close()
+
+
+@pytest.mark.parametrize("usage", [
+    Usage(0.0, 0.0), Usage(1.5, 0.25), Usage(1e-7, 3.0000004, 1234),
+    Usage(12345678.123456789, 1e-6, 0), Usage(float("inf"), 1.0), Usage(2.5, float("nan"), 7)])
+def test_a_rows_usage_is_the_text_json_would_write(usage):
+    assert _usage_json(usage) == json.dumps(usage.to_dict())
 
 
 def test_recording_only_appends_in_memory(tmp_path):
