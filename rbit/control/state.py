@@ -256,7 +256,7 @@ def _usage_json(usage: Any) -> str:
     float's ``repr`` is what json writes for it; the rest goes through json.
     """
     wall, cpu, rss = round(usage.wall_s, 6), round(usage.cpu_s, 6), usage.max_rss_kib
-    if rss.__class__ is not int and rss is not None or not (_isfinite(wall) and _isfinite(cpu)):
+    if (rss is not None and rss.__class__ is not int) or not (_isfinite(wall) and _isfinite(cpu)):
         return json.dumps(usage.to_dict())
     return _USAGE_JSON % (wall, cpu, "null" if rss is None else rss)
 
