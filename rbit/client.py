@@ -146,10 +146,14 @@ class Client:
 
     def publish(self, exchange: str, route: str, body: bytes, *, job_id: str,
                 headers: Mapping[str, Any] | None = None,
-                content_type: str | None = None) -> None:
+                content_type: str | None = None, also_to: str | None = None) -> None:
         """Publish one job to ``exchange`` with ``route`` (signed when a key is set).
 
-        Persistent, mandatory, and confirmed before this returns.
+        Persistent, mandatory, and confirmed before this returns. ``also_to`` (with the
+        default exchange only) names a second queue that gets a copy in the same
+        publish: RabbitMQ's ``BCC`` header, which the broker removes before delivery
+        (so it is not signed), and which makes the job routable whenever that queue
+        exists.
 
         Raises:
             Unroutable: No queue would receive the job.
@@ -158,6 +162,10 @@ class Client:
         sent = dict(headers or {})
         if self._signer is not None:
             sent.update(self._signer.sign(exchange, route, job_id, content_type, sent, body))
+        if also_to is not None:
+            if exchange:
+                raise ValueError("also_to needs the default exchange")
+            sent["BCC"] = [also_to]
         self._session.publish_job(exchange, route, body, message_id=job_id, headers=sent,
                                   timestamp=int(time.time()), content_type=content_type)
 

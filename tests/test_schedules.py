@@ -198,7 +198,8 @@ class FakeClock:
         self.now = parse_iso(now)
 
 
-def scheduler_settings(tmp_path: Path, url: str, schedule: str, rbit: str = ""):
+def scheduler_settings(tmp_path: Path, url: str, schedule: str, rbit: str = "",
+                       exchange: str = ""):
     path = tmp_path / "scheduler.ini"
     path.write_text(f"""
 [rbit]
@@ -210,7 +211,7 @@ url = {url}
 connect_timeout = 2
 
 [schedule:nightly]
-exchange =
+exchange = {exchange}
 routing_key = nightly
 body = build
 {schedule}
@@ -329,18 +330,25 @@ class Crash:
         return self.armed and step == self.step and json.loads(body)["seq"] > 0
 
 
-@pytest.mark.parametrize(("step", "copies", "queue_type"), [
-    # Dead after the fire, before its record: the next leader publishes it again, with
-    # the same id (a duplicate message, never a lost fire).
-    ("put_state", 2, "classic"),
+@pytest.mark.parametrize(("step", "exchange", "copies", "queue_type"), [
+    # Dead after the fire, before its record: the fire's copy in the state queue (same
+    # publish) tells the next leader it was published; it is not published again.
+    ("put_state", "", 1, "classic"),
+    ("put_state", "", 1, "quorum"),
+    # A fire to a named exchange leaves no copy: the next leader publishes it again,
+    # with the same id (a duplicate message, never a lost fire).
+    ("put_state", "jobs", 2, "classic"),
     # Dead after the record, before the old token's ack: two tokens; the newer wins.
-    ("ack", 1, "classic"),
-    ("ack", 1, "quorum"),  # a cluster's state queue
+    ("ack", "", 1, "classic"),
+    ("ack", "", 1, "quorum"),  # a cluster's state queue
 ])
 def test_a_leader_dying_mid_write_hands_over_without_losing_a_fire(
-        tmp_path, rabbit, vhost, target, step, copies, queue_type):
+        tmp_path, rabbit, vhost, target, step, exchange, copies, queue_type):
+    if exchange:
+        target.channel.exchange_declare(exchange, "direct", durable=True)
+        target.channel.queue_bind("nightly", exchange, "nightly")
     settings = scheduler_settings(tmp_path, rabbit.url(vhost), "every = 1h",
-                                  rbit=f"queue_type = {queue_type}")
+                                  rbit=f"queue_type = {queue_type}", exchange=exchange)
     clock = FakeClock("2026-01-01T00:30:00Z")
     crash = Crash(step)
     with scheduler(settings, clock, session_factory=crash.session(settings)) as first:

@@ -20,8 +20,9 @@ from rbit.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
-#: ``(delivery_tag, body)`` for each message the broker hands this (active) consumer.
-OnState = Callable[[int, bytes], None]
+#: ``(delivery_tag, body, headers)`` for each message the broker hands this (active)
+#: consumer; ``headers`` is None when the message has none.
+OnState = Callable[[int, bytes, "dict | None"], None]
 
 
 class StateSession(PublisherSession):
@@ -44,9 +45,9 @@ class StateSession(PublisherSession):
         return frame.method.message_count
 
     def consume(self, queue: str, on_state: OnState) -> None:
-        """Consume ``queue``, unlimited prefetch (the queue holds a few small messages)."""
-        def deliver(_channel, method, _props, body) -> None:
-            on_state(method.delivery_tag, body)
+        """Consume ``queue``, unlimited prefetch (the queue holds a few messages)."""
+        def deliver(_channel, method, props, body) -> None:
+            on_state(method.delivery_tag, body, props.headers)
 
         self._call(lambda: self._channel.basic_qos(prefetch_count=0), queue)
         self._call(lambda: self._channel.basic_consume(queue, deliver), queue)

@@ -5,13 +5,21 @@ Its message id (the job id) is ``NAME@<fire time>``, the time in ISO-8601 UTC
 fire always has the same id whichever worker publishes it. It is persistent, mandatory
 and confirmed (:meth:`rbit.client.Client.publish`), and signed when ``[security]
 signing_key`` is set: an ordinary job, with retries, dead letters, statuses and history.
+
+A fire routed by the default exchange (``queue =``, or ``exchange =`` left empty) also
+leaves a copy in its schedule's state queue, in the same publish (RabbitMQ's ``BCC``
+header): the fire and the record that it happened reach the broker together, so a
+leader that dies before writing its token leaves the next one that record, and the
+fire is not published again (:mod:`rbit.schedule.scheduler`). The copy makes the
+publish routable while the state queue exists, so a target queue deleted under a
+running fleet is not reported as unroutable for those fires.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rbit.client import Client
@@ -61,8 +69,12 @@ def schedule_of(job_id: str) -> str | None:
     return name
 
 
-def publish_fire(client: Client, schedule: ScheduleSettings, fire: Fire) -> None:
+def publish_fire(client: Client, schedule: ScheduleSettings, fire: Fire,
+                 record_in: str | None = None) -> None:
     """Publish ``fire`` and wait for the broker's confirm.
+
+    ``record_in``: the schedule's state queue, which gets a copy in the same publish
+    when the fire goes through the default exchange.
 
     Raises:
         Unroutable: No queue would receive it.
@@ -72,4 +84,19 @@ def publish_fire(client: Client, schedule: ScheduleSettings, fire: Fire) -> None
     headers[SCHEDULE_HEADER] = schedule.name
     headers[FIRE_TIME_HEADER] = iso_utc(fire.at)
     client.publish(schedule.exchange, schedule.routing_key, schedule.body,
-                   job_id=fire.job_id, headers=headers, content_type=schedule.content_type)
+                   job_id=fire.job_id, headers=headers, content_type=schedule.content_type,
+                   also_to=None if schedule.exchange else record_in)
+
+
+def fire_time_of(schedule: str, headers: dict[str, Any] | None) -> datetime | None:
+    """The fire time of a fire's copy of ``schedule`` (None: not such a copy).
+
+    Raises:
+        ValueError: The copy's fire time is malformed.
+    """
+    if not headers or headers.get(SCHEDULE_HEADER) != schedule:
+        return None
+    when = headers.get(FIRE_TIME_HEADER)
+    if not isinstance(when, str):
+        return None
+    return parse_iso(when)

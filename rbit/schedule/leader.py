@@ -139,6 +139,19 @@ def _times(schedule: ScheduleSettings, first: datetime, now: datetime) -> list[d
     return times
 
 
+def apply_fired(schedule: ScheduleSettings, state: State, at: datetime) -> State:
+    """``state`` once the fire of time ``at`` is known published (its copy was read).
+
+    A copy no newer than the state's last fire changes nothing: the token records it.
+    """
+    if state.last is not None and at <= state.last:
+        return state
+    next_at = state.next_at
+    if isinstance(schedule.trigger, NextJob) and next_at is not None and next_at <= at:
+        next_at = None  # the run the last job named is the one that fired
+    return dataclasses.replace(state, last=at, next_at=next_at)
+
+
 def apply_next(schedule: ScheduleSettings, state: State, job_id: str,
                at: datetime) -> State:
     """``state`` after job ``job_id`` named its next run ``at``.

@@ -10,12 +10,17 @@ receives the token is the leader. It holds the token unacked. Each write goes:
 3. ack the old token(s) and the requests folded in.
 
 Crash windows: a leader that dies before 1 completes loses nothing (the next leader
-sees the old token and fires, late, per ``catch_up``). One that dies between 1 and 2
-leaves the old token: the next leader publishes those fires again, with the same job
-ids (duplicates bounded by one pass, never a lost fire). One that dies between 2 and 3
-leaves two tokens: the next leader keeps the newer (:func:`rbit.schedule.leader.newest`)
-and fires nothing twice. Before any write the leader checks that no token is left
-undelivered (a passive declare), so that it acts on the newest.
+sees the old token and fires, late, per ``catch_up``). A fire routed by the default
+exchange leaves a copy in the state queue in the same publish
+(:func:`rbit.schedule.fire.publish_fire`): a leader that dies between 1 and 2 leaves the
+old token and those copies, and the next leader takes the copies as fired
+(:func:`rbit.schedule.leader.apply_fired`) and publishes nothing again. Fires to a named
+exchange leave no copy: for them the next leader publishes the fires of that one pass
+again, with the same job ids (a duplicate message, never a lost fire). One that dies
+between 2 and 3 leaves two tokens: the next leader keeps the newer
+(:func:`rbit.schedule.leader.newest`) and fires nothing twice. Before any write the
+leader checks that nothing is left undelivered in the state queue (a passive declare),
+so that it acts on the newest token and on every copy.
 
 Hand-over: when the leader's connection closes, RabbitMQ requeues its token and makes
 the next consumer active at once. A killed process's socket is closed by its kernel,
@@ -37,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from rbit.errors import BrokerError, Unroutable
 from rbit.schedule import leader, nextrun
-from rbit.schedule.fire import iso_utc, parse_iso, publish_fire, schedule_of
+from rbit.schedule.fire import fire_time_of, iso_utc, parse_iso, publish_fire, schedule_of
 from rbit.schedule.settings import ScheduleSettings
 
 if TYPE_CHECKING:
@@ -99,17 +104,22 @@ class Seat:
         self.leader = False
         self.tokens: dict[int, leader.State] = {}
         self.requests: list[tuple[int, str, datetime]] = []
+        self.fired: list[tuple[int, datetime]] = []  # copies of fires (fire.publish_fire)
         self.junk: list[int] = []
         self.state: leader.State | None = None
         self.held_since = time.monotonic()
         self.leading_since: datetime | None = None  # the clock's time of the first token
 
-    def on_state(self, tag: int, body: bytes) -> None:
+    def on_state(self, tag: int, body: bytes, headers: dict | None = None) -> None:
         """A delivery: only the active consumer gets any, so this worker leads."""
         if not self.leader:
             log.info("schedule %s: leading (a delivery of its state queue)", self.schedule.name)
         self.leader = True
         try:
+            at = fire_time_of(self.schedule.name, headers)
+            if at is not None:
+                self.fired.append((tag, at))
+                return
             data = json.loads(body)
             if data.get("kind") == "next":
                 self.requests.append((tag, str(data["fire"]), parse_iso(data["at"])))
@@ -260,7 +270,7 @@ class Scheduler:
         """Serve the connection for a moment, then act for each schedule led here."""
         self._session.pump(self._pause())
         for seat in self.seats:
-            if seat.tokens or seat.junk:
+            if seat.tokens or seat.junk or seat.fired:
                 self._act(seat, self._clock())
 
     def _pause(self) -> float:
@@ -274,9 +284,15 @@ class Scheduler:
     def _act(self, seat: Seat, now: datetime) -> None:
         best = leader.newest(list(seat.tokens.values())) if seat.tokens else None
         if best is None:
-            self._ack_all(seat, [])
+            # No token yet: keep the requests and copies for it, drop what is malformed.
+            for tag in seat.junk:
+                self._session.ack(tag)
+            seat.junk.clear()
             return
         state = best
+        for _tag, at in seat.fired:
+            state = leader.apply_fired(seat.schedule, state, at)
+        recorded = state == best  # every copy read is of a fire the token records
         for _tag, job_id, at in seat.requests:
             state = leader.apply_next(seat.schedule, state, job_id, at)
         if seat.leading_since is None:
@@ -284,12 +300,14 @@ class Scheduler:
         fires, state = leader.plan(seat.schedule, state, now, seat.leading_since)
         seat.state = state
         refresh = time.monotonic() - seat.held_since > self._refresh
-        if not (fires or seat.requests or len(seat.tokens) > 1 or seat.junk or refresh):
+        if not (fires or seat.requests or len(seat.tokens) > 1 or seat.junk or refresh
+                or not recorded):
+            self._ack_fired(seat)
             return
         if self._stale(seat):
             return  # tokens were still on their way: decide again with all of them
         for fire in fires:
-            self._fire(seat.schedule, fire)
+            self._fire(seat, fire)
         written = leader.State(best.seq + 1, state.created, state.last, state.next_at,
                                self._name)
         self._session.put_state(seat.queue, written.encode())
@@ -299,15 +317,19 @@ class Scheduler:
 
     def _stale(self, seat: Seat) -> bool:
         """Whether messages of ``seat``'s queue were not yet delivered here."""
-        held = len(seat.tokens) + len(seat.requests)
+        def held() -> int:
+            return len(seat.tokens) + len(seat.requests) + len(seat.fired)
+
+        before = held()
         if self._session.ready(seat.queue) == 0:
             self._session.pump(0)
-            return len(seat.tokens) + len(seat.requests) != held
+            return held() != before
         return True
 
-    def _fire(self, schedule: ScheduleSettings, fire: Any) -> None:
+    def _fire(self, seat: Seat, fire: Any) -> None:
+        schedule = seat.schedule
         try:
-            publish_fire(self._client, schedule, fire)
+            publish_fire(self._client, schedule, fire, record_in=seat.queue)
             log.info("schedule %s: fired job %s", schedule.name, fire.job_id)
         except Unroutable as exc:
             # Recorded as fired: retrying a route that takes nothing would block the
@@ -318,6 +340,13 @@ class Scheduler:
     def _ack_all(self, seat: Seat, tags: list[int]) -> None:
         for tag in tags + [tag for tag, _job, _at in seat.requests] + seat.junk:
             self._session.ack(tag)
+        self._ack_fired(seat)
         seat.tokens.clear()
         seat.requests.clear()
         seat.junk.clear()
+
+    def _ack_fired(self, seat: Seat) -> None:
+        """Ack the copies of fires read: the token held or written records them."""
+        for tag, _at in seat.fired:
+            self._session.ack(tag)
+        seat.fired.clear()
