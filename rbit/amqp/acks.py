@@ -60,6 +60,7 @@ class Acks:
         self._pending: collections.deque[Delivery] = collections.deque()
         self._lock = threading.Lock()
         self._timer_armed = False
+        self._apply_queued = False
         #: True while the I/O thread runs handed-over calls: an :meth:`apply` follows.
         self.in_drain = False
 
@@ -80,11 +81,19 @@ class Acks:
         pending.append(delivery)
         broker = self._broker
         if len(pending) >= self._batch:
-            if not broker.on_io_thread():
-                broker.call_soon(self.apply)
-            elif not self.in_drain:  # else the running drain sends it
-                self.apply()
+            if broker.on_io_thread():
+                if not self.in_drain:  # else the running drain sends it
+                    self.apply()
+                return
+            with self._lock:
+                # One apply queued serves every ack that comes before it runs.
+                if self._apply_queued:
+                    return
+                self._apply_queued = True
+            broker.call_soon(self.apply)
             return
+        if self._timer_armed:  # read without the lock: set below under it, and
+            return  # cleared by apply before it takes what is pending
         with self._lock:
             arm = not self._timer_armed
             self._timer_armed = True
@@ -103,6 +112,7 @@ class Acks:
         """Carry out the acks the job threads queued, then send them."""
         with self._lock:
             self._timer_armed = False
+            self._apply_queued = False
         self.in_drain = True
         pending = self._pending
         while pending:
