@@ -126,7 +126,7 @@ class Acks:
             self._broker.poller.next()
 
     def ack(self, delivery: Delivery) -> None:
-        if held_back(delivery, lambda: self.ack(delivery)):
+        if held_back(delivery, self.ack):
             return
         broker = self._broker
         if delivery.generation != broker.generation or broker.consume_channel is None:
@@ -152,7 +152,7 @@ class Acks:
 
     def nack(self, delivery: Delivery) -> None:
         """Give a delivery back to its queue at once."""
-        if held_back(delivery, lambda: self.nack(delivery)):
+        if held_back(delivery, self.nack):
             return
         broker = self._broker
         channel = broker.lease_channel if delivery.leased else broker.consume_channel
