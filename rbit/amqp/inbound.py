@@ -8,8 +8,10 @@ short job. :class:`FastDeliveries` takes a delivery whose frames are all in the 
 buffer, back to back on one channel, decodes it at once (the properties with pika's
 own decoder) and calls the consumer's callback just as pika's channel would.
 
-Anything else goes pika's way, one frame at a time: another method, a frame split
-across reads, content of several channels interleaved, a frame pika must refuse (a bad
+A delivery whose last frames are yet to come waits in the buffer for the next read
+(while the buffer is under 128 kB: a larger one goes frame by frame, so a big body is
+not copied at every read). Anything else goes pika's way, one frame at a time: another
+method, content of several channels interleaved, a frame pika must refuse (a bad
 frame end, a body longer than announced), properties pika cannot decode (which
 :class:`~rbit.amqp.frames.SafeFrames` then substitutes). pika's own accounting is kept:
 bytes and frames received (the heartbeat checker watches the former).
