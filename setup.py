@@ -29,8 +29,10 @@ setup(
         # rbit.amqp.loops writes frames straight to pika's plain-TCP transport, a
         # private pika API (_AsyncPlaintextTransport, _adapter_emit_data), and
         # rbit.amqp.frames decodes content headers in Connection._read_frame (with
-        # _frame_buffer; BlockingConnection's _impl_class): bounded to the minor
-        # releases known to have them (tested with pika 1.4.4).
+        # _frame_buffer; BlockingConnection's _impl_class), and rbit.amqp.inbound
+        # decodes whole deliveries in Connection._on_data_available (with _channels and
+        # the channel's _consumers, _cancelled and _content_assembler): bounded to the
+        # minor releases known to have them (tested with pika 1.4.4).
         "pika>=1.3,<1.5",
         "jsonpickle>=3",
         # /metrics: the Prometheus text format and its parser, kept in step with

@@ -14,6 +14,9 @@
 * :mod:`rbit.amqp.leases` -- renewing the lease of long jobs (holding queues);
 * :mod:`rbit.amqp.polling` -- ``mode = poll``'s ``basic_get`` passes;
 * :mod:`rbit.amqp.loops` -- pika's I/O loop and asyncio's, adapted to the broker;
+* :mod:`rbit.amqp.inbound` -- whole deliveries taken off the wire in one step;
+* :mod:`rbit.amqp.frames` -- content headers pika cannot decode, copies fitted to a
+  frame;
 * :mod:`rbit.amqp.control` -- the worker's control queue and fleet announces;
 * :mod:`rbit.amqp.fleet` -- ``rbit ctl``'s session: ask the workers, gather replies;
 * :mod:`rbit.amqp.admin` -- a blocking session for command-line verbs.

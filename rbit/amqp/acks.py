@@ -60,6 +60,7 @@ class Acks:
         self._pending: collections.deque[Delivery] = collections.deque()
         self._lock = threading.Lock()
         self._timer_armed = False
+        self._apply_queued = False
         #: True while the I/O thread runs handed-over calls: an :meth:`apply` follows.
         self.in_drain = False
 
@@ -80,11 +81,19 @@ class Acks:
         pending.append(delivery)
         broker = self._broker
         if len(pending) >= self._batch:
-            if not broker.on_io_thread():
-                broker.call_soon(self.apply)
-            elif not self.in_drain:  # else the running drain sends it
-                self.apply()
+            if broker.on_io_thread():
+                if not self.in_drain:  # else the running drain sends it
+                    self.apply()
+                return
+            with self._lock:
+                # One apply queued serves every ack that comes before it runs.
+                if self._apply_queued:
+                    return
+                self._apply_queued = True
+            broker.call_soon(self.apply)
             return
+        if self._timer_armed:  # read without the lock: set below under it, and
+            return  # cleared by apply before it takes what is pending
         with self._lock:
             arm = not self._timer_armed
             self._timer_armed = True
@@ -103,11 +112,23 @@ class Acks:
         """Carry out the acks the job threads queued, then send them."""
         with self._lock:
             self._timer_armed = False
+            self._apply_queued = False
         self.in_drain = True
-        pending = self._pending
+        pending, broker, done = self._pending, self._broker, self._done
+        live, generation = broker.live, broker.generation
+        current = broker.consume_channel is not None
         while pending:
+            delivery = pending.popleft()
             try:
-                self.ack(pending.popleft())
+                if (current and delivery.generation == generation and not delivery.renewing
+                        and not delivery.leased):
+                    # :meth:`ack` of nearly every job, inlined: a current delivery of the
+                    # consume channel, no renewal in the way.
+                    delivery.settling = True
+                    live.pop(id(delivery), None)
+                    done.add(delivery.tag)
+                else:
+                    self.ack(delivery)
             except Exception:
                 log.exception("internal error in the AMQP I/O thread")
         self.in_drain = False
@@ -116,7 +137,7 @@ class Acks:
             self._broker.poller.next()
 
     def ack(self, delivery: Delivery) -> None:
-        if held_back(delivery, lambda: self.ack(delivery)):
+        if held_back(delivery, self.ack):
             return
         broker = self._broker
         if delivery.generation != broker.generation or broker.consume_channel is None:
@@ -142,7 +163,7 @@ class Acks:
 
     def nack(self, delivery: Delivery) -> None:
         """Give a delivery back to its queue at once."""
-        if held_back(delivery, lambda: self.nack(delivery)):
+        if held_back(delivery, self.nack):
             return
         broker = self._broker
         channel = broker.lease_channel if delivery.leased else broker.consume_channel

@@ -207,7 +207,7 @@ class Publisher:
     def publish_then_ack(self, delivery: Delivery, publish: Publish,
                          on_done: ConfirmCallback | None) -> None:
         """Publish a message derived from a delivery; ack it once confirmed, else nack."""
-        if held_back(delivery, lambda: self.publish_then_ack(delivery, publish, on_done)):
+        if held_back(delivery, lambda d: self.publish_then_ack(d, publish, on_done)):
             return
         broker = self._broker
         if delivery.generation != broker.generation:

@@ -2,7 +2,8 @@
 
 * :class:`EagerConnection`: pika's ``SelectConnection``, writing a frame at once
   when nothing waits before it (a private pika API: see setup.py's bound on pika);
-  it and :class:`SafeAsyncioConnection` survive undecodable content headers;
+  it and :class:`SafeAsyncioConnection` take whole deliveries off the wire in one
+  step (:mod:`rbit.amqp.inbound`) and survive undecodable content headers;
 * :class:`PikaFdLoop` and :class:`PikaTimer`: the :class:`~rbit.fdloop.FdLoop` that
   ``shell!`` jobs are supervised on, served by pika's I/O loop;
 * :class:`AsyncioLoop`: the few loop calls the broker makes, served by an asyncio
@@ -21,6 +22,7 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.select_connection import IOLoop
 
 from rbit.amqp.frames import SafeFrames
+from rbit.amqp.inbound import FastDeliveries
 from rbit.fdloop import Timer
 
 try:  # pika's transport for plain TCP, to which EagerConnection writes directly
@@ -29,11 +31,11 @@ except ImportError:  # another pika layout: frames go out on the loop's next pas
     _AsyncPlaintextTransport = None
 
 
-class SafeAsyncioConnection(SafeFrames, AsyncioConnection):
+class SafeAsyncioConnection(FastDeliveries, SafeFrames, AsyncioConnection):
     """pika's ``AsyncioConnection``, with undecodable content headers substituted."""
 
 
-class EagerConnection(SafeFrames, pika.SelectConnection):
+class EagerConnection(FastDeliveries, SafeFrames, pika.SelectConnection):
     """pika's ``SelectConnection``, sending a frame at once when nothing waits before it.
 
     pika buffers every outgoing frame and watches the socket for writability: each
@@ -41,7 +43,8 @@ class EagerConnection(SafeFrames, pika.SelectConnection):
     job at a time the broker sends the next job only once the ack arrived, so that
     pass was a share of every short job. Whatever the socket does not take at once
     (or any error) goes pika's way. Plain TCP only; TLS keeps pika's own course.
-    Content headers that cannot be decoded are substituted
+    Whole deliveries are decoded in one step (:class:`~rbit.amqp.inbound.FastDeliveries`);
+    content headers that cannot be decoded are substituted
     (:class:`~rbit.amqp.frames.SafeFrames`).
     """
 
