@@ -237,6 +237,16 @@ def test_child_crash_without_outcome_is_failed_with_exit_code_and_stderr(child_p
     assert "about to die" in outcome.reason
 
 
+def test_a_warm_child_dying_quotes_only_its_last_jobs_stderr(child_path):
+    with _loaded(_settings("noisy_or_die", timeout=60)) as runner:
+        first = runner.run(Message(body=b"{}", queue="q", message_id="job-1"), Statuses())
+        second = runner.run(Message(body=b"die", queue="q", message_id="job-2"), Statuses())
+    assert first.kind is Kind.DONE
+    assert second.kind is Kind.FAILED
+    assert "about to die" in second.reason
+    assert "earlier job" not in second.reason
+
+
 def _dead(pid: int) -> bool:
     try:
         os.kill(pid, 0)
