@@ -247,6 +247,24 @@ def test_a_warm_child_dying_quotes_only_its_last_jobs_stderr(child_path):
     assert "earlier job" not in second.reason
 
 
+def test_a_warm_child_killed_while_idle_is_replaced_without_failing_a_job(child_path):
+    with _loaded(_settings("fields", timeout=60)) as runner:
+        runner.start()
+        idle = runner._children._idle[0].proc
+        os.kill(idle.pid, 9)
+        assert _wait_for(lambda: _dead(idle.pid) or _zombie(idle.pid), 10)
+        outcome = runner.run(Message(body=b"{}", queue="q", message_id="job-1"), Statuses())
+    assert outcome.kind is Kind.DONE, outcome.reason
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            return file.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except OSError:
+        return True
+
+
 def _dead(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -88,6 +88,7 @@ SetStatus = Callable[..., None]
 
 _monotonic = time.monotonic
 _READ_SIZE = 65536  # as the loop's stream reader (rbit.supervisor) reads
+_EXITED_NOHANG = os.WEXITED | os.WNOHANG | os.WNOWAIT
 
 # The protocol's codecs, for both sides of the pipes (rbit.runners.child too). Built
 # once: json.loads/json.dumps with options build a codec per call, and the loads of
@@ -243,6 +244,7 @@ class WarmChild(Supervisor):
     ) -> None:
         self._requests, replies, _ = pipes
         self._replies = replies
+        self._idle = _idle_label(proc.pid)
         self._stdout, self._stderr = output
         self.jobs = 0
         self._job: _Job | None = None
@@ -262,7 +264,7 @@ class WarmChild(Supervisor):
             self._pipes += (wake_r, self._wake_w)
             os.set_blocking(self._wake_w, False)
             super().__init__(proc, PollLoop(), ((replies, self._feed),),
-                             label=_idle_label(proc.pid), grace=grace, stop_fd=stop_fd)
+                             label=self._idle, grace=grace, stop_fd=stop_fd)
         except BaseException:
             # spawn() closes the pipes it made; ours go now, and none twice later (a
             # closed number is soon another file's).
@@ -291,7 +293,7 @@ class WarmChild(Supervisor):
         if job.outcome is None:
             return self._end_outcome()
         _log_output(job_id, self._stdout)
-        self.label = _idle_label(self.proc.pid)
+        self.label = self._idle
         return job.outcome
 
     def cancel(self, key: object) -> None:
@@ -309,8 +311,17 @@ class WarmChild(Supervisor):
                 os.write(self._wake_w, b"x")
 
     def alive(self) -> bool:
-        """Whether the child still runs (reaps it if not)."""
-        return self.proc.poll() is None
+        """Whether the child still runs (asked once per job: one ``waitid``, no reaping).
+
+        A child found gone is reaped by :meth:`abort`, or by the supervisor's exit
+        watch, which collects its resource usage too.
+        """
+        if self.proc.returncode is not None:
+            return False
+        try:
+            return os.waitid(os.P_PID, self.proc.pid, _EXITED_NOHANG) is None
+        except ChildProcessError:  # reaped elsewhere (a reaper thread without pidfd)
+            return False
 
     def usable(self) -> bool:
         """Whether the child can take another job."""
