@@ -14,7 +14,9 @@ runner reports, then one ``{"outcome": kind, "reason": ..., "delay": ..., "usage
 none (``usage``: what the job used, measured by the child itself, :mod:`rbit.usage`;
 with ``"result"``, the runner's return value, when the request has ``"broadcast":
 true``). EOF on the request pipe means the worker wants it gone: it exits. Stdout and
-stderr stay free for the runner's own output. No pickle crosses the pipe.
+stderr stay free for the runner's own output: files the worker reads back (the tail of
+stderr when a child dies mid-job), which the child empties as each job starts, so that
+what is quoted is that job's own. No pickle crosses the pipe.
 
 The worker also holds the write end of a lifeline pipe (``RBIT_LIFELINE_FD``) that it
 never writes. It reads as EOF only once every copy is closed, that is when the worker

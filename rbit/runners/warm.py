@@ -9,7 +9,10 @@ JSON-lines pipes. A job thread borrows an idle child for one job and gives it ba
 Each child is a :class:`WarmChild`, supervised like any process rbit starts
 (:class:`rbit.supervisor.Supervisor`): it leads a process group (and session) of its
 own; while a job runs, the borrowing thread watches its pipes, its exit and the job's
-deadline from the child's private :class:`rbit.fdloop.PollLoop`.
+deadline from the child's private :class:`rbit.fdloop.PollLoop`. A job that ends
+normally costs that thread one write, one ``poll`` (the deadline as its timeout) and
+one read: no timer, no callback; anything else that wakes the poll (the child's exit,
+a stop, a cancel, the deadline) hands over to the loop.
 
 * A job past ``timeout`` has its child's whole group stopped (SIGTERM, SIGKILL after
   ``kill_grace``) and fails with ``timed out after N s``; a child that dies mid-job
