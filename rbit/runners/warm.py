@@ -288,7 +288,7 @@ class WarmChild(Supervisor):
         _send(self._requests, line)
         end = None if self.timeout is None else _monotonic() + self.timeout
         if not self._wait_reply(job, end):
-            if end is not None:
+            if end is not None and not self.finished:
                 self.set_deadline(max(0.0, end - _monotonic()))
             self.loop.run_until(lambda: job.outcome is not None or self.finished)
         self._job = None
