@@ -873,11 +873,15 @@ def run_rss_long(broker: BrokerHandle, table: dict[str, Contender], n: int) -> s
 PROFILE_WRAPPER = BENCH / "profile_rbit.py"
 
 
-def run_profile(broker: BrokerHandle, table: dict[str, Contender], n: int) -> str:
+PROFILED = ("rbit-python-nostatus", "rbit-python-logsink", "rbit-shell-true")
+
+
+def run_profile(broker: BrokerHandle, table: dict[str, Contender], n: int,
+                names: tuple[str, ...] = PROFILED) -> str:
     out = []
     # /bin/true jobs are slow: a shorter run profiles them well enough.
-    for name, jobs in (("rbit-python-nostatus", n), ("rbit-python-logsink", n),
-                       ("rbit-shell-true", min(n, 5000))):
+    for name in names:
+        jobs = min(n, 5000) if "shell" in name else n
         contender = table[name]
         prof_path = RESULTS / ("profile-%s.txt" % name)
         wrapped = dataclasses.replace(
@@ -891,7 +895,7 @@ def run_profile(broker: BrokerHandle, table: dict[str, Contender], n: int) -> st
     py_spy = shutil.which("py-spy") or (str(VENV / "bin" / "py-spy")
                                          if (VENV / "bin" / "py-spy").exists() else None)
     if py_spy:
-        for name in ("rbit-python-nostatus", "rbit-python-logsink"):
+        for name in [x for x in ("rbit-python-nostatus", "rbit-python-logsink") if x in names]:
             flame = RESULTS / ("py-spy-%s.txt" % name)
             print("profile (py-spy): %s ..." % name, flush=True)
             try:
@@ -1039,7 +1043,9 @@ def _run_modes(args, broker: BrokerHandle, table: dict[str, Contender],
     if args.rss_long:
         report += ["", run_rss_long(broker, table, args.long_n)]
     if args.profile:
-        report += ["", run_profile(broker, table, args.n)]
+        # With --only, the rbit rows chosen are profiled (the child's worker side too).
+        names = tuple(c.name for c in chosen if c.name.startswith("rbit-")) if args.only else ()
+        report += ["", run_profile(broker, table, args.n, names or PROFILED)]
     text = "\n".join(report) + "\n"
     (RESULTS / ("report-%s.txt" % args.tag)).write_text(text)
     print()

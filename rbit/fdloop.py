@@ -83,6 +83,20 @@ class PollLoop:
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._order), timer))
         return timer
 
+    @property
+    def poller(self) -> select.poll:
+        """The poll object every watched fd is registered with.
+
+        For a caller that waits for one fd by itself while no timer is due (see
+        :meth:`has_timers`); whatever else it finds ready is left for :meth:`run_until`
+        (poll is level-triggered: it is still ready then).
+        """
+        return self._poll
+
+    def has_timers(self) -> bool:
+        """Whether a timer not cancelled is waiting."""
+        return self._cancelled < len(self._timers)
+
     def run_until(self, done: Callable[[], bool]) -> None:
         """Dispatch events and timers until ``done()`` is true."""
         timers = self._timers

@@ -367,13 +367,17 @@ class Supervisor:
             try:
                 callback()
             except Exception as exc:
-                self.log.exception(
-                    "%s %s: internal error while supervising the process", self.what, self.label
-                )
-                self.abort()
-                self.on_error(exc)
+                self.failed(exc)
 
         return guarded
+
+    def failed(self, exc: Exception) -> None:
+        """Supervising failed with ``exc`` (in a callback): kill, release, report."""
+        self.log.exception(
+            "%s %s: internal error while supervising the process", self.what, self.label
+        )
+        self.abort()
+        self.on_error(exc)
 
 
 class StopSignal:

@@ -86,6 +86,13 @@ def die(message, set_status, settings):
     os._exit(3)
 
 
+def noisy_or_die(message, set_status, settings):
+    """Writes on stderr; exits without an outcome when the body is ``die``."""
+    if message.body == b"die":
+        die(message, set_status, settings)
+    print("an earlier job's noise", file=sys.stderr, flush=True)
+
+
 class BatchCollector:
     """A batch runner: settles every message done at once."""
 

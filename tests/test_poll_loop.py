@@ -39,3 +39,17 @@ def test_a_deadline_set_and_cancelled_per_job_leaves_no_timers_behind() -> None:
     loop.run_until(lambda: bool(fired))
     assert fired == [True]
     assert len(loop._timers) <= 200
+
+
+def test_has_timers_counts_only_timers_still_to_fire() -> None:
+    loop = PollLoop()
+    assert not loop.has_timers()
+    timer = loop.call_later(3600.0, lambda: None)
+    assert loop.has_timers()
+    timer.cancel()
+    assert not loop.has_timers()  # still in the heap, but dead
+    fired: list[bool] = []
+    loop.call_later(0.0, lambda: fired.append(True))
+    assert loop.has_timers()
+    loop.run_until(lambda: bool(fired))
+    assert not loop.has_timers()

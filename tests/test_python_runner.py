@@ -237,6 +237,34 @@ def test_child_crash_without_outcome_is_failed_with_exit_code_and_stderr(child_p
     assert "about to die" in outcome.reason
 
 
+def test_a_warm_child_dying_quotes_only_its_last_jobs_stderr(child_path):
+    with _loaded(_settings("noisy_or_die", timeout=60)) as runner:
+        first = runner.run(Message(body=b"{}", queue="q", message_id="job-1"), Statuses())
+        second = runner.run(Message(body=b"die", queue="q", message_id="job-2"), Statuses())
+    assert first.kind is Kind.DONE
+    assert second.kind is Kind.FAILED
+    assert "about to die" in second.reason
+    assert "earlier job" not in second.reason
+
+
+def test_a_warm_child_killed_while_idle_is_replaced_without_failing_a_job(child_path):
+    with _loaded(_settings("fields", timeout=60)) as runner:
+        runner.start()
+        idle = runner._children._idle[0].proc
+        os.kill(idle.pid, 9)
+        assert _wait_for(lambda: _dead(idle.pid) or _zombie(idle.pid), 10)
+        outcome = runner.run(Message(body=b"{}", queue="q", message_id="job-1"), Statuses())
+    assert outcome.kind is Kind.DONE, outcome.reason
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            return file.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except OSError:
+        return True
+
+
 def _dead(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -14,7 +14,9 @@ runner reports, then one ``{"outcome": kind, "reason": ..., "delay": ..., "usage
 none (``usage``: what the job used, measured by the child itself, :mod:`rbit.usage`;
 with ``"result"``, the runner's return value, when the request has ``"broadcast":
 true``). EOF on the request pipe means the worker wants it gone: it exits. Stdout and
-stderr stay free for the runner's own output. No pickle crosses the pipe.
+stderr stay free for the runner's own output: files the worker reads back (the tail of
+stderr when a child dies mid-job), which the child empties as each job starts, so that
+what is quoted is that job's own. No pickle crosses the pipe.
 
 The worker also holds the write end of a lifeline pipe (``RBIT_LIFELINE_FD``) that it
 never writes. It reads as EOF only once every copy is closed, that is when the worker
@@ -97,6 +99,9 @@ def serve(target: str, in_fd: int, out_fd: int) -> int:
     with os.fdopen(in_fd, "rb") as source:
         for line in source:
             request = decode_json(line.decode("utf-8"))
+            # What the worker quotes of a job's output is that job's own.
+            _empty(1)
+            _empty(2)
             status = channel.job_status()
             mark = process_mark()
             if func is None:
@@ -110,6 +115,19 @@ def serve(target: str, in_fd: int, out_fd: int) -> int:
             event["usage"] = process_usage(mark).to_dict()
             channel.send(event)
     return 0
+
+
+def _empty(fd: int) -> None:
+    """Truncates an output file (stdout, stderr), if the last job wrote to it.
+
+    The worker's copy of the file shares its size; a truncation costs a write, the
+    size alone does not. A runner that closed or redirected the fd keeps its output.
+    """
+    try:
+        if os.lseek(fd, 0, os.SEEK_END):
+            os.ftruncate(fd, 0)
+    except OSError:  # closed, a pipe or a tty: nothing of ours to empty
+        pass
 
 
 def _outcome_event(outcome: Outcome, broadcast: bool) -> dict[str, Any]:

@@ -9,7 +9,10 @@ JSON-lines pipes. A job thread borrows an idle child for one job and gives it ba
 Each child is a :class:`WarmChild`, supervised like any process rbit starts
 (:class:`rbit.supervisor.Supervisor`): it leads a process group (and session) of its
 own; while a job runs, the borrowing thread watches its pipes, its exit and the job's
-deadline from the child's private :class:`rbit.fdloop.PollLoop`.
+deadline from the child's private :class:`rbit.fdloop.PollLoop`. A job that ends
+normally costs that thread one write, one ``poll`` (the deadline as its timeout) and
+one read: no timer, no callback; anything else that wakes the poll (the child's exit,
+a stop, a cancel, the deadline) hands over to the loop.
 
 * A job past ``timeout`` has its child's whole group stopped (SIGTERM, SIGKILL after
   ``kill_grace``) and fails with ``timed out after N s``; a child that dies mid-job
@@ -41,6 +44,7 @@ import fcntl
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -84,6 +88,10 @@ _RETIRED = "retired child did not exit after its last job"
 _REAP_WAIT = 15.0  # beyond the grace: SIGKILL, then reaping (rbit.supervisor)
 
 SetStatus = Callable[..., None]
+
+_monotonic = time.monotonic
+_READ_SIZE = 65536  # as the loop's stream reader (rbit.supervisor) reads
+_EXITED_NOHANG = os.WEXITED | os.WNOHANG | os.WNOWAIT
 
 # The protocol's codecs, for both sides of the pipes (rbit.runners.child too). Built
 # once: json.loads/json.dumps with options build a codec per call, and the loads of
@@ -238,8 +246,9 @@ class WarmChild(Supervisor):
         stop_fd: int,
     ) -> None:
         self._requests, replies, _ = pipes
+        self._replies = replies
+        self._idle = _idle_label(proc.pid)
         self._stdout, self._stderr = output
-        self._output_fds = (self._stdout.fileno(), self._stderr.fileno())
         self.jobs = 0
         self._job: _Job | None = None
         self._buffer = b""
@@ -258,7 +267,7 @@ class WarmChild(Supervisor):
             self._pipes += (wake_r, self._wake_w)
             os.set_blocking(self._wake_w, False)
             super().__init__(proc, PollLoop(), ((replies, self._feed),),
-                             label=_idle_label(proc.pid), grace=grace, stop_fd=stop_fd)
+                             label=self._idle, grace=grace, stop_fd=stop_fd)
         except BaseException:
             # spawn() closes the pipes it made; ours go now, and none twice later (a
             # closed number is soon another file's).
@@ -276,18 +285,18 @@ class WarmChild(Supervisor):
         """
         job = self._job = _Job(set_status, key)
         self.label = job_id
-        _empty(self._output_fds[0])
-        _empty(self._output_fds[1])
         _send(self._requests, line)
-        if self.timeout is not None:
-            self.set_deadline(self.timeout)
-        self.loop.run_until(lambda: job.outcome is not None or self.finished)
+        end = None if self.timeout is None else _monotonic() + self.timeout
+        if not self._wait_reply(job, end):
+            if end is not None and not self.finished:
+                self.set_deadline(max(0.0, end - _monotonic()))
+            self.loop.run_until(lambda: job.outcome is not None or self.finished)
         self._job = None
         self.jobs += 1
         if job.outcome is None:
             return self._end_outcome()
         _log_output(job_id, self._stdout)
-        self.label = _idle_label(self.proc.pid)
+        self.label = self._idle
         return job.outcome
 
     def cancel(self, key: object) -> None:
@@ -305,8 +314,17 @@ class WarmChild(Supervisor):
                 os.write(self._wake_w, b"x")
 
     def alive(self) -> bool:
-        """Whether the child still runs (reaps it if not)."""
-        return self.proc.poll() is None
+        """Whether the child still runs (asked once per job: one ``waitid``, no reaping).
+
+        A child found gone is reaped by :meth:`abort`, or by the supervisor's exit
+        watch, which collects its resource usage too.
+        """
+        if self.proc.returncode is not None:
+            return False
+        try:
+            return os.waitid(os.P_PID, self.proc.pid, _EXITED_NOHANG) is None
+        except ChildProcessError:  # reaped elsewhere (a reaper thread without pidfd)
+            return False
 
     def usable(self) -> bool:
         """Whether the child can take another job."""
@@ -365,6 +383,35 @@ class WarmChild(Supervisor):
         return Outcome.failed(
             f"runner process {how} without an outcome; stderr: {self._stderr_tail}"
         )
+
+    def _wait_reply(self, job: _Job, end: float | None) -> bool:
+        """The usual course of a job: its replies, read until the outcome; True then.
+
+        Waits on the loop's own poll object for the reply pipe alone, with the job's
+        deadline as the poll's timeout: no timer and no callbacks for a job that ends
+        normally. Anything else -- the child's exit, a stop or a cancel, the deadline,
+        EOF -- returns False, with the rest left to the loop (the deadline still to
+        be set): what made the poll return is still ready when the loop polls.
+        """
+        if self.loop.has_timers() or self.finished:
+            return False
+        poll = self.loop.poller.poll
+        replies = self._replies
+        while True:
+            timeout = None if end is None else max(0, math.ceil((end - _monotonic()) * 1000))
+            ready = poll(timeout)
+            if len(ready) != 1 or ready[0][0] != replies:
+                return False
+            chunk = os.read(replies, _READ_SIZE)
+            if not chunk:  # EOF stays readable: the loop's stream reader ends it
+                return False
+            try:
+                self._feed(chunk)
+            except Exception as exc:  # as in a loop callback (Supervisor._guard)
+                self.failed(exc)
+                return False
+            if job.outcome is not None:
+                return True
 
     def _on_wake(self, fd: int) -> None:
         os.read(fd, 64)
@@ -558,17 +605,12 @@ def _write_rest(fd: int, data: bytes) -> None:
 
 
 def _output_file() -> IO[bytes]:
-    # Appending: the child's writes follow our truncation at each job's start.
+    # Appending: the child's writes follow its truncation at each job's start
+    # (rbit.runners.child), whatever offset our reads of the tail left.
     file = tempfile.TemporaryFile()  # noqa: SIM115 - the child's whole life, closed on release
     flags = fcntl.fcntl(file.fileno(), fcntl.F_GETFL)
     fcntl.fcntl(file.fileno(), fcntl.F_SETFL, flags | os.O_APPEND)
     return file
-
-
-def _empty(fd: int) -> None:
-    """Truncates an output file, if the child wrote to it (a truncation costs a write)."""
-    if os.lseek(fd, 0, os.SEEK_END):
-        os.ftruncate(fd, 0)
 
 
 def _idle_label(pid: int) -> str:
