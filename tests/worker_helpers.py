@@ -81,7 +81,7 @@ def running_worker(config: Path, poll_time: float | None = None) -> Iterator[Wor
     """An in-process worker, started and connected; shut down gracefully on exit."""
     settings = load_config(str(config))
     worker = Worker(settings, poll_time=poll_time)
-    worker.start(timeout=20)
+    worker.start(timeout=60)  # generous: a loaded machine's broker is slow to declare
     try:
         yield worker
     finally:

@@ -105,6 +105,10 @@ class Acks:
 
     # -------------------------------------------------------------- the I/O thread
 
+    def batch_full(self) -> bool:
+        """Whether a batch of acks waits (queued during a drain, which sends it)."""
+        return len(self._pending) >= self._batch
+
     def _arm_timer(self) -> None:
         self._broker.ioloop.call_later(ACK_DELAY, self.apply)
 

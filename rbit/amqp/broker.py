@@ -352,7 +352,15 @@ class Broker:
                 call()
             except Exception:
                 log.exception("internal error in the AMQP I/O thread")
-        self.acks.apply()
+        acks = self.acks
+        if self.mode == "poll" or acks.batch_full():
+            acks.apply()  # in poll mode, also asks for the next job or ends the pass
+        else:
+            # Only what these calls settled goes out now; acks the job threads queued
+            # wait for their timer or a full batch (applying them here, on the drain
+            # that only arms the timer, sent one ack frame per job).
+            acks.in_drain = False
+            acks.flush()
 
     # ------------------------------------------------------------ the I/O thread
 
