@@ -44,7 +44,7 @@ def _run_long_shell_job(tmp_path, rabbit, vhost, amqp, out, processes, grace):
 
 def _wait_for_grace(worker: WorkerProcess) -> None:
     """Wait until the worker, stopping, waits for its running jobs (the grace period)."""
-    wait_until(lambda: "stopping: no new jobs" in worker.output, 15,
+    wait_until(lambda: "stopping: no new jobs" in worker.output, 30,
                "the worker to begin its grace period")
 
 
@@ -213,7 +213,7 @@ def test_poll_mode_worker_with_poll_time_option_runs_jobs_and_stops_cleanly(
     amqp.publish_jobs(["p1", "p2", "p3"], exchange="", routing_key=QUEUE)
     # polling_time = 600 in the file: only --poll-time makes the next pass come soon.
     wait_until(lambda: (out / "runs").exists()
-               and len((out / "runs").read_text().split()) == 3, 15, "three jobs")
+               and len((out / "runs").read_text().split()) == 3, 60, "three jobs")
     worker.signal(signal.SIGTERM)
     assert worker.wait(timeout=15) == 0, worker.output
     assert rabbit.list_queues(vhost)[QUEUE] == (0, 0)
