@@ -23,8 +23,11 @@ def raise_base(message, set_status, settings) -> None:
 
 
 def late_status(message, set_status, settings) -> None:
-    """Returns at once; a thread it leaves behind reports a status once the test saw the
-    job settled (it creates ``<job id>.settled``; the thread waits for it up to 30 s)."""
+    """Returns at once; a thread it leaves behind reports a status after the job settled.
+
+    The thread waits (30 s at most) for ``<job id>.settled``, which the test creates once
+    it saw the job's final status.
+    """
     outdir = Path(settings["outdir"])
     settled = outdir / f"{message.job_id}.settled"
 
