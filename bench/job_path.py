@@ -14,8 +14,13 @@ Variants (each adds to ``bare``, which has no observer, no statuses, no tracker)
 ``bare``          the pool and the runner alone (usage metering included, as always)
 ``nousage``       ``bare`` with the thread's usage metering stubbed out
 ``observer``      the control plane's observer, history off (``history_depth = 0``)
+``nohistory``     ``observer`` without the usage metering, as the worker runs it when
+                  nothing reads the usage: what ``rbit-python-nohistory`` runs
 ``history``       the observer with the history (SQLite writer thread, a temp dir):
                   what ``rbit-python-nostatus`` runs
+``hist-nousage``  ``history`` with the usage metering stubbed out: what the history
+                  itself costs, apart from the metering it turns on (the worker
+                  meters in-thread jobs only when something reads their usage)
 ``tracker``       ``history`` plus PyBit's job tracker (``pybit_commands = yes``)
 ``metrics``       ``history`` plus the job metrics (``[http]`` configured)
 ``logsink``       ``history`` plus ``[status] sinks = log``, the log to a file:
@@ -39,7 +44,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("bare", "nousage", "observer", "history", "tracker", "metrics", "logsink")
+VARIANTS = ("bare", "nousage", "observer", "nohistory", "history", "hist-nousage", "tracker",
+            "metrics", "logsink")
 BODY = b'{"job":{"id":1,"suite":"latex","format":"pdf","distribution":"cnx"},' + b'"p":"' \
     + b"x" * 120 + b'"}'
 
@@ -89,7 +95,7 @@ def _child(variant: str, n: int) -> dict:
         from rbit.broker import Delivery
     tmp = Path(tempfile.mkdtemp(prefix="job-path-"))
     sinks = "log" if variant == "logsink" else ""
-    depth = "0" if variant in ("bare", "nousage", "observer") else "100"
+    depth = "0" if variant in ("bare", "nousage", "observer", "nohistory") else "100"
     ini = tmp / "rbit.ini"
     ini.write_text(
         "[rbit]\nname = jp\nstate_dir = %s\nhistory_depth = %s\n"
@@ -98,7 +104,7 @@ def _child(variant: str, n: int) -> dict:
         % (tmp / "state", depth, sinks))
     settings = load_config(str(ini))
     runner = settings.runners[0]
-    if variant == "nousage" and hasattr(python_runner, "thread_usage"):
+    if variant in ("nousage", "nohistory", "hist-nousage") and hasattr(python_runner, "thread_usage"):
         python_runner.thread_mark = lambda: None
         python_runner.thread_usage = lambda mark: None
     from rbit.status import StatusReporter
@@ -215,9 +221,9 @@ def main() -> None:
     load = os.getloadavg()
     print(f"job thread CPU us/job, N={args.n}, {args.rounds} interleaved rounds, "
           f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
-    print(f"{'rbit':<20} {'variant':<10} {'best':>6} {'median':>7}")
+    print(f"{'rbit':<20} {'variant':<12} {'best':>6} {'median':>7}")
     for (label, variant), values in runs.items():
-        print(f"{label:<20} {variant:<10} {min(values):6.1f} {statistics.median(values):7.1f}")
+        print(f"{label:<20} {variant:<12} {min(values):6.1f} {statistics.median(values):7.1f}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,14 @@ where one can be avoided:
     ``cpu_s`` is the CPU time of the thread that ran the call (``time.thread_time``),
     and only of it: threads the runner starts and work done elsewhere are not
     counted. Peak memory is not metered (``max_rss_kib`` is None): the thread shares
-    the worker's memory with every other job.
+    the worker's memory with every other job. The thread's CPU clock is read twice
+    per job, right before and right after the call: it is a real system call (not
+    served by the vDSO as the wall clocks are), the larger part of what the metering
+    costs a job. Taking the previous job's closing reading as the next one's
+    opening reading would save one, but would charge the job with rbit's own work
+    on the thread between the two calls (settling the previous job, its statuses
+    and ack, taking the next delivery): about as much CPU as a trivial job uses, so
+    ``cpu_s`` -- what credits are priced from -- would no longer be the job's own.
 
 Batch runners (the credit runner, for one) are not metered.
 """

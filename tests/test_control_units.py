@@ -15,7 +15,7 @@ from rbit.control.client import exit_code, seen_lately
 from rbit.control.commands import Command, CommandError, parse
 from rbit.control.handler import Controller
 from rbit.control.observer import JobObserver
-from rbit.control.state import StateStore
+from rbit.control.state import INSERT_ROWS, StateStore, _usage_json
 from rbit.dispatch import JobStatus
 from rbit.errors import ConfigError
 from rbit.message import Message
@@ -65,6 +65,28 @@ def test_history_is_pruned_per_queue_and_survives_reopening(tmp_path):
     db = sqlite3.connect(tmp_path / "state" / "state.sqlite3")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
+
+
+def test_a_flush_larger_than_one_insert_statement_keeps_every_row_in_order(tmp_path):
+    depth = INSERT_ROWS * 2 + 7
+    store = StateStore(str(tmp_path / "s"), history_depth=depth)  # writer not started
+    for n in range(depth + 3):  # the 3 oldest are pruned in memory already
+        store.record((f"j{n}", "q", "Done", 1, float(n), n + 0.5, 0.5, f"m{n}",
+                      Usage(0.5, 0.25) if n % 2 else None))
+    store.flush()
+    rows = store.history("q", depth + 10)
+    assert [row["job_id"] for row in rows] == [f"j{n}" for n in range(depth + 2, 2, -1)]
+    assert rows[0]["usage"] == {"wall_s": 0.5, "cpu_s": 0.25, "max_rss_kib": None}
+    assert rows[1]["usage"] is None
+    assert rows[1]["message"] == f"m{depth + 1}"
+    store.close()
+
+
+@pytest.mark.parametrize("usage", [
+    Usage(0.0, 0.0), Usage(1.5, 0.25), Usage(1e-7, 3.0000004, 1234),
+    Usage(12345678.123456789, 1e-6, 0), Usage(float("inf"), 1.0), Usage(2.5, float("nan"), 7)])
+def test_a_rows_usage_is_the_text_json_would_write(usage):
+    assert _usage_json(usage) == json.dumps(usage.to_dict())
 
 
 def test_recording_only_appends_in_memory(tmp_path):
