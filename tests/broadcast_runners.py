@@ -26,4 +26,4 @@ def failing(message, set_status, settings):
 def slow(message, set_status, settings):
     """Mark the start, then run well past any test's timeout."""
     Path(settings["outdir"], f"started-{settings['tag']}").touch()
-    time.sleep(120)
+    time.sleep(120)  # the job's work: longer than any test waits

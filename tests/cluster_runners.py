@@ -14,7 +14,7 @@ def record_job(message, set_status, settings):
     """Sleeps ``sleep`` seconds, then records the run in ``outdir/<job id>``."""
     seconds = float(settings.get("sleep", 0))
     if seconds:
-        time.sleep(seconds)
+        time.sleep(seconds)  # the job's work
     line = f"{settings['worker']}\t{time.time():.3f}\n"
     path = os.path.join(settings["outdir"], message.job_id)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -18,6 +18,6 @@ def work(message, set_status, settings):
     if order.get("fail") and not (outdir / "fixed").exists():
         raise RuntimeError(order["fail"])
     set_status("Building", "working")
-    time.sleep(float(order.get("sleep", 0)))
+    time.sleep(float(order.get("sleep", 0)))  # the job's work, as long as the order says
     with open(outdir / "runs", "a") as stream:
         stream.write(message.job_id + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 _RAISES = {
@@ -22,11 +23,19 @@ def raise_base(message, set_status, settings) -> None:
 
 
 def late_status(message, set_status, settings) -> None:
-    """Returns at once; a thread it leaves behind reports a status half a second later."""
-    marker = Path(settings["outdir"]) / f"{message.job_id}.late"
+    """Returns at once; a thread it leaves behind reports a status after the job settled.
+
+    The thread waits (30 s at most) for ``<job id>.settled``, which the test creates once
+    it saw the job's final status.
+    """
+    outdir = Path(settings["outdir"])
+    settled = outdir / f"{message.job_id}.settled"
 
     def later() -> None:
+        deadline = time.monotonic() + 30
+        while not settled.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)  # the polling interval of a bounded wait
         set_status("Building", "after the end")
-        marker.write_text("called")
+        (outdir / f"{message.job_id}.late").write_text("called")
 
-    threading.Timer(0.5, later).start()
+    threading.Thread(target=later, daemon=True).start()

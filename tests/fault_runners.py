@@ -34,7 +34,7 @@ def _pause(settings) -> None:
         return
     seconds = float(settings.get("sleep", 0))
     if seconds:
-        time.sleep(seconds)
+        time.sleep(seconds)  # the job's work
 
 
 def _wait_for(gate: Path) -> None:
@@ -113,14 +113,14 @@ def kill_worker(message, set_status, settings):
 def sleep_long(message, set_status, settings):
     """Sleeps far beyond any timeout the tests set."""
     _write(settings, "start", message)
-    time.sleep(600)
+    time.sleep(600)  # the job's work: longer than any timeout
 
 
 def slow_when_redelivered(message, set_status, settings):
     """Like :func:`long_job`, but sleeps ``sleep_redelivered`` on a redelivery."""
     _write(settings, "start", message)
     key = "sleep_redelivered" if message.redelivered else "sleep"
-    time.sleep(float(settings[key]))
+    time.sleep(float(settings[key]))  # the job's work
     _write(settings, "end", message)
 
 

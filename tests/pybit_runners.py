@@ -28,7 +28,7 @@ def ignore_term(message, set_status, settings):
     _record(settings, message, "started")
     deadline = time.monotonic() + BOUND
     while time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.05)  # a child that runs on until killed (bounded)
     _record(settings, message, "gave-up")
 
 

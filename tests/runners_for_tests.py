@@ -75,10 +75,11 @@ def fields(message, set_status, settings):
 
 def sleep_forever(message, set_status, settings):
     """Starts a grandchild that also sleeps, writes both pids, then sleeps."""
+    # The grandchild's sleep is its work: it lives until it is killed.
     grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     Path(settings["pid_file"]).write_text(f"{os.getpid()} {grandchild.pid}")
     set_status("Building", "sleeping")
-    time.sleep(3600)
+    time.sleep(3600)  # the job's work: until it is killed
 
 
 def die(message, set_status, settings):

@@ -10,7 +10,7 @@ def ignore_sigterm(message, set_status, settings):
     """Ignores SIGTERM, says so in ``pid_file``, then sleeps."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     Path(settings["pid_file"]).write_text(str(os.getpid()))
-    time.sleep(3600)
+    time.sleep(3600)  # the job's work: until it is killed
 
 
 def kill_self(message, set_status, settings):

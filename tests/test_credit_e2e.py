@@ -39,7 +39,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float = WAIT, every: float
         value = predicate()
         if value:
             return value
-        time.sleep(every)
+        time.sleep(every)  # the polling interval of a bounded wait
     raise AssertionError(f"condition not met within {timeout} s: {predicate}")
 
 

@@ -45,7 +45,7 @@ def wait_for(condition: Callable[[], object], timeout: float = WAIT) -> object:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {condition}")
-        time.sleep(0.05)
+        time.sleep(0.05)  # the polling interval of a bounded wait
 
 
 @pytest.fixture

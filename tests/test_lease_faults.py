@@ -116,7 +116,7 @@ def _stays(predicate, seconds: float, *, until: bool = False) -> bool:
     while time.monotonic() < deadline:
         if bool(predicate()) is until:
             return until
-        time.sleep(0.05)
+        time.sleep(0.05)  # polling over a span that is the point (bounded)
     return bool(predicate())
 
 

@@ -189,8 +189,13 @@ def test_job_cancelled_on_the_front_end_never_runs(tmp_path, rabbit, vhost, amqp
 
 
 def test_cancel_for_another_clients_job_changes_nothing(tmp_path, rabbit, vhost, amqp,
-                                                        http_server, front_end):
-    path = config(tmp_path, rabbit, vhost, http_server, "sleep 1")
+                                                        http_server, front_end, caplog):
+    caplog.set_level(logging.INFO, logger="rbit.pybit")
+    gate = tmp_path / "gate"
+    # Runs until the test opens the gate (30 s at most): the cancels come while it runs.
+    command = (f"sh -c 'n=0; while [ ! -e {gate} ] && [ $n -lt 1500 ]; "
+               "do sleep 0.02; n=$((n+1)); done'")
+    path = config(tmp_path, rabbit, vhost, http_server, command)
     with running_worker(path):
         amqp.publish(build_request(45, web_host(http_server)))
         wait_until(lambda: "Building" in front_end.statuses("45"), what="job 45 running")
@@ -200,6 +205,10 @@ def test_cancel_for_another_clients_job_changes_nothing(tmp_path, rabbit, vhost,
         amqp.channel.queue_bind("other-box", "pybit", "other-box")
         amqp.publish(cancel_request(45, web_host(http_server)), routing_key="other-box")
         amqp.publish(cancel_request(99, web_host(http_server)), routing_key=NAME)
+        wait_until(lambda: "job 99: cancel requested, but this worker does not hold"
+                   in caplog.text, what="the cancel for job 99 to be read")
+        assert front_end.statuses("45") == ["Building"]  # still running
+        gate.touch()
         wait_until(lambda: "Done" in front_end.statuses("45"), what="job 45 Done")
     assert front_end.statuses("45") == ["Building", "Done"]
     assert front_end.statuses("99") == []

@@ -282,7 +282,7 @@ def _wait_for(condition, timeout: float) -> bool:
     while time.monotonic() < deadline:
         if condition():
             return True
-        time.sleep(0.05)
+        time.sleep(0.05)  # the polling interval of a bounded wait
     return condition()
 
 

@@ -77,7 +77,7 @@ def wait_until(condition, timeout: float = 10.0) -> bool:
     while time.monotonic() < deadline:
         if condition():
             return True
-        time.sleep(0.02)
+        time.sleep(0.02)  # the polling interval of a bounded wait
     return condition()
 
 

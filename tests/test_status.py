@@ -56,7 +56,7 @@ class FakeSleep:
         with self._lock:
             self.delays.append(delay)
         assert self.gate.wait(10), "test never opened the gate"
-        time.sleep(0.002)
+        time.sleep(0.002)  # a pause's length, so that retries do not spin
 
     @property
     def count(self) -> int:

@@ -113,7 +113,7 @@ def test_processes_left_behind_are_killed_when_the_leader_exits(tmp_path: Path) 
     left = int(pid_file.read_text())
     deadline = time.monotonic() + 5
     while not process_gone(left) and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.02)  # the polling interval of a bounded wait
     assert process_gone(left)
 
 

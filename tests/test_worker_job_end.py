@@ -46,6 +46,7 @@ def test_status_set_after_the_job_was_settled_is_not_published(
     with running_worker(_config(tmp_path, rabbit, vhost, out, "late_status")):
         amqp.publish(b"{}", exchange="", routing_key=QUEUE, message_id="early")
         watcher.wait_for("early", "Done")
+        (out / "early.settled").touch()  # the runner's thread reports only now
         wait_until((out / "early.late").exists, 10, "the late set_status call")
         # A later job's Done is reported after the late call: once it is seen, the late
         # status would have been seen too.

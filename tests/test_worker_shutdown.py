@@ -42,6 +42,12 @@ def _run_long_shell_job(tmp_path, rabbit, vhost, amqp, out, processes, grace):
     return worker, tuple(int(pid) for pid in pids)
 
 
+def _wait_for_grace(worker: WorkerProcess) -> None:
+    """Wait until the worker, stopping, waits for its running jobs (the grace period)."""
+    wait_until(lambda: "stopping: no new jobs" in worker.output, 30,
+               "the worker to begin its grace period")
+
+
 def _wait_for_queue(rabbit, vhost, proc):
     def declared():
         assert proc.proc.poll() is None, f"the worker exited early:\n{proc.output}"
@@ -88,8 +94,10 @@ def test_second_signal_stops_a_long_job_and_leaves_it_for_redelivery(
         tmp_path, rabbit, vhost, amqp, out, processes, grace=30)
 
     worker.signal(signal.SIGTERM)
-    time.sleep(0.5)  # two separate signals; the grace period is 30 s, not this
+    _wait_for_grace(worker)  # two separate signals: the first one was taken in
     assert worker.proc.poll() is None, "the worker must wait for the job after SIGTERM"
+    assert pid_alive(child), "the job must run on in the grace period"
+    assert pid_alive(grandchild)
     started = time.monotonic()
     worker.signal(signal.SIGINT)
     code = worker.wait(timeout=15)
@@ -118,7 +126,7 @@ def test_second_signal_does_not_wait_for_a_job_running_in_a_worker_thread(
     wait_until(lambda: (out / "started").exists(), 10, "the job to start")
 
     worker.signal(signal.SIGTERM)
-    time.sleep(0.5)  # two separate signals; the grace period is 30 s, not this
+    _wait_for_grace(worker)  # two separate signals: the first one was taken in
     started = time.monotonic()
     worker.signal(signal.SIGTERM)
     code = worker.wait(timeout=20)
@@ -205,7 +213,7 @@ def test_poll_mode_worker_with_poll_time_option_runs_jobs_and_stops_cleanly(
     amqp.publish_jobs(["p1", "p2", "p3"], exchange="", routing_key=QUEUE)
     # polling_time = 600 in the file: only --poll-time makes the next pass come soon.
     wait_until(lambda: (out / "runs").exists()
-               and len((out / "runs").read_text().split()) == 3, 15, "three jobs")
+               and len((out / "runs").read_text().split()) == 3, 60, "three jobs")
     worker.signal(signal.SIGTERM)
     assert worker.wait(timeout=15) == 0, worker.output
     assert rabbit.list_queues(vhost)[QUEUE] == (0, 0)

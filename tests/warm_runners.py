@@ -28,9 +28,9 @@ def job(message, set_status, settings):
     with open(settings["record"], "a") as record:
         record.write(json.dumps(line) + "\n")
     if action == "hang":
-        time.sleep(3600)
+        time.sleep(3600)  # a job that hangs until it is killed
     elif action == "sleep":
-        time.sleep(float(request["seconds"]))
+        time.sleep(float(request["seconds"]))  # the job's work
         with open(settings["record"], "a") as record:
             record.write(json.dumps({"job": message.job_id, "finished": True}) + "\n")
     elif action == "grow":

@@ -208,14 +208,15 @@ def consumer_prefetch(rabbit: Any, vhost: str, queue: str) -> list[int]:
 class WorkerProcess:
     """``python -m rbit CONFIG`` as a real process, in a session of its own."""
 
-    def __init__(self, config: Path, *args: str) -> None:
+    def __init__(self, config: Path, *args: str, module: str = "rbit") -> None:
+        """Start ``python -m MODULE CONFIG ARGS`` (``module``: rbit, or a test's wrapper)."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(ROOT_DIR), str(TESTS_DIR), env.get("PYTHONPATH", "")])
         self.log_path = config.with_suffix(".log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()/kill()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rbit", str(config), *args],
+            [sys.executable, "-m", module, str(config), *args],
             cwd=str(ROOT_DIR), env=env, stdin=subprocess.DEVNULL,
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )

@@ -47,13 +47,13 @@ def record_pybit(message, set_status, settings):
 def count_and_sleep(message, set_status, settings):
     """Counts its runs in ``runs``, then sleeps ``seconds``."""
     _append(settings, "runs", message.job_id)
-    time.sleep(float(settings["seconds"]))
+    time.sleep(float(settings["seconds"]))  # the job's work
 
 
 def record_times(message, set_status, settings):
     """Sleeps ``seconds`` and records when it started and ended."""
     start = time.time()
-    time.sleep(float(settings["seconds"]))
+    time.sleep(float(settings["seconds"]))  # the job's work
     _write(settings, f"{message.job_id}.times", {"start": start, "end": time.time()})
 
 
@@ -65,7 +65,7 @@ def wait_for_release(message, set_status, settings):
     while not release.exists():
         if time.monotonic() > deadline:
             raise TimeoutError("the test never released the job")
-        time.sleep(0.02)
+        time.sleep(0.02)  # the polling interval of a bounded wait
     _write(settings, f"{message.job_id}.done", {})
 
 
@@ -95,7 +95,7 @@ def blocked_once(message, set_status, settings):
 def sleep_then_finish(message, set_status, settings):
     """Marks itself started, sleeps ``seconds``, then writes ``finished``."""
     _append(settings, "started", message.job_id)
-    time.sleep(float(settings["seconds"]))
+    time.sleep(float(settings["seconds"]))  # the job's work
     _write(settings, f"{message.job_id}.finished", "finished")
 
 

@@ -37,7 +37,7 @@ def main() -> None:
         file.write(os.environ["RBIT_BODY_FILE"] + "\n")
     with open(pids_file, "a") as file:
         file.write(f"{os.getpid()} {grandchild.pid}\n")
-    time.sleep(seconds)
+    time.sleep(seconds)  # the job's work
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ def helper(pidfile: str) -> None:
     zombie = os.fork()
     if zombie == 0:
         os._exit(0)
-    while not is_zombie(zombie):
-        time.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while not is_zombie(zombie) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the polling interval of a bounded wait
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -32,7 +33,7 @@ def helper(pidfile: str) -> None:
     with open(pidfile + ".tmp", "w") as file:
         file.write(f"{os.getpid()} {zombie}\n")
     os.replace(pidfile + ".tmp", pidfile)
-    time.sleep(60)
+    time.sleep(60)  # the helper's life: it outlives the job, left behind in its session
     os._exit(0)
 
 
@@ -42,7 +43,7 @@ def main() -> int:
         helper(pidfile)
     deadline = time.monotonic() + 10
     while not os.path.exists(pidfile) and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.01)  # the polling interval of a bounded wait
     return 0
 
 
