@@ -68,6 +68,7 @@ def test_sections_parse_to_targets_bodies_headers_and_triggers(tmp_path):
                               "cron = 0  3 * * *\ntimezone = Europe/Berlin\ncatch_up = all\n")
     (schedule,) = settings.schedules
     assert (schedule.exchange, schedule.routing_key) == ("pybit", "nightly")
+    assert schedule.runner_queue  # time fires go straight to the queue (fire.publish_fire)
     assert schedule.body == b'{"a": 1}'
     assert schedule.headers == {"kind": "nightly"}
     assert isinstance(schedule.trigger, Cron)
@@ -76,6 +77,7 @@ def test_sections_parse_to_targets_bodies_headers_and_triggers(tmp_path):
     other = load(tmp_path, "exchange = jobs\nrouting_key = a.b\nevery = 1.5h\nfirst = 2m\n")
     (schedule,) = other.schedules
     assert (schedule.exchange, schedule.routing_key, schedule.queue) == ("jobs", "a.b", None)
+    assert not schedule.runner_queue
     assert schedule.trigger == Every(5400.0, "1.5h")
     assert any("'first'" in line for line in other.warnings)  # not a key of every
 

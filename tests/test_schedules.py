@@ -199,7 +199,13 @@ class FakeClock:
 
 
 def scheduler_settings(tmp_path: Path, url: str, schedule: str, rbit: str = "",
-                       exchange: str = ""):
+                       exchange: str | None = ""):
+    """A config with schedule ``nightly`` for queue ``nightly``: through ``exchange``, or
+    (None) as a runner section's queue, named by ``queue =`` alone."""
+    target = (f"exchange = {exchange}\nrouting_key = nightly" if exchange is not None
+              else "queue = nightly")
+    runner = ("" if exchange is not None
+              else "[runner:nightly]\nrunner = python!worker_runners:succeed\n")
     path = tmp_path / "scheduler.ini"
     path.write_text(f"""
 [rbit]
@@ -210,9 +216,9 @@ name = in-process
 url = {url}
 connect_timeout = 2
 
+{runner}
 [schedule:nightly]
-exchange = {exchange}
-routing_key = nightly
+{target}
 body = build
 {schedule}
 """)
@@ -335,6 +341,8 @@ class Crash:
     # publish) tells the next leader it was published; it is not published again.
     ("put_state", "", 1, "classic"),
     ("put_state", "", 1, "quorum"),
+    # A runner section's queue (queue = alone): published straight to it, with a copy.
+    ("put_state", None, 1, "quorum"),
     # A fire to a named exchange leaves no copy: the next leader publishes it again,
     # with the same id (a duplicate message, never a lost fire).
     ("put_state", "jobs", 2, "classic"),

@@ -6,13 +6,18 @@ fire always has the same id whichever worker publishes it. It is persistent, man
 and confirmed (:meth:`rbit.client.Client.publish`), and signed when ``[security]
 signing_key`` is set: an ordinary job, with retries, dead letters, statuses and history.
 
-A fire routed by the default exchange (``queue =``, or ``exchange =`` left empty) also
-leaves a copy in its schedule's state queue, in the same publish (RabbitMQ's ``BCC``
-header): the fire and the record that it happened reach the broker together, so a
-leader that dies before writing its token leaves the next one that record, and the
-fire is not published again (:mod:`rbit.schedule.scheduler`). The copy makes the
-publish routable while the state queue exists, so a target queue deleted under a
-running fleet is not reported as unroutable for those fires.
+A time fire for a runner section's queue (``queue =`` alone) is published straight to
+that queue through the default exchange -- the way rbit's own retries come back to it
+-- rather than through ``[rbit] exchange`` and the runner's routing key (which reach
+the same queue); one for ``exchange =`` left empty goes through the default exchange
+too. Either leaves a copy in its schedule's state queue in the same publish
+(RabbitMQ's ``BCC`` header, removed by the broker before delivery): the fire and the
+record that it happened reach the broker together, so a leader that dies before
+writing its token leaves the next one that record, and the fire is not published
+again (:mod:`rbit.schedule.scheduler`). The copy makes the publish routable while the
+state queue exists, so a target queue deleted under a running fleet is not reported
+as unroutable for those fires. A fire to a named exchange leaves no copy: one routed
+there by the state queue's name could reach any queue bound with ``#``.
 """
 
 from __future__ import annotations
@@ -83,9 +88,12 @@ def publish_fire(client: Client, schedule: ScheduleSettings, fire: Fire,
     headers = dict(schedule.headers)
     headers[SCHEDULE_HEADER] = schedule.name
     headers[FIRE_TIME_HEADER] = iso_utc(fire.at)
-    client.publish(schedule.exchange, schedule.routing_key, schedule.body,
-                   job_id=fire.job_id, headers=headers, content_type=schedule.content_type,
-                   also_to=None if schedule.exchange else record_in)
+    exchange, route = schedule.exchange, schedule.routing_key
+    if schedule.runner_queue:
+        exchange, route = "", schedule.queue
+    client.publish(exchange, route, schedule.body, job_id=fire.job_id, headers=headers,
+                   content_type=schedule.content_type,
+                   also_to=None if exchange else record_in)
 
 
 def fire_time_of(schedule: str, headers: dict[str, Any] | None) -> datetime | None:

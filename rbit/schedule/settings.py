@@ -55,6 +55,9 @@ class ScheduleSettings:
         exchange: Where fires are published ("" is the default exchange).
         routing_key: Their routing key.
         queue: The target queue as written (None when only a routing key was given).
+        runner_queue: ``queue`` is a runner section's queue of this file, named without
+            ``exchange`` or ``routing_key``: time fires go straight to it
+            (:func:`rbit.schedule.fire.publish_fire`).
         body: What every fire carries.
         headers: Application headers of every fire.
         content_type: The AMQP content type of fires, if set.
@@ -73,6 +76,7 @@ class ScheduleSettings:
     kind: str
     catch_up: str = "once"
     headers: Mapping[str, str] = field(default_factory=dict)
+    runner_queue: bool = False
     content_type: str | None = None
 
     @property
@@ -176,6 +180,8 @@ def parse_schedule(section: Any, runners: Sequence[RunnerSettings],
         body=_body(section), trigger=trigger, kind=kind,
         catch_up=section.choice("catch_up", "once", CATCH_UP),
         headers=_headers(section), content_type=section.text("content_type"),
+        runner_queue=queue is not None and not (section.has("exchange")
+                                                or section.has("routing_key")),
     )
 
 
