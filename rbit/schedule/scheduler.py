@@ -10,8 +10,9 @@ receives the token is the leader. It holds the token unacked. Each write goes:
 3. ack the old token(s) and the requests folded in.
 
 Crash windows: a leader that dies before 1 completes loses nothing (the next leader
-sees the old token and fires, late, per ``catch_up``). A fire routed by the default
-exchange leaves a copy in the state queue in the same publish
+sees the old token and fires, late, per ``catch_up``). A fire for a runner section's
+queue, or one with ``exchange =`` left empty, goes through the default exchange and
+leaves a copy in the state queue in the same publish
 (:func:`rbit.schedule.fire.publish_fire`): a leader that dies between 1 and 2 leaves the
 old token and those copies, and the next leader takes the copies as fired
 (:func:`rbit.schedule.leader.apply_fired`) and publishes nothing again. Fires to a named
