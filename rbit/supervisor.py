@@ -50,7 +50,8 @@ CANCELLED = "cancelled"
 TIMED_OUT = "timed out"
 CANCEL_REASON = "cancelled: the worker is stopping"
 
-_READ_SIZE = 65536
+#: Bytes one read of a watched pipe takes at most (the warm child's reply wait too).
+READ_SIZE = 65536
 _DRAIN_TIMEOUT = 2.0  # how long pipes may stay open once the process group is gone
 _REAP_TIMEOUT = 10.0  # how long a SIGKILLed process may take to be reaped
 _GROUP_POLL = 0.05  # nothing signals the end of group members that are not our children
@@ -253,7 +254,7 @@ class Supervisor:
         self.stop(why)
 
     def _on_stream(self, fd: int, feed: Feed) -> None:
-        chunk = os.read(fd, _READ_SIZE)
+        chunk = os.read(fd, READ_SIZE)
         feed(chunk)
         if chunk:
             return

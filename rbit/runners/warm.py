@@ -63,6 +63,7 @@ from rbit.message import Message
 from rbit.outcome import Outcome, Status
 from rbit.supervisor import (
     CANCELLED,
+    READ_SIZE,
     StopSignal,
     Supervisor,
     close_fds,
@@ -90,7 +91,6 @@ _REAP_WAIT = 15.0  # beyond the grace: SIGKILL, then reaping (rbit.supervisor)
 SetStatus = Callable[..., None]
 
 _monotonic = time.monotonic
-_READ_SIZE = 65536  # as the loop's stream reader (rbit.supervisor) reads
 _EXITED_NOHANG = os.WEXITED | os.WNOHANG | os.WNOWAIT
 
 # The protocol's codecs, for both sides of the pipes (rbit.runners.child too). Built
@@ -402,7 +402,7 @@ class WarmChild(Supervisor):
             ready = poll(timeout)
             if len(ready) != 1 or ready[0][0] != replies:
                 return False
-            chunk = os.read(replies, _READ_SIZE)
+            chunk = os.read(replies, READ_SIZE)
             if not chunk:  # EOF stays readable: the loop's stream reader ends it
                 return False
             try:
