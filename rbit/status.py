@@ -237,8 +237,8 @@ def _template() -> dict:
     return _TEMPLATE
 
 
-_TEMPLATE_FLAGS = _logging_flags()
-_TEMPLATE = _made_by_logging(_INFO, ()).__dict__.copy()
+_TEMPLATE_FLAGS: tuple[bool, bool, bool] | None = None  # made by the first record
+_TEMPLATE: dict = {}
 _LEVEL_NAMES = {_INFO: logging.getLevelName(_INFO), _DEBUG: logging.getLevelName(_DEBUG)}
 
 
