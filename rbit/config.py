@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -464,6 +463,7 @@ def _unknown_sections(path: str, names: Sequence[str]) -> list[str]:
 
 
 def _suggestion(word: str, candidates: Sequence[str]) -> str:
+    import difflib  # only for a name rbit does not know
     close = difflib.get_close_matches(word, candidates, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -1041,6 +1041,7 @@ def _runner_options(section: _Section, warnings: list[str]) -> RunnerOptions:
         options[key] = section.raw(key) or ""
         if key in _RUNNER_SETTINGS_READ:
             continue
+        import difflib  # only for a key rbit does not read
         close = difflib.get_close_matches(key, _TYPO_CANDIDATES, n=1, cutoff=_TYPO_CUTOFF)
         if close:
             warnings.append(

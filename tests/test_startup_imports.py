@@ -24,7 +24,7 @@ OPTIONAL = (
     "http.server", "http.client", "email", "rbit.observe.http", "rbit.observe.metrics",
     "prometheus_client", "cronsim", "zoneinfo", "ctypes", "rbit.schedule.settings",
     "rbit.schedule.watch", "rbit.schedule.inotify", "rbit.schedule.fired",
-    "rbit.schedule.listen", "rbit.security", "cryptography", "rbit.client",
+    "rbit.schedule.listen", "rbit.security", "cryptography", "rbit.client", "rbit.runners.shell",
 )
 
 PROBE = """
