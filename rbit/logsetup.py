@@ -93,8 +93,8 @@ def emit_default(logger: logging.Logger, level: int, msg: str, args: tuple,
     line = handler.formatter.line(created, msecs, logging.getLevelName(level), logger.name,
                                   msg % args)
     with handler.lock:
-        handler._last = None  # noqa: SLF001 - the handler's own module
-        handler._buffer(line, level)  # noqa: SLF001
+        handler._last = None  # a failed write reports a record made of the line
+        handler._buffer(line, level)
     return True
 
 
