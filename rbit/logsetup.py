@@ -18,11 +18,13 @@ standard record factory and logger class. The line is the formatter's own, byte 
 byte (:meth:`LineFormatter.line` shares the date code of ``format``); it goes into the
 same buffer, under the same lock, so lines keep their order whichever way each came,
 and a WARNING, a full buffer, ``flush`` and ``close`` write it as they write the rest.
-Anything else -- an operator's logging sections, ``dictConfig`` at run time, a level
-set on a logger, ``--debug``, a filter, another formatter or handler, a record factory
--- fails the check, and the record takes logging's normal path. The check reads the
-current state each time rather than a cached verdict: logging has no change counter,
-and its handler and filter lists may be changed in place.
+Levels decide as they do in logging (the caller asks ``isEnabledFor``, which follows
+``setLevel``, ``rbit ctl loglevel`` and ``logging.disable``; the handler's level is
+compared here). Anything else -- an operator's logging sections, ``dictConfig`` at run
+time (``POST /logconfig``), ``--debug``, a filter, another formatter or handler, a record
+factory, a logger class -- fails the check, and the record takes logging's normal path.
+The check reads the current state each time rather than keeping a verdict: logging has
+no change counter, and its handler and filter lists may be changed in place.
 """
 
 from __future__ import annotations
