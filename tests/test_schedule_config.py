@@ -176,3 +176,20 @@ def test_fire_times_reached_late_by_the_same_leader_all_fire_whatever_catch_up()
     fires, _ = leader.plan(schedule, state, t("2026-01-01T00:05:00"),
                            leading_since=t("2026-01-01T00:00:05"))
     assert ids(fires) == ["s@2026-01-01T00:05:00Z"]
+
+
+def test_a_copy_made_under_an_older_token_does_not_pass_for_its_fire():
+    schedule = every(2, "all")
+    state = leader.State(5, t("2026-01-01T00:00:00"), last=t("2026-01-01T00:00:10"))
+    # A leader died between a fire's confirm and its token: the copy (made under this
+    # token, or by a worker that tags none) records the fire.
+    for token in (5, None):
+        after = leader.apply_fired(schedule, state, t("2026-01-01T00:00:12"), token)
+        assert after.last == t("2026-01-01T00:00:12")
+        assert leader.plan(schedule, after, t("2026-01-01T00:00:12.5"))[0] == []
+    # The broker refused the fire made under token 4 and its leader wrote token 5
+    # without it: its copy may have landed without the fire; that time fires again.
+    after = leader.apply_fired(schedule, state, t("2026-01-01T00:00:12"), 4)
+    assert after == state
+    assert ids(leader.plan(schedule, after, t("2026-01-01T00:00:12.5"))[0]) == [
+        "s@2026-01-01T00:00:12Z"]

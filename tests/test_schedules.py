@@ -375,3 +375,49 @@ def test_a_leader_dying_mid_write_hands_over_without_losing_a_fire(
             clock.set("2026-01-01T02:00:00Z")
             assert [job_id for job_id, _ in wait_fires(target, 1)] == [
                 "nightly@2026-01-01T02:00:00Z"]
+
+
+class Refusals:
+    """Sessions that tell when the broker refused a fire (nacked its publish)."""
+
+    def __init__(self) -> None:
+        self.refused = threading.Event()
+
+    def session(self, settings):
+        refusals = self
+
+        class Watched(StateSession):
+            def publish_job(self, *args, **kwargs) -> None:
+                try:
+                    super().publish_job(*args, **kwargs)
+                except BrokerError:
+                    refusals.refused.set()
+                    raise
+
+        return lambda: Watched(settings.amqp, "watched scheduler")
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_a_fire_its_queue_refused_is_fired_again_though_its_copy_reached_the_state_queue(
+        tmp_path, rabbit, vhost, amqp, queue_type):
+    # The fire's queue is full and rejects publishes while the state queue takes the
+    # fire's copy: the broker nacks the publish, as a cluster's queue still electing its
+    # leader does. The leader gives the token up; the copy must not pass for the fire.
+    amqp.channel.queue_declare("nightly", durable=True, arguments={
+        "x-max-length": 1, "x-overflow": "reject-publish"})
+    amqp.channel.basic_publish("", "nightly", b"filler")
+    settings = scheduler_settings(tmp_path, rabbit.url(vhost), "every = 1h",
+                                  rbit=f"queue_type = {queue_type}")
+    clock = FakeClock("2026-01-01T00:30:00Z")
+    refusals = Refusals()
+    with scheduler(settings, clock, session_factory=refusals.session(settings)) as running:
+        wait_until(lambda: leading(running), 20, "a leader")
+        clock.set("2026-01-01T01:00:00Z")
+        assert refusals.refused.wait(20)
+        _method, _props, body = amqp.get("nightly")
+        assert body == b"filler"  # room for the fire now
+        ((job_id, _),) = wait_fires(amqp, 1)
+        assert job_id == "nightly@2026-01-01T01:00:00Z"
+        wait_until(lambda: running.status()[0]["last_fire"] == "2026-01-01T01:00:00Z", 20,
+                   "the fire recorded")
+        assert taken(amqp) == []  # published once

@@ -14,8 +14,12 @@ too. Either leaves a copy in its schedule's state queue in the same publish
 (RabbitMQ's ``BCC`` header, removed by the broker before delivery): the fire and the
 record that it happened reach the broker together, so a leader that dies before
 writing its token leaves the next one that record, and the fire is not published
-again (:mod:`rbit.schedule.scheduler`). The copy makes the publish routable while the
-state queue exists, so a target queue deleted under a running fleet is not reported
+again (:mod:`rbit.schedule.scheduler`). Such a fire also carries the sequence number of
+the token its leader held (``x-schedule-seq``): each queue takes a publish on its own,
+so a fire the broker refused (or never confirmed) may have left its copy without reaching
+its queue, and the leader then writes a newer token that voids the copies made under the
+old one (:func:`rbit.schedule.leader.apply_fired`). The copy makes the publish routable
+while the state queue exists, so a target queue deleted under a running fleet is not reported
 as unroutable for those fires. A fire to a named exchange leaves no copy: one routed
 there by the state queue's name could reach any queue bound with ``#``.
 """
@@ -33,6 +37,8 @@ if TYPE_CHECKING:
 #: Headers every fire carries besides the schedule's own.
 SCHEDULE_HEADER = "x-schedule"
 FIRE_TIME_HEADER = "x-schedule-fire-time"
+#: On a fire that leaves a copy: the sequence number of the token its leader held.
+SEQ_HEADER = "x-schedule-seq"
 
 
 def iso_utc(moment: datetime) -> str:
@@ -75,11 +81,12 @@ def schedule_of(job_id: str) -> str | None:
 
 
 def publish_fire(client: Client, schedule: ScheduleSettings, fire: Fire,
-                 record_in: str | None = None) -> None:
+                 record_in: str | None = None, token: int = 0) -> None:
     """Publish ``fire`` and wait for the broker's confirm.
 
     ``record_in``: the schedule's state queue, which gets a copy in the same publish
-    when the fire goes through the default exchange.
+    when the fire goes through the default exchange; ``token``: the sequence number of
+    the token held, which the copy carries.
 
     Raises:
         Unroutable: No queue would receive it.
@@ -91,6 +98,8 @@ def publish_fire(client: Client, schedule: ScheduleSettings, fire: Fire,
     exchange, route = schedule.exchange, schedule.routing_key
     if schedule.runner_queue:
         exchange, route = "", schedule.queue
+    if not exchange and record_in is not None:
+        headers[SEQ_HEADER] = token
     client.publish(exchange, route, schedule.body, job_id=fire.job_id, headers=headers,
                    content_type=schedule.content_type,
                    also_to=None if exchange else record_in)
@@ -108,3 +117,17 @@ def fire_time_of(schedule: str, headers: dict[str, Any] | None) -> datetime | No
     if not isinstance(when, str):
         return None
     return parse_iso(when)
+
+
+def token_of(headers: dict[str, Any]) -> int | None:
+    """The token sequence number a fire's copy carries (None: a copy without one).
+
+    Raises:
+        ValueError: It is malformed.
+    """
+    seq = headers.get(SEQ_HEADER)
+    if seq is None:
+        return None
+    if isinstance(seq, bool) or not isinstance(seq, int):
+        raise ValueError(f"malformed {SEQ_HEADER}: {seq!r}")
+    return seq

@@ -141,12 +141,22 @@ def _times(schedule: ScheduleSettings, first: datetime, now: datetime) -> list[d
     return times
 
 
-def apply_fired(schedule: ScheduleSettings, state: State, at: datetime) -> State:
+def apply_fired(schedule: ScheduleSettings, state: State, at: datetime,
+                token: int | None = None) -> State:
     """``state`` once the fire of time ``at`` is known published (its copy was read).
 
     A copy no newer than the state's last fire changes nothing: the token records it.
+    Nor does a copy made under an older token than ``state`` (``token``, its sequence
+    number): the leader that wrote ``state`` recorded every fire of its own that the
+    broker confirmed, and wrote it instead of recording a fire the broker refused, whose
+    copy may have reached the state queue while the fire did not reach its queue (each
+    queue takes a publish on its own). That fire is due again.
     """
     if state.last is not None and at <= state.last:
+        return state
+    if token is not None and token < state.seq:
+        log.info("schedule %s: fire time %s was not confirmed: due again",
+                 schedule.name, iso_utc(at))
         return state
     next_at = state.next_at
     if isinstance(schedule.trigger, NextJob) and next_at is not None and next_at <= at:

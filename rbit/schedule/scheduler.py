@@ -33,6 +33,8 @@ within :data:`PASS_SECONDS`.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -43,7 +45,14 @@ from typing import TYPE_CHECKING, Any
 
 from rbit.errors import BrokerError, Unroutable
 from rbit.schedule import leader, nextrun
-from rbit.schedule.fire import fire_time_of, iso_utc, parse_iso, publish_fire, schedule_of
+from rbit.schedule.fire import (
+    fire_time_of,
+    iso_utc,
+    parse_iso,
+    publish_fire,
+    schedule_of,
+    token_of,
+)
 
 if TYPE_CHECKING:
     from rbit.config import Settings
@@ -105,7 +114,8 @@ class Seat:
         self.leader = False
         self.tokens: dict[int, leader.State] = {}
         self.requests: list[tuple[int, str, datetime]] = []
-        self.fired: list[tuple[int, datetime]] = []  # copies of fires (fire.publish_fire)
+        # copies of fires (fire.publish_fire): tag, fire time, token sequence number
+        self.fired: list[tuple[int, datetime, int | None]] = []
         self.junk: list[int] = []
         self.state: leader.State | None = None
         self.held_since = time.monotonic()
@@ -119,7 +129,7 @@ class Seat:
         try:
             at = fire_time_of(self.schedule.name, headers)
             if at is not None:
-                self.fired.append((tag, at))
+                self.fired.append((tag, at, token_of(headers)))
                 return
             data = json.loads(body)
             if data.get("kind") == "next":
@@ -291,13 +301,14 @@ class Scheduler:
             seat.junk.clear()
             return
         state = best
-        for _tag, at in seat.fired:
-            state = leader.apply_fired(seat.schedule, state, at)
+        for _tag, at, token in seat.fired:
+            state = leader.apply_fired(seat.schedule, state, at, token)
         recorded = state == best  # every copy read is of a fire the token records
         for _tag, job_id, at in seat.requests:
             state = leader.apply_next(seat.schedule, state, job_id, at)
         if seat.leading_since is None:
             seat.leading_since = now
+        before = state
         fires, state = leader.plan(seat.schedule, state, now, seat.leading_since)
         seat.state = state
         refresh = time.monotonic() - seat.held_since > self._refresh
@@ -307,8 +318,26 @@ class Scheduler:
             return
         if self._stale(seat):
             return  # tokens were still on their way: decide again with all of them
-        for fire in fires:
-            self._fire(seat, fire)
+        done = before
+        try:
+            for fire in fires:
+                self._fire(seat, fire, best.seq)
+                done = dataclasses.replace(before, last=fire.at, next_at=state.next_at)
+        except BrokerError:
+            # Refused (or not confirmed): each queue takes a publish on its own, so the
+            # fire's copy may be in the state queue while the fire is not in its queue
+            # (one of a cluster's queues still electing its leader nacks). A newer token
+            # recording only the confirmed fires voids that copy (leader.apply_fired):
+            # the next leader fires that time again. Then the token is handed over (on a
+            # broken connection this write fails too, and the error that counts is the
+            # fire's).
+            with contextlib.suppress(BrokerError):
+                self._write(seat, best, done)
+            raise
+        self._write(seat, best, state)
+
+    def _write(self, seat: Seat, best: leader.State, state: leader.State) -> None:
+        """Publish ``state`` as the token after ``best``, then ack what it replaces."""
         written = leader.State(best.seq + 1, state.created, state.last, state.next_at,
                                self._name)
         self._session.put_state(seat.queue, written.encode())
@@ -327,10 +356,10 @@ class Scheduler:
             return held() != before
         return True
 
-    def _fire(self, seat: Seat, fire: Any) -> None:
+    def _fire(self, seat: Seat, fire: Any, token: int) -> None:
         schedule = seat.schedule
         try:
-            publish_fire(self._client, schedule, fire, record_in=seat.queue)
+            publish_fire(self._client, schedule, fire, record_in=seat.queue, token=token)
             log.info("schedule %s: fired job %s", schedule.name, fire.job_id)
         except Unroutable as exc:
             # Recorded as fired: retrying a route that takes nothing would block the
@@ -348,6 +377,6 @@ class Scheduler:
 
     def _ack_fired(self, seat: Seat) -> None:
         """Ack the copies of fires read: the token held or written records them."""
-        for tag, _at in seat.fired:
+        for tag, _at, _token in seat.fired:
             self._session.ack(tag)
         seat.fired.clear()
