@@ -15,8 +15,13 @@ queue, or one with ``exchange =`` left empty, goes through the default exchange 
 leaves a copy in the state queue in the same publish
 (:func:`rbit.schedule.fire.publish_fire`): a leader that dies between 1 and 2 leaves the
 old token and those copies, and the next leader takes the copies as fired
-(:func:`rbit.schedule.leader.apply_fired`) and publishes nothing again. Fires to a named
-exchange leave no copy: for them the next leader publishes the fires of that one pass
+(:func:`rbit.schedule.leader.apply_fired`) and publishes nothing again. Each queue takes
+a publish on its own, though: a fire the broker refused (a nack, e.g. from a cluster's
+queue still electing its leader) may have left its copy without reaching its queue. Its
+leader then writes a token (sequence number + 1) that records only the fires confirmed
+before it gives the token up; copies carry the sequence number of the token held when
+they were made, and the next leader takes one made under an older token than its own
+as void and fires that time again. Fires to a named exchange leave no copy: for them the next leader publishes the fires of that one pass
 again, with the same job ids (a duplicate message, never a lost fire). One that dies
 between 2 and 3 leaves two tokens: the next leader keeps the newer
 (:func:`rbit.schedule.leader.newest`) and fires nothing twice. Before any write the
