@@ -21,10 +21,11 @@ queue still electing its leader) may have left its copy without reaching its que
 leader then writes a token (sequence number + 1) that records only the fires confirmed
 before it gives the token up; copies carry the sequence number of the token held when
 they were made, and the next leader takes one made under an older token than its own
-as void and fires that time again. Fires to a named exchange leave no copy: for them the next leader publishes the fires of that one pass
-again, with the same job ids (a duplicate message, never a lost fire). One that dies
-between 2 and 3 leaves two tokens: the next leader keeps the newer
-(:func:`rbit.schedule.leader.newest`) and fires nothing twice. Before any write the
+as void and fires that time again. Fires to a named exchange leave no copy: for them
+the next leader publishes the fires of that one pass again, with the same job ids (a
+duplicate message, never a lost fire). One that dies between 2 and 3 leaves two
+tokens: the next leader keeps the newer (:func:`rbit.schedule.leader.newest`) and
+fires nothing twice. Before any write the
 leader checks that nothing is left undelivered in the state queue (a passive declare),
 so that it acts on the newest token and on every copy.
 
@@ -323,23 +324,29 @@ class Scheduler:
             return
         if self._stale(seat):
             return  # tokens were still on their way: decide again with all of them
+        self._fire_all(seat, best, fires, before, state)
+        self._write(seat, best, state)
+
+    def _fire_all(self, seat: Seat, best: leader.State, fires: list[Any],
+                  before: leader.State, after: leader.State) -> None:
+        """Publish ``fires`` (``before`` -> ``after``); on a failure, write what was sent.
+
+        Each queue takes a publish on its own: a fire the broker refused (one of a
+        cluster's queues still electing its leader nacks) may have left its copy in the
+        state queue without reaching its own queue. A newer token recording only the
+        confirmed fires voids that copy (:func:`leader.apply_fired`), so the next leader
+        fires that time again; then the error hands the token over. On a broken
+        connection that write fails too, and the error that counts is the fire's.
+        """
         done = before
         try:
             for fire in fires:
                 self._fire(seat, fire, best.seq)
-                done = dataclasses.replace(before, last=fire.at, next_at=state.next_at)
+                done = dataclasses.replace(before, last=fire.at, next_at=after.next_at)
         except BrokerError:
-            # Refused (or not confirmed): each queue takes a publish on its own, so the
-            # fire's copy may be in the state queue while the fire is not in its queue
-            # (one of a cluster's queues still electing its leader nacks). A newer token
-            # recording only the confirmed fires voids that copy (leader.apply_fired):
-            # the next leader fires that time again. Then the token is handed over (on a
-            # broken connection this write fails too, and the error that counts is the
-            # fire's).
             with contextlib.suppress(BrokerError):
                 self._write(seat, best, done)
             raise
-        self._write(seat, best, state)
 
     def _write(self, seat: Seat, best: leader.State, state: leader.State) -> None:
         """Publish ``state`` as the token after ``best``, then ack what it replaces."""
