@@ -16,11 +16,11 @@ record that it happened reach the broker together, so a leader that dies before
 writing its token leaves the next one that record, and the fire is not published
 again (:mod:`rbit.schedule.scheduler`). Such a fire also carries the sequence number of
 the token its leader held (``x-schedule-seq``): each queue takes a publish on its own,
-so a fire the broker refused (or never confirmed) may have left its copy without reaching
-its queue, and the leader then writes a newer token that voids the copies made under the
+so a fire the broker refused (nacked) may have left its copy without reaching its
+queue, and its leader then writes a newer token, which voids the copies made under the
 old one (:func:`rbit.schedule.leader.apply_fired`). The copy makes the publish routable
-while the state queue exists, so a target queue deleted under a running fleet is not reported
-as unroutable for those fires. A fire to a named exchange leaves no copy: one routed
+while the state queue exists, so a target queue deleted under a running fleet is not
+reported as unroutable for those fires. A fire to a named exchange leaves no copy: one routed
 there by the state queue's name could reach any queue bound with ``#``.
 """
 
