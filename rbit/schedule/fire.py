@@ -20,8 +20,8 @@ so a fire the broker refused (nacked) may have left its copy without reaching it
 queue, and its leader then writes a newer token, which voids the copies made under the
 old one (:func:`rbit.schedule.leader.apply_fired`). The copy makes the publish routable
 while the state queue exists, so a target queue deleted under a running fleet is not
-reported as unroutable for those fires. A fire to a named exchange leaves no copy: one routed
-there by the state queue's name could reach any queue bound with ``#``.
+reported as unroutable for those fires. A fire to a named exchange leaves no copy: one
+routed there by the state queue's name could reach any queue bound with ``#``.
 """
 
 from __future__ import annotations
