@@ -93,11 +93,47 @@ SetStatus = Callable[..., None]
 _monotonic = time.monotonic
 _EXITED_NOHANG = os.WEXITED | os.WNOHANG | os.WNOWAIT
 
-# The protocol's codecs, for both sides of the pipes (rbit.runners.child too). Built
-# once: json.loads/json.dumps with options build a codec per call, and the loads of
-# bytes guesses their encoding each time (ours are UTF-8).
-decode_json = json.JSONDecoder().decode
-encode_json = json.JSONEncoder(separators=(",", ":")).encode
+# The protocol's codecs, for both sides of the pipes (rbit.runners.child too), built
+# once. json.dumps and JSONEncoder.encode build a C encoder (and a closure) per call,
+# JSONDecoder.decode matches a regex on either side of the document: on a line of
+# ~100 bytes, that is most of the cost, and each job pays it twice on each side.
+_DECODER = json.JSONDecoder()
+_SCAN = _DECODER.scan_once
+_JSON_SPACE = " \t\n\r"  # what the json module skips around a document
+
+
+def decode_json(text: str) -> Any:
+    """The JSON document ``text``, as :func:`json.loads` reads it (same errors too)."""
+    try:
+        value, end = _SCAN(text, 0)
+    except StopIteration:  # not JSON at its start (or leading space): decode() says which
+        return _DECODER.decode(text)
+    if end == len(text) or not text[end:].strip(_JSON_SPACE):
+        return value
+    return _DECODER.decode(text)  # raises "Extra data"
+
+
+def _make_encoder() -> Callable[[Any], str]:
+    """``JSONEncoder(separators=(",", ":")).encode``, with the C encoder built once.
+
+    No circular-reference check (``markers`` None): what crosses the pipes is built
+    as a tree by rbit (a broadcast's result is checked with :func:`json.dumps` first).
+    Where the C accelerator is missing (or differs), the plain encoder.
+    """
+    plain = json.JSONEncoder(separators=(",", ":"))
+    make = getattr(json.encoder, "c_make_encoder", None)
+    try:
+        encoder = make(None, plain.default, json.encoder.encode_basestring_ascii,  # type: ignore[misc]
+                       None, ":", ",", False, False, True)
+        probe = {"a": [1, 2.5, None, True, "\u00e9\n"]}
+        if "".join(encoder(probe, 0)) != plain.encode(probe):
+            return plain.encode
+    except Exception:  # no C accelerator, or another signature
+        return plain.encode
+    return lambda value: "".join(encoder(value, 0))
+
+
+encode_json = _make_encoder()
 
 
 class ChildPool:
