@@ -258,6 +258,21 @@ def test_a_warm_child_killed_while_idle_is_replaced_without_failing_a_job(child_
     assert outcome.kind is Kind.DONE, outcome.reason
 
 
+
+def test_every_warm_child_killed_while_idle_is_replaced_without_failing_a_job(child_path):
+    with _loaded(_settings("fields", timeout=60, concurrency=2)) as runner:
+        runner.start()
+        procs = [child.proc for child in runner._children._idle]
+        assert len(procs) == 2
+        for proc in procs:
+            os.kill(proc.pid, 9)
+        for proc in procs:
+            assert _wait_for(lambda proc=proc: _dead(proc.pid) or _zombie(proc.pid), 10)
+        outcome = runner.run(Message(body=b"{}", queue="q", message_id="job-1"), Statuses())
+        again = runner.run(Message(body=b"{}", queue="q", message_id="job-2"), Statuses())
+    assert outcome.kind is Kind.DONE, outcome.reason
+    assert again.kind is Kind.DONE, again.reason
+
 def _zombie(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as file:
