@@ -13,14 +13,14 @@ Variants (each adds to ``bare``, which has no observer, no statuses, no tracker)
 
 ``bare``          the pool and the runner alone (usage metering included, as always)
 ``nousage``       ``bare`` with the thread's usage metering stubbed out
-``observer``      the control plane's observer, history off (``history_depth = 0``)
-``nohistory``     ``observer`` without the usage metering, as the worker runs it when
-                  nothing reads the usage: what ``rbit-python-nohistory`` runs
+``observer``      the control plane's observer, history off (``history_depth = 0``):
+                  what ``rbit-python-nohistory`` runs
+``nohistory``     ``observer`` with the usage metering stubbed out
 ``history``       the observer with the history (SQLite writer thread, a temp dir):
-                  what ``rbit-python-nostatus`` runs
-``hist-nousage``  ``history`` with the usage metering stubbed out: what the history
-                  itself costs, apart from the metering it turns on (the worker
-                  meters in-thread jobs only when something reads their usage)
+                  what ``rbit-python-nostatus`` runs; against ``observer``, what the
+                  history costs a job
+``hist-nousage``  ``history`` with the usage metering stubbed out; against
+                  ``nohistory``, the same without the metering's noise
 ``tracker``       ``history`` plus PyBit's job tracker (``pybit_commands = yes``)
 ``metrics``       ``history`` plus the job metrics (``[http]`` configured)
 ``logsink``       ``history`` plus ``[status] sinks = log``, the log to a file:

@@ -76,7 +76,7 @@ def steps(reporter_cls, setup) -> dict[str, Callable[[], object]]:
                                      args, None, "f")
     else:
         def make():
-            return status_module._record(logging.INFO, args)
+            return status_module._record(logging.INFO, args, time.time(), 0.0)
     record = make()
     return {
         "set_status(Building) [DEBUG, not written]": lambda: status(Status.BUILDING, ""),

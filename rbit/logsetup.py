@@ -7,6 +7,24 @@ those of ``logging.basicConfig`` with the same format, but a busy worker's statu
 lines (one per job) cost a fraction of what a plain ``StreamHandler`` costs, which
 writes and flushes every record as it comes. With ``[loggers]``, ``[handlers]`` and
 ``[formatters]`` sections, the operator's configuration is used as it is.
+
+The status lines (one per job) may skip logging's machinery: :func:`emit_default`
+writes a line straight into the handler's buffer when what logging would do with the
+record is exactly what :func:`configure` set up by default, checked on every call: the
+logger and its ancestors without filters or handlers of their own and propagating, the
+root logger with our one :class:`BatchingStreamHandler` (no filters, its level letting
+the record through) formatting with a :class:`LineFormatter` of :data:`FORMAT`, and the
+standard record factory and logger class. The line is the formatter's own, byte for
+byte (:meth:`LineFormatter.line` shares the date code of ``format``); it goes into the
+same buffer, under the same lock, so lines keep their order whichever way each came,
+and a WARNING, a full buffer, ``flush`` and ``close`` write it as they write the rest.
+Levels decide as they do in logging (the caller asks ``isEnabledFor``, which follows
+``setLevel``, ``rbit ctl loglevel`` and ``logging.disable``; the handler's level is
+compared here). Anything else -- an operator's logging sections, ``dictConfig`` at run
+time (``POST /logconfig``), ``--debug``, a filter, another formatter or handler, a record
+factory, a logger class -- fails the check, and the record takes logging's normal path.
+The check reads the current state each time rather than keeping a verdict: logging has
+no change counter, and its handler and filter lists may be changed in place.
 """
 
 from __future__ import annotations
@@ -58,6 +76,52 @@ def _install(stream: IO[str], level: int, fmt: str) -> None:
     logging.basicConfig(level=level, force=True, handlers=[handler])
 
 
+def emit_default(logger: logging.Logger, level: int, msg: str, args: tuple,
+                 created: float, msecs: float) -> bool:
+    """Write the line of a record straight to the default handler's buffer, if it is the path.
+
+    The record would be ``logger``'s at ``level``, with ``msg % args`` as its message,
+    no exception, and the time fields ``created`` and ``msecs``. The caller has checked
+    ``logger.isEnabledFor(level)``.
+
+    Returns:
+        Whether the line was written; False when logging's configuration is not the
+        default one (see the module's docstring), and the record must take logging's
+        normal path.
+    """
+    handler = _default_handler(logger, level)
+    if handler is None:
+        return False
+    line = handler.formatter.line(created, msecs, logging.getLevelName(level), logger.name,
+                                  msg % args)
+    with handler.lock:
+        handler._last = None  # a failed write reports a record made of the line
+        handler._buffer(line, level)
+    return True
+
+
+def _default_handler(logger: logging.Logger, level: int) -> BatchingStreamHandler | None:
+    """The handler of :func:`configure`'s default setup, if it is all a record meets."""
+    if (logger.__class__ is not logging.Logger or logger.disabled
+            or logging.getLogRecordFactory() is not logging.LogRecord):
+        return None
+    node = logger
+    while node.parent is not None:  # callHandlers' walk, to the root
+        if node.filters or node.handlers or not node.propagate:
+            return None
+        node = node.parent
+    handlers = node.handlers
+    if node.filters or len(handlers) != 1:
+        return None
+    handler = handlers[0]
+    if handler.__class__ is not BatchingStreamHandler or handler.filters or level < handler.level:
+        return None
+    formatter = handler.formatter
+    if formatter.__class__ is not LineFormatter or not formatter.plain:
+        return None
+    return handler
+
+
 class LineFormatter(logging.Formatter):
     """A :class:`logging.Formatter` that formats each second's date and time once.
 
@@ -71,6 +135,9 @@ class LineFormatter(logging.Formatter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._uses_time = self.usesTime()
+        # The format of the default configuration: a line may be made without a record
+        # (Formatter reads its format once, into its style, as here).
+        self.plain = type(self._style) is logging.PercentStyle and self._fmt == FORMAT
 
     def format(self, record: logging.LogRecord) -> str:
         if record.exc_info or record.exc_text or record.stack_info:
@@ -85,12 +152,29 @@ class LineFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         if datefmt:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
+        return self._asctime(record.created, record.msecs)
+
+    def line(self, created: float, msecs: float, levelname: str, name: str,
+             message: str) -> str:
+        """The line :meth:`format` makes of a record with these fields and no exception.
+
+        Only for a formatter whose :attr:`plain` is true (the format is :data:`FORMAT`).
+        """
+        if self.datefmt:
+            asctime = time.strftime(self.datefmt, self.converter(created))
+        else:
+            asctime = self._asctime(created, msecs)
+        return "%s %s %s: %s" % (asctime, levelname, name, message)  # FORMAT's layout
+
+    def _asctime(self, created: float, msecs: float) -> str:
+        second = int(created)
         cached = self._cached
         if cached[0] != second:  # one tuple swapped at once: safe across threads
             cached = (second, time.strftime(self.default_time_format, self.converter(second)))
             self._cached = cached
-        return self.default_msec_format % (cached[1], record.msecs)
+        if self.default_msec_format:
+            return self.default_msec_format % (cached[1], msecs)
+        return cached[1]
 
 
 class BatchingStreamHandler(logging.StreamHandler):
@@ -128,10 +212,14 @@ class BatchingStreamHandler(logging.StreamHandler):
         except Exception:  # noqa: BLE001 - logging's contract: report, never raise
             self.handleError(record)
             return
+        self._last = record
+        self._buffer(line, record.levelno)
+
+    def _buffer(self, line: str, levelno: int) -> None:
+        """Keep ``line``, or write it at once with the others (with the lock held)."""
         lines = self._lines
         lines.append(line)
-        self._last = record
-        if record.levelno >= logging.WARNING or len(lines) >= self._max_lines or self._closed:
+        if levelno >= logging.WARNING or len(lines) >= self._max_lines or self._closed:
             self._write()
         elif len(lines) == 1:  # a new batch: have it written after the delay
             if self._thread is None:
@@ -167,8 +255,10 @@ class BatchingStreamHandler(logging.StreamHandler):
             self.stream.write(text)
             self.stream.flush()
         except Exception:  # noqa: BLE001 - logging's contract: report, never raise
-            if self._last is not None:
-                self.handleError(self._last)
+            # The last line may have come without a record (emit_default): report
+            # the failure with one made of the text.
+            self.handleError(self._last or logging.makeLogRecord(
+                {"msg": text.rstrip(self.terminator).rpartition(self.terminator)[2]}))
 
     def _start_thread(self) -> None:
         self._thread = threading.Thread(target=self._run, name="rbit-log-writer", daemon=True)

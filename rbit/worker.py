@@ -25,7 +25,7 @@ from rbit.control.plane import ControlPlane
 from rbit.dispatch import JobPool, JobStatus, pool_for
 from rbit.errors import BrokerUnreachable, ConfigError
 from rbit.runners.protocols import BatchRunner
-from rbit.runners.python import PythonRunner, load_python_runner
+from rbit.runners.python import load_python_runner
 from rbit.runners.shell import ShellRunner
 from rbit.schedule.scheduler import Scheduler
 from rbit.status import StatusReporter
@@ -111,9 +111,7 @@ class Worker:
             job_runner = ShellRunner(runner)
         else:
             job_runner = load_python_runner(runner, self._status_factory(runner.queue))
-            if isinstance(job_runner, PythonRunner):
-                job_runner.metered = _usage_read(self.settings, runner)
-            elif isinstance(job_runner, BatchRunner):
+            if isinstance(job_runner, BatchRunner):
                 _bind_worker(job_runner, self.settings, runner)
                 runner = _batch_prefetch(runner, job_runner)
                 if runner.timeout:
@@ -247,17 +245,6 @@ def _batch_prefetch(runner: RunnerSettings, job_runner: BatchRunner) -> RunnerSe
         return runner
     log.info("[runner:%s]: prefetch %d, the runner's batch size", runner.queue, batch)
     return dataclasses.replace(runner, prefetch=batch)
-
-
-def _usage_read(settings: Settings, runner: RunnerSettings) -> bool:
-    """Whether anything reads what a job of ``runner`` used (:mod:`rbit.usage`).
-
-    The history, the amqp status sink, the metrics (``[http]``) and the credits
-    (pricing) do; the log sink does not. Measuring an in-thread job costs two system
-    calls (the thread's CPU clock), which a worker with none of those need not pay.
-    """
-    return bool(settings.state.history_depth or "amqp" in settings.status.sinks
-                or settings.http is not None or runner.pricing is not None)
 
 
 def _security(settings: Settings) -> WorkerSecurity | None:

@@ -137,32 +137,22 @@ def test_usage_round_trips_through_the_child_protocol():
     assert Usage.from_dict(None) is None
 
 
-@pytest.mark.parametrize(("keys", "metered"), [
-    ({}, True),  # the history keeps each job's usage
-    ({"rbit": "history_depth = 0", "status": "sinks = amqp"}, True),
-    ({"rbit": "history_depth = 0", "http": "bind = 127.0.0.1:0"}, True),
-    ({"rbit": "history_depth = 0", "runner": "credits_per_cpu_hour = 10"}, True),
-    ({"rbit": "history_depth = 0", "status": "sinks = log"}, False),
-])
-def test_in_thread_jobs_are_metered_when_something_reads_their_usage(tmp_path, keys,
-                                                                     metered):
-    from rbit.worker import _usage_read
-
-    settings = _worker_settings(tmp_path, keys)
-    assert _usage_read(settings, settings.runners[0]) is metered
-
-
-@pytest.mark.parametrize(("keys", "metered"), [
-    ({}, True), ({"rbit": "history_depth = 0", "status": "sinks = log"}, False)])
-def test_the_worker_tells_its_in_thread_runners_whether_to_meter(tmp_path, keys, metered):
+def test_in_thread_jobs_are_metered_even_when_nothing_but_the_log_reads_it(tmp_path):
+    from rbit.message import Message
     from rbit.worker import Worker
 
-    worker = Worker(_worker_settings(tmp_path, keys))
+    worker = Worker(_worker_settings(tmp_path, {"rbit": "history_depth = 0",
+                                                "status": "sinks = log"}))
     try:
-        assert worker.pools[0].runner.metered is metered
+        outcome = worker.pools[0].runner.run(Message(body=b"{}", queue="q"),
+                                             lambda *args: None)
     finally:
         worker.control.close()
         worker.broker.ioloop.close()  # never started: its wake-up socket pair
+    assert outcome.usage is not None
+    assert outcome.usage.wall_s > 0
+    assert outcome.usage.cpu_s >= 0
+    assert outcome.usage.max_rss_kib is None  # a thread's peak memory is the worker's
 
 
 def _worker_settings(tmp_path, keys):

@@ -271,9 +271,6 @@ class PythonRunner:
         self.grace = DEFAULT_KILL_GRACE
         self._children: ChildPool | None = None
         self.env: dict[str, str] = {}  # a child's, without secrets: built once
-        #: Whether an in-thread job's usage is measured; the worker turns it off when
-        #: nothing would read it (no history, no amqp sink, no metrics, no pricing).
-        self.metered = True
         if self.in_child or func is None:
             self.grace = kill_grace(settings.settings, settings.queue)
             self.env = job_environment(settings)
@@ -293,8 +290,6 @@ class PythonRunner:
         """
         if self._children is not None:
             return self._children.run(message, set_status)
-        if not self.metered:
-            return call_runner(self._func, message, set_status, self.settings.settings)
         mark = thread_mark()
         outcome = call_runner(self._func, message, set_status, self.settings.settings)
         return outcome.with_usage(thread_usage(mark))
