@@ -63,7 +63,6 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from rbit import decoding
 from rbit.amqp.broadcast import BROADCAST_EXCHANGE, BroadcastDelivery, Routes
-from rbit.client import new_job_id
 from rbit.config import Settings, load_config
 from rbit.errors import BrokerError, BrokerUnreachable, ConfigError, SignatureError
 from rbit.message import JOB_ID_PATTERN
@@ -163,6 +162,7 @@ def broadcast(settings: Settings, queue: str, body: bytes | str, *,
         SignatureError: A header cannot be signed.
     """
     from rbit.amqp.gather import BroadcastSession
+    from rbit.client import new_job_id  # the sending side only: a worker has no use for it
 
     job_id = new_job_id() if job_id is None else job_id
     if not JOB_ID_PATTERN.fullmatch(job_id):

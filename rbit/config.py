@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -17,6 +16,7 @@ import string
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rbit import backoff
 from rbit.credit.pricing import KEYS as PRICING_KEYS
@@ -28,8 +28,9 @@ from rbit.credit.pricing import (
 )
 from rbit.dashboard.settings import DashboardSettings, parse_dashboard
 from rbit.errors import ConfigError
-from rbit.schedule.settings import SECTION_PREFIX as _SCHEDULE_PREFIX
-from rbit.schedule.settings import ScheduleSettings, parse_schedule
+
+if TYPE_CHECKING:
+    from rbit.schedule.settings import ScheduleSettings
 
 
 class RunnerOptions(dict):
@@ -224,6 +225,8 @@ class Settings:
 _LOGGING_SECTIONS = frozenset({"loggers", "handlers", "formatters"})
 _LOGGING_PREFIXES = ("logger_", "handler_", "formatter_")
 _RUNNER_PREFIX = "runner:"
+#: rbit.schedule.settings.SECTION_PREFIX: that module is loaded only for such sections.
+_SCHEDULE_PREFIX = "schedule:"
 # configparser's [DEFAULT] would leak its keys into every section (and so into every
 # runner's settings); rbit treats it as an ordinary, unknown section instead.
 _NO_DEFAULT_SECTION = "\x00no-default\x00"
@@ -315,7 +318,7 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Setti
     http = _http(readers["http"]) if "http" in readers else None
     security = parse_security(readers.get("security"), worker.name, env)
     scheduled = [reader for name, reader in readers.items() if name.startswith(_SCHEDULE_PREFIX)]
-    schedules = tuple(parse_schedule(reader, runners, worker.exchange) for reader in scheduled)
+    schedules = _schedules(scheduled, runners, worker.exchange)
     warnings.extend(line for reader in scheduled for line in reader.unknown_keys())
     warnings.extend(_unknown_sections(path, parser.sections()))
     dashboard = parse_dashboard(readers.get("dashboard"))
@@ -460,6 +463,7 @@ def _unknown_sections(path: str, names: Sequence[str]) -> list[str]:
 
 
 def _suggestion(word: str, candidates: Sequence[str]) -> str:
+    import difflib  # only for a name rbit does not know
     close = difflib.get_close_matches(word, candidates, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -688,6 +692,15 @@ def _pybit_commands(section: _Section) -> bool:
 
 # ---------------------------------------------------------------------------------------
 # [http]
+
+
+def _schedules(sections: list[_Section], runners: Sequence[RunnerSettings],
+               exchange: str) -> tuple[ScheduleSettings, ...]:
+    if not sections:
+        return ()
+    # Imported here: a file without schedules loads none of their code.
+    from rbit.schedule.settings import parse_schedule
+    return tuple(parse_schedule(section, runners, exchange) for section in sections)
 
 
 def _http(section: _Section) -> HttpSettings | None:
@@ -1028,6 +1041,7 @@ def _runner_options(section: _Section, warnings: list[str]) -> RunnerOptions:
         options[key] = section.raw(key) or ""
         if key in _RUNNER_SETTINGS_READ:
             continue
+        import difflib  # only for a key rbit does not read
         close = difflib.get_close_matches(key, _TYPO_CANDIDATES, n=1, cutoff=_TYPO_CUTOFF)
         if close:
             warnings.append(

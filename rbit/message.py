@@ -6,7 +6,6 @@ runner. It never exposes AMQP delivery tags: settling a delivery is rbit's busin
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import threading
@@ -49,6 +48,7 @@ def safe_job_id(raw: str) -> str:
     """
     if JOB_ID_PATTERN.fullmatch(raw):
         return raw
+    import hashlib  # only for an unsafe id: loading it costs every worker's start ~4 ms
     digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return "id-sha256:" + digest
 
@@ -203,6 +203,7 @@ class Message:
         if not raw:
             raw = decoding.pybit_job_id(self.body)
         if raw is None:
+            import hashlib  # only for a message without an id (see safe_job_id)
             return "sha256:" + hashlib.sha256(self.body).hexdigest()[:16]
         job_id = safe_job_id(raw)
         if job_id is not raw:

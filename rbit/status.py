@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import http.client
 import json
 import logging
 import os
@@ -63,6 +62,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from rbit.backoff import Backoff
 from rbit.config import StatusSettings
@@ -70,6 +70,9 @@ from rbit.errors import ConfigError
 from rbit.logsetup import emit_default
 from rbit.outcome import Status
 from rbit.usage import Usage
+
+if TYPE_CHECKING:
+    import http.client
 
 log = logging.getLogger(__name__)
 
@@ -609,7 +612,11 @@ def event_body(event: _Event, worker: str) -> bytes:
 
 
 class _HttpSink(_QueuedSink):
-    """PUTs each status to PyBit's web front-end over one persistent connection."""
+    """PUTs each status to PyBit's web front-end over one persistent connection.
+
+    Its methods import :mod:`http.client` themselves: it loads the email package, start-up
+    time a worker without this sink would pay for nothing.
+    """
 
     name = "http"
 
@@ -644,6 +651,7 @@ class _HttpSink(_QueuedSink):
 
     def _deliver(self, event: _Event) -> str | None:
         """Send one event; ``None`` when finished with it, else why to retry."""
+        import http.client
         try:
             code = self._put(event)
         except (OSError, http.client.HTTPException) as exc:
@@ -659,6 +667,7 @@ class _HttpSink(_QueuedSink):
         return None
 
     def _put(self, event: _Event) -> int:
+        import http.client
         path = f"{self._base}/job/{urllib.parse.quote(event.job_id, safe='')}"
         body = urllib.parse.urlencode(
             {"status": event.status.value, "client": self._client}).encode("ascii")
@@ -678,6 +687,7 @@ class _HttpSink(_QueuedSink):
                     raise
 
     def _connection(self) -> http.client.HTTPConnection:
+        import http.client
         if self._conn is None:
             if self._https:
                 self._conn = http.client.HTTPSConnection(

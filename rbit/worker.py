@@ -26,7 +26,6 @@ from rbit.dispatch import JobPool, JobStatus, pool_for
 from rbit.errors import BrokerUnreachable, ConfigError
 from rbit.runners.protocols import BatchRunner
 from rbit.runners.python import load_python_runner
-from rbit.runners.shell import ShellRunner
 from rbit.schedule.scheduler import Scheduler
 from rbit.status import StatusReporter
 from rbit.topology import Topology, worker_topology
@@ -108,6 +107,8 @@ class Worker:
     def _pool(self, runner: RunnerSettings) -> JobPool:
         job_runner: Any
         if runner.kind == "shell":
+            # Imported here: seven modules a worker without shell! runners need not load.
+            from rbit.runners.shell import ShellRunner
             job_runner = ShellRunner(runner)
         else:
             job_runner = load_python_runner(runner, self._status_factory(runner.queue))

@@ -14,10 +14,11 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from rbit.observe.http import Endpoints, ObserveServer
 from rbit.systemd import Heartbeat, Notifier
 
 if TYPE_CHECKING:
+    from rbit.config import HttpSettings
+    from rbit.observe.http import Endpoints, ObserveServer
     from rbit.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,18 @@ class WorkerObservation:
         http = worker.settings.http
         # Without [http] nothing can scrape the metrics: the job pools count nothing for
         # them (and prometheus_client is not even loaded).
-        self.server = None if http is None else ObserveServer(http, self._endpoints(worker))
+        self.server = None if http is None else self._server(http, worker)
         self._notifier = notifier or Notifier(None)
         self._heartbeat = Heartbeat(self._notifier, self._io_alive, self.status_line)
 
+    def _server(self, http: HttpSettings, worker: Worker) -> ObserveServer:
+        # Imported here: http.server (socketserver, email) is start-up time a worker
+        # without [http] would pay for nothing.
+        from rbit.observe.http import ObserveServer
+        return ObserveServer(http, self._endpoints(worker))
+
     def _endpoints(self, worker: Worker) -> Endpoints:
+        from rbit.observe.http import Endpoints
         from rbit.observe.metrics import JobMetrics, WorkerMetrics, WorkerSources
 
         jobs = JobMetrics(pool.settings.queue for pool in worker.pools)

@@ -31,11 +31,13 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rbit.schedule.fire import Fire, iso_utc, parse_iso
-from rbit.schedule.settings import ScheduleSettings
 from rbit.schedule.triggers import NextJob
+
+if TYPE_CHECKING:
+    from rbit.schedule.settings import ScheduleSettings
 
 log = logging.getLogger(__name__)
 

@@ -44,10 +44,10 @@ from typing import TYPE_CHECKING, Any
 from rbit.errors import BrokerError, Unroutable
 from rbit.schedule import leader, nextrun
 from rbit.schedule.fire import fire_time_of, iso_utc, parse_iso, publish_fire, schedule_of
-from rbit.schedule.settings import ScheduleSettings
 
 if TYPE_CHECKING:
     from rbit.config import Settings
+    from rbit.schedule.settings import ScheduleSettings
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from rbit.schedule.triggers import Cron, Every, NextJob, check_cron
-from rbit.schedule.watch import parse_watch
 
 if TYPE_CHECKING:
     from rbit.config import RunnerSettings
+    from rbit.schedule.watch import WatchFiles
 
 SECTION_PREFIX = "schedule:"
 HEADER_PREFIX = "header."
@@ -115,6 +114,7 @@ def parse_cron(section: Any, value: str) -> Cron:
     if reason:
         raise section.error("cron", f"{reason}: {value[:80]!r}")
     zone_name = section.text("timezone", "UTC")
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError  # only for cron schedules
     try:
         zone = UTC if zone_name.upper() == "UTC" else ZoneInfo(zone_name)
     except (ZoneInfoNotFoundError, ValueError):
@@ -136,6 +136,13 @@ def parse_next(section: Any, value: str) -> NextJob:
     if moment.tzinfo is None:
         raise section.error("first", "give a time zone, e.g. 2026-01-01T03:00:00+00:00")
     return NextJob(first=moment.astimezone(UTC))
+
+
+def parse_watch(section: Any, value: str) -> WatchFiles:
+    """``watch = DIR`` with ``pattern =`` (:func:`rbit.schedule.watch.parse_watch`)."""
+    # Imported here: the watch module loads inotify (ctypes) and sqlite3 for the fired files.
+    from rbit.schedule.watch import parse_watch as parse
+    return parse(section, value)
 
 
 def parse_listen(section: Any, value: str) -> Any:

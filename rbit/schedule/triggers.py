@@ -14,8 +14,6 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 
-from cronsim import CronSim, CronSimError
-
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -55,6 +53,7 @@ class Cron:
     def _step(self, moment: datetime, reverse: bool) -> datetime | None:
         # cronsim works at minute precision from the start it is given.
         local = moment.astimezone(self.zone)
+        from cronsim import CronSim  # only for cron schedules (it loads calendar, locale)
         try:
             found = next(CronSim(self.expression, local, reverse=reverse))
         except StopIteration:
@@ -93,6 +92,7 @@ class NextJob:
 
 def check_cron(expression: str) -> str | None:
     """Why ``expression`` is not a five-field cron expression (None when it is)."""
+    from cronsim import CronSim, CronSimError  # only for cron schedules (calendar, locale)
     if len(expression.split()) != 5:
         return f"expected 5 fields (minute hour day month weekday), got {len(expression.split())}"
     try:
