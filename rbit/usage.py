@@ -18,9 +18,10 @@ where one can be avoided:
     is the largest peak resident set of the command or of one of the descendants it
     waited for (not their sum). ``wall_s`` runs from the start to the exit.
 ``python!`` jobs in a child process
-    The child measures itself around the call (``getrusage`` of itself and of its
-    waited-for children, before and after) and reports the difference with the
-    outcome over its pipe. ``max_rss_kib`` is the child's peak since it started (a
+    The child measures itself around the call (``getrusage`` of itself before and
+    after, of its waited-for children after: the reading that closes one job opens
+    the next, :class:`ProcessMeter`) and reports the difference with the outcome over
+    its pipe. ``max_rss_kib`` is the child's peak since it started (a
     warm child serves many jobs; the kernel keeps no peak per job), or of a child it
     waited for, whichever is larger.
 ``python!`` jobs in a worker thread
@@ -128,18 +129,32 @@ def from_rusage(wall_s: float, rusage: Any) -> Usage:
 # ------------------------------------------------------- python! in a child
 
 
-def process_mark() -> tuple[float, float]:
-    """This process's clock and CPU seconds (itself + waited-for children) now."""
-    me, children = _getrusage(_RUSAGE_SELF), _getrusage(_RUSAGE_CHILDREN)
-    return _monotonic(), me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+class ProcessMeter:
+    """Meters one job after another in this process (a warm child), around each call.
 
+    The waited-for children's CPU changes only when the process reaps a child: the
+    reading that closes a job also opens the next one (a ``getrusage`` less per job).
+    A child reaped between two jobs (by a thread a runner left behind) is counted in
+    the next job, as one reaped during it would be.
+    """
 
-def process_usage(mark: tuple[float, float]) -> Usage:
-    """What this process used since :func:`process_mark` returned ``mark``."""
-    now = _monotonic()
-    me, children = _getrusage(_RUSAGE_SELF), _getrusage(_RUSAGE_CHILDREN)
-    cpu = me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
-    return Usage(now - mark[0], max(0.0, cpu - mark[1]), max(me.ru_maxrss, children.ru_maxrss))
+    def __init__(self) -> None:
+        children = _getrusage(_RUSAGE_CHILDREN)
+        self._children = children.ru_utime + children.ru_stime
+
+    def mark(self) -> tuple[float, float]:
+        """The clock and CPU seconds (itself + waited-for children) now."""
+        me = _getrusage(_RUSAGE_SELF)
+        return _monotonic(), me.ru_utime + me.ru_stime + self._children
+
+    def usage(self, mark: tuple[float, float]) -> Usage:
+        """What this process used since :meth:`mark` returned ``mark``."""
+        now = _monotonic()
+        me, children = _getrusage(_RUSAGE_SELF), _getrusage(_RUSAGE_CHILDREN)
+        self._children = children.ru_utime + children.ru_stime
+        cpu = me.ru_utime + me.ru_stime + self._children
+        return Usage(now - mark[0], max(0.0, cpu - mark[1]),
+                     max(me.ru_maxrss, children.ru_maxrss))
 
 
 # ------------------------------------------------------ python! in a thread

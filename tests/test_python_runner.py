@@ -18,6 +18,7 @@ from rbit.message import Message
 from rbit.outcome import Kind, Outcome, Status
 from rbit.runners import python as python_runner
 from rbit.runners.python import PythonRunner, load_python_runner
+from rbit.runners.warm import decode_json, encode_json
 
 TESTS_DIR = Path(__file__).resolve().parent
 MODULE = "runners_for_tests"
@@ -257,6 +258,21 @@ def test_a_warm_child_killed_while_idle_is_replaced_without_failing_a_job(child_
     assert outcome.kind is Kind.DONE, outcome.reason
 
 
+
+def test_every_warm_child_killed_while_idle_is_replaced_without_failing_a_job(child_path):
+    with _loaded(_settings("fields", timeout=60, concurrency=2)) as runner:
+        runner.start()
+        procs = [child.proc for child in runner._children._idle]
+        assert len(procs) == 2
+        for proc in procs:
+            os.kill(proc.pid, 9)
+        for proc in procs:
+            assert _wait_for(lambda proc=proc: _dead(proc.pid) or _zombie(proc.pid), 10)
+        outcome = runner.run(Message(body=b"{}", queue="q", message_id="job-1"), Statuses())
+        again = runner.run(Message(body=b"{}", queue="q", message_id="job-2"), Statuses())
+    assert outcome.kind is Kind.DONE, outcome.reason
+    assert again.kind is Kind.DONE, again.reason
+
 def _zombie(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as file:
@@ -374,3 +390,36 @@ def test_examples_hello_and_noop_run():
     )
     assert greeting.startswith("Hello World! Job 7: a JSON dict")
     assert examples.noop(Message(body=b"", queue="q"), statuses, {}) is None
+
+
+# The warm children's protocol codecs (rbit.runners.warm), built once for speed, must read
+# and write exactly what the json module does, errors included.
+_DOCUMENTS = [
+    {"outcome": "done", "usage": {"wall_s": 1.9e-05, "cpu_s": 0.25, "max_rss_kib": 12345}},
+    {"body": "eyJ4IjogMX0=", "queue": "q", "message_id": None, "headers": {"é": ["ü\n\"", 1]}},
+    {"x": [True, False, None, -0.0, 1e300, float("nan")], "y": {}, "z": []},
+]
+
+
+@pytest.mark.parametrize("doc", _DOCUMENTS)
+def test_the_warm_protocol_encodes_as_json_dumps(doc):
+    assert encode_json(doc) == json.dumps(doc, separators=(",", ":"))
+
+
+def test_the_warm_protocol_encoder_refuses_what_json_refuses():
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        encode_json({"a": object()})
+
+
+@pytest.mark.parametrize("text", ['{"a":1}', ' {"a": [1, 2.5]} ', '{"a":1}\n', '"s"', "[]\r\n"])
+def test_the_warm_protocol_decodes_as_json_loads(text):
+    assert decode_json(text) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ["", " ", "x", '{"a":1} x', '{"a":1}\x0b', "{", '{"a":1}{}'])
+def test_the_warm_protocol_decoder_fails_as_json_loads(text):
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(text)
+    with pytest.raises(json.JSONDecodeError) as got:
+        decode_json(text)
+    assert str(got.value) == str(expected.value)

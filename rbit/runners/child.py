@@ -15,8 +15,9 @@ none (``usage``: what the job used, measured by the child itself, :mod:`rbit.usa
 with ``"result"``, the runner's return value, when the request has ``"broadcast":
 true``). EOF on the request pipe means the worker wants it gone: it exits. Stdout and
 stderr stay free for the runner's own output: files the worker reads back (the tail of
-stderr when a child dies mid-job), which the child empties as each job starts, so that
-what is quoted is that job's own. No pickle crosses the pipe.
+stderr when a child dies mid-job), which the child empties between jobs (stdout as a
+job starts, stderr once a job's outcome is sent), so that what is quoted is that job's
+own. No pickle crosses the pipe.
 
 The worker also holds the write end of a lifeline pipe (``RBIT_LIFELINE_FD``) that it
 never writes. It reads as EOF only once every copy is closed, that is when the worker
@@ -55,7 +56,7 @@ from rbit.runners.python import (
     resolve_target,
 )
 from rbit.runners.warm import decode_json, encode_json
-from rbit.usage import process_mark, process_usage
+from rbit.usage import ProcessMeter
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,14 +97,14 @@ def serve(target: str, in_fd: int, out_fd: int) -> int:
         func = resolve_target(target)
     except Exception as exc:  # every job fails with the reason, as a fresh child's would
         error = describe_exception(exc)
+    meter = ProcessMeter()
+    _empty(2)  # what the start printed (warnings on import) is no job's
     with os.fdopen(in_fd, "rb") as source:
         for line in source:
             request = decode_json(line.decode("utf-8"))
-            # What the worker quotes of a job's output is that job's own.
-            _empty(1)
-            _empty(2)
+            _empty(1)  # the stdout the worker logs (at DEBUG) after a job is that job's
             status = channel.job_status()
-            mark = process_mark()
+            mark = meter.mark()
             if func is None:
                 outcome = Outcome.failed(error)
             else:
@@ -112,8 +113,11 @@ def serve(target: str, in_fd: int, out_fd: int) -> int:
                 )
             status.close()
             event = _outcome_event(outcome, bool(request.get("broadcast")))
-            event["usage"] = process_usage(mark).to_dict()
+            event["usage"] = meter.usage(mark).to_dict()
             channel.send(event)
+            # The stderr the worker quotes when a job dies is that job's own. Emptied
+            # once the outcome is out, while the worker reads it: not on a job's path.
+            _empty(2)
     return 0
 
 

@@ -24,7 +24,8 @@ a stop, a cancel, the deadline) hands over to the loop.
 * A child is retired after the job that reaches ``max_jobs_per_child`` or leaves it
   above ``max_memory_per_child`` bytes of RSS (``/proc/<pid>/statm``): its request pipe
   is closed, which it reads as "exit now", and a fresh child takes the slot.
-* A child that dies while idle is replaced without failing anything.
+* A child that dies while idle is replaced without failing anything: the job it
+  was lent for finds its request pipe closed, and goes to another child.
 * A child notices a dead worker through a lifeline pipe and kills its own group (see
   :mod:`rbit.runners.child`); closing the pool retires idle children, and a child still
   busy is retired when its job ends.
@@ -91,13 +92,48 @@ _REAP_WAIT = 15.0  # beyond the grace: SIGKILL, then reaping (rbit.supervisor)
 SetStatus = Callable[..., None]
 
 _monotonic = time.monotonic
-_EXITED_NOHANG = os.WEXITED | os.WNOHANG | os.WNOWAIT
 
-# The protocol's codecs, for both sides of the pipes (rbit.runners.child too). Built
-# once: json.loads/json.dumps with options build a codec per call, and the loads of
-# bytes guesses their encoding each time (ours are UTF-8).
-decode_json = json.JSONDecoder().decode
-encode_json = json.JSONEncoder(separators=(",", ":")).encode
+# The protocol's codecs, for both sides of the pipes (rbit.runners.child too), built
+# once. json.dumps and JSONEncoder.encode build a C encoder (and a closure) per call,
+# JSONDecoder.decode matches a regex on either side of the document: on a line of
+# ~100 bytes, that is most of the cost, and each job pays it twice on each side.
+_DECODER = json.JSONDecoder()
+_SCAN = _DECODER.scan_once
+_JSON_SPACE = " \t\n\r"  # what the json module skips around a document
+
+
+def decode_json(text: str) -> Any:
+    """The JSON document ``text``, as :func:`json.loads` reads it (same errors too)."""
+    try:
+        value, end = _SCAN(text, 0)
+    except StopIteration:  # not JSON at its start (or leading space): decode() says which
+        return _DECODER.decode(text)
+    if end == len(text) or not text[end:].strip(_JSON_SPACE):
+        return value
+    return _DECODER.decode(text)  # raises "Extra data"
+
+
+def _make_encoder() -> Callable[[Any], str]:
+    """``JSONEncoder(separators=(",", ":")).encode``, with the C encoder built once.
+
+    No circular-reference check (``markers`` None): what crosses the pipes is built
+    as a tree by rbit (a broadcast's result is checked with :func:`json.dumps` first).
+    Where the C accelerator is missing (or differs), the plain encoder.
+    """
+    plain = json.JSONEncoder(separators=(",", ":"))
+    make = getattr(json.encoder, "c_make_encoder", None)
+    try:
+        encoder = make(None, plain.default, json.encoder.encode_basestring_ascii,  # type: ignore[misc]
+                       None, ":", ",", False, False, True)
+        probe = {"a": [1, 2.5, None, True, "\u00e9\n"]}
+        if "".join(encoder(probe, 0)) != plain.encode(probe):
+            return plain.encode
+    except Exception:  # no C accelerator, or another signature
+        return plain.encode
+    return lambda value: "".join(encoder(value, 0))
+
+
+encode_json = _make_encoder()
 
 
 class ChildPool:
@@ -140,17 +176,24 @@ class ChildPool:
         if message.is_cancelled():  # cancelled since the pool let it start
             return Outcome.cancelled("cancelled before it started")
         try:
-            child = self._borrow()
+            child, idle = self._borrow()
         except OSError as exc:
             return Outcome.failed(f"cannot start runner process: {exc}")
-        line = encode_json(request(message, self.settings.settings)) + "\n"
+        line = (encode_json(request(message, self.settings.settings)) + "\n").encode("utf-8")
         running = [True]
         # A CancelRequest comes on the I/O thread: it wakes the child's loop, which stops
         # the child's group as a timeout does. The child is replaced; the job ends
         # Cancelled (rbit.dispatch).
         message.on_cancel(lambda: running[0] and child.cancel(message))
         try:
-            outcome = child.run_job(message.job_id, line.encode("utf-8"), set_status, message)
+            while (outcome := child.run_job(message.job_id, line, set_status, message,
+                                            idle)) is None:
+                # It had exited while idle, before it could take the job: nothing failed.
+                _lost(child)
+                try:
+                    child, idle = self._borrow()
+                except OSError as exc:
+                    return Outcome.failed(f"cannot start runner process: {exc}")
         except BaseException:  # e.g. KeyboardInterrupt: the child must not outlive us
             child.abort()
             raise
@@ -171,17 +214,17 @@ class ChildPool:
 
     # ------------------------------------------------------------------ the slots
 
-    def _borrow(self) -> WarmChild:
-        while True:
-            with self._lock:
-                child = self._idle.pop() if self._idle else None
-            if child is None:
-                return spawn(self.settings, self.grace, self.stop, self.env)
-            if child.alive():
-                return child
-            logger.warning("runner child %d exited while idle (code %s); starting another",
-                           child.proc.pid, child.proc.returncode)
-            child.abort()
+    def _borrow(self) -> tuple[WarmChild, bool]:
+        """An idle child (True: it may have exited since), else one started now (False).
+
+        Whether an idle child still runs is not asked here (a ``waitid`` per job): its
+        request meets a closed pipe if it does not (:meth:`WarmChild.run_job`).
+        """
+        with self._lock:
+            child = self._idle.pop() if self._idle else None
+        if child is None:
+            return spawn(self.settings, self.grace, self.stop, self.env), False
+        return child, True
 
     def _give_back(self, child: WarmChild) -> None:
         if child.usable() and not self._retiring(child):
@@ -278,14 +321,18 @@ class WarmChild(Supervisor):
         self._watch(wake_r, lambda: self._on_wake(wake_r))
 
     def run_job(self, job_id: str, line: bytes, set_status: SetStatus,
-                key: object = None) -> Outcome:
+                key: object = None, idle: bool = False) -> Outcome | None:
         """Run one job (``line``: its request) to its outcome; the child may die of it.
 
-        ``key`` names the job for :meth:`cancel` (its message).
+        ``key`` names the job for :meth:`cancel` (its message). With ``idle`` (a child
+        that waited for jobs), None if it had exited before the request: its end of
+        the pipe is closed, it took nothing. A child started for the job that dies at
+        once fails it, with its stderr (a broken interpreter or environment).
         """
+        if not _send(self._requests, line) and idle:
+            return None
         job = self._job = _Job(set_status, key)
         self.label = job_id
-        _send(self._requests, line)
         end = None if self.timeout is None else _monotonic() + self.timeout
         if not self._wait_reply(job, end):
             if end is not None and not self.finished:
@@ -312,19 +359,6 @@ class WarmChild(Supervisor):
             self._cancel_key = key
             with contextlib.suppress(BlockingIOError):  # full: already awake
                 os.write(self._wake_w, b"x")
-
-    def alive(self) -> bool:
-        """Whether the child still runs (asked once per job: one ``waitid``, no reaping).
-
-        A child found gone is reaped by :meth:`abort`, or by the supervisor's exit
-        watch, which collects its resource usage too.
-        """
-        if self.proc.returncode is not None:
-            return False
-        try:
-            return os.waitid(os.P_PID, self.proc.pid, _EXITED_NOHANG) is None
-        except ChildProcessError:  # reaped elsewhere (a reaper thread without pidfd)
-            return False
 
     def usable(self) -> bool:
         """Whether the child can take another job."""
@@ -580,19 +614,29 @@ def outcome_from(event: Mapping[str, Any]) -> Outcome:
 _MAKERS = {"done": Outcome.done, "failed": Outcome.failed, "rejected": Outcome.rejected}
 
 
-def _send(fd: int, data: bytes) -> None:
-    """Writes a request without blocking; what the pipe cannot take goes from a thread."""
+def _send(fd: int, data: bytes) -> bool:
+    """Writes a request without blocking; False if nobody reads the pipe any more.
+
+    What the pipe cannot take at once goes from a thread.
+    """
     try:
         written = os.write(fd, data)
     except BlockingIOError:
         written = 0
-    except BrokenPipeError:  # the child died; its end is reported by the job
-        return
+    except BrokenPipeError:  # the child is gone, or going: its read end is closed
+        return False
     if written < len(data):
         # A body bigger than the pipe: the child reads it while we watch its replies.
         copy = os.dup(fd)
         threading.Thread(target=_write_rest, args=(copy, data[written:]),
                          name="rbit-child-feed", daemon=True).start()
+    return True
+
+
+def _lost(child: WarmChild) -> None:
+    child.abort()  # reaps it: its exit code, for the log
+    logger.warning("runner child %d exited while idle (code %s); starting another",
+                   child.proc.pid, child.proc.returncode)
 
 
 def _write_rest(fd: int, data: bytes) -> None:
