@@ -375,8 +375,12 @@ class RabbitNode:
         if vhost is not None and vhost in self.ctl("list_vhosts", "-q").split():
             self.delete_vhost(vhost)
 
-    def list_queues(self, vhost: str = "/") -> dict[str, tuple[int, int]]:
-        """Queues of ``vhost`` as ``{name: (messages_ready, messages_unacknowledged)}``."""
+    def list_queues(self, vhost: str = "/", blank: int | None = 0) -> dict[str, tuple[int, int]]:
+        """Queues of ``vhost`` as ``{name: (messages_ready, messages_unacknowledged)}``.
+
+        A count rabbitmqctl leaves blank (a queue too busy to answer in time, or down)
+        reads as ``blank``.
+        """
         out = self.ctl(
             "list_queues",
             "-p",
@@ -391,7 +395,7 @@ class RabbitNode:
         for line in out.splitlines():
             fields = line.rsplit("\t", 2)
             if len(fields) == 3:
-                queues[fields[0]] = (_int(fields[1]), _int(fields[2]))
+                queues[fields[0]] = (_int(fields[1], blank), _int(fields[2], blank))
         return queues
 
     # -- addresses -----------------------------------------------------------------------
@@ -475,11 +479,11 @@ class ExternalBroker:
     kill_vm = restart = freeze = thaw = close_connections = vm_pid = _unsupported  # type: ignore
 
 
-def _int(text: str) -> int:
+def _int(text: str, blank: int | None = 0) -> int | None:
     try:
         return int(text)
     except ValueError:
-        return 0  # e.g. "" for a queue that is down
+        return blank  # e.g. "" for a queue that is down
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

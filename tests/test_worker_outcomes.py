@@ -80,6 +80,19 @@ def test_failed_job_is_retried_then_dead_lettered(tmp_path, rabbit, vhost, amqp,
     assert props.headers["x-rbit-attempts"] == 2
 
 
+def _once(events: list[dict]) -> list[dict]:
+    """The status events without their re-sends.
+
+    The amqp sink sends again what a lost connection left unconfirmed (documented; poll
+    mode ends its connection at each pass): a re-sent event is the same event, its time
+    included.
+    """
+    first: dict[tuple, dict] = {}
+    for event in events:
+        first.setdefault((event["status"], event["time"]), event)
+    return list(first.values())
+
+
 @pytest.mark.parametrize("mode", ["consume", "poll"])
 def test_blocked_job_waits_in_a_delay_queue_and_comes_back(
         tmp_path, rabbit, vhost, amqp, out, mode):
@@ -87,7 +100,7 @@ def test_blocked_job_waits_in_a_delay_queue_and_comes_back(
     config = _config(tmp_path, rabbit, vhost, out, _python("blocked_once"), mode)
     with running_worker(config, poll_time=1):
         amqp.publish_jobs(["later"], exchange="", routing_key=QUEUE)
-        events = watcher.wait_for("later", "Done")
+        events = _once(watcher.wait_for("later", "Done"))
         wait_until(lambda: rabbit.list_queues(vhost)[QUEUE] == (0, 0), 10, "the ack")
     assert [e["status"] for e in events] == ["Building", "Blocked", "Building", "Done"]
     assert "waiting for a dependency" in events[1]["message"]
@@ -119,7 +132,7 @@ def test_shell_exit_75_blocks_the_job_until_a_later_try(tmp_path, rabbit, vhost,
                      retry_delay=0.3)
     with running_worker(config):
         amqp.publish_jobs(["tex"], exchange="", routing_key=QUEUE)
-        events = watcher.wait_for("tex", "Done")
+        events = _once(watcher.wait_for("tex", "Done"))
         wait_until(lambda: rabbit.list_queues(vhost)[QUEUE] == (0, 0), 10, "the ack")
     assert [e["status"] for e in events] == ["Building", "Blocked", "Building", "Done"]
     assert "the licence server is busy" in events[1]["message"]
