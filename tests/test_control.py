@@ -1,5 +1,5 @@
 """``rbit ctl`` against real workers on the real broker: ping, status, pause, history,
-authorization, and a second worker of the same name."""
+shutdown, loglevel, authorization, and a second worker of the same name."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from worker_helpers import (
     ROOT_DIR,
     TESTS_DIR,
     WorkerProcess,
+    consumer_prefetch,
     pybit_body,
     wait_until,
     write_config,
@@ -42,8 +44,10 @@ def replies(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["worker"]: r for r in result.get("replies", [])}
 
 
-def worker_config(tmp_path: Path, url: str, name: str, out: Path, **rbit: Any) -> Path:
-    return write_config(tmp_path, url, {QUEUE: {**RUNNER, "outdir": out}},
+def worker_config(tmp_path: Path, url: str, name: str, out: Path,
+                  runner: dict[str, Any] | None = None, **rbit: Any) -> Path:
+    """A worker named ``name`` on QUEUE (``runner``: its section, default RUNNER)."""
+    return write_config(tmp_path, url, {QUEUE: {**(runner or RUNNER), "outdir": out}},
                         rbit={"name": name, **rbit}, name=f"{name}.ini")
 
 
@@ -242,19 +246,6 @@ def raw_command(url: str, body: bytes) -> bytes:
         connection.close()
 
 
-@pytest.mark.parametrize("level", ["DEBUG", "ERROR"])
-def test_loglevel_changes_a_level_at_run_time(tmp_path, rabbit, vhost, out, level):
-    config = worker_config(tmp_path, rabbit.url(vhost), "logs", out)
-    proc = start_worker(config, "logs")
-    try:
-        code, result = ctl(config, "loglevel", "rbit.dispatch", level)
-        assert code == CtlExit.OK
-        assert replies(result)["logs"] == {"worker": "logs", "ok": True, "command": "loglevel",
-                                           "logger": "rbit.dispatch", "level": level}
-    finally:
-        proc.kill()
-
-
 def test_poll_mode_skips_a_paused_queue_until_resumed(tmp_path, rabbit, vhost, out, amqp):
     from worker_helpers import running_worker
 
@@ -273,3 +264,144 @@ def test_poll_mode_skips_a_paused_queue_until_resumed(tmp_path, rabbit, vhost, o
         assert worker.control.status()["queues"][0]["paused"] is True
         worker.broker.resume(QUEUE)
         wait_until(lambda: sorted(runs(out)) == ["q1", "q2"], timeout=15, what="the jobs")
+
+
+def queue_counts(rabbit: Any, vhost: str) -> tuple[int, int] | None:
+    """QUEUE's (ready, unacked); a count the broker left blank is not taken for 0."""
+    return rabbit.list_queues(vhost, blank=None).get(QUEUE)
+
+
+@pytest.mark.parametrize("how", ["ctl shutdown", "SIGTERM"])
+def test_ctl_shutdown_is_the_graceful_stop_sigterm_is(tmp_path, rabbit, vhost, out, amqp, how):
+    # Either way: the running job ends and is acked, the prefetched one goes back at
+    # once, a job published meanwhile is not taken, and the exit is clean.
+    runner = {"runner": "python!worker_runners:wait_for_release", "concurrency": 1,
+              "prefetch": 5}
+    config = worker_config(tmp_path, rabbit.url(vhost), "stopper", out, runner,
+                           shutdown_grace=60)
+    proc = start_worker(config, "stopper")
+    try:
+        amqp.publish_jobs(["first", "second"])
+        wait_until((out / "first.started").exists, timeout=15, what="the first job to start")
+        wait_until(lambda: queue_counts(rabbit, vhost) == (0, 2), timeout=10,
+                   what="the second job prefetched")
+        if how == "SIGTERM":
+            proc.signal(signal.SIGTERM)
+        else:
+            code, result = ctl(config, "shutdown")
+            assert code == CtlExit.OK, result
+            assert replies(result)["stopper"]["stopping"] is True
+        wait_until(lambda: queue_counts(rabbit, vhost) == (1, 1), timeout=10,
+                   what="the prefetched job to be requeued")
+        wait_until(lambda: consumer_prefetch(rabbit, vhost, QUEUE) == [], timeout=10,
+                   what="the worker to stop consuming")
+        amqp.publish_jobs(["late"])
+        wait_until(lambda: queue_counts(rabbit, vhost) == (2, 1), timeout=10,
+                   what="the late job to wait in the queue")
+        assert proc.proc.poll() is None, "the worker must wait for its running job"
+
+        (out / "release").touch()
+        assert proc.wait(30) == ExitCode.OK == 0, proc.output
+        assert (out / "first.done").exists()
+        assert sorted(path.name for path in out.glob("*.started")) == ["first.started"]
+        assert queue_counts(rabbit, vhost) == (2, 0)  # the first job was acked
+        left = {}
+        for _ in range(2):
+            method, props, _body = amqp.get(QUEUE)
+            left[props.message_id] = method.redelivered
+        # The late job never reached the worker; the prefetched one did, and went back.
+        assert left == {"second": True, "late": False}
+    finally:
+        proc.kill()
+
+
+def test_loglevel_changes_what_the_worker_writes(tmp_path, rabbit, vhost, out, amqp):
+    # The log sink writes a line per job on rbit.status: its Done at INFO, rbit's
+    # bare Building at DEBUG.
+    config = worker_config(tmp_path, rabbit.url(vhost), "logs", out)
+    proc = start_worker(config, "logs")
+
+    def line(job_id: str, level: str, status: str) -> str:
+        return f" {level} rbit.status: job {job_id} {QUEUE}: {status}\n"
+
+    def run_job(job_id: str) -> None:
+        amqp.publish_jobs([job_id])
+        # Acked: the job's status lines were written (or not) before the ack was sent.
+        wait_until(lambda: job_id in runs(out) and queue_counts(rabbit, vhost) == (0, 0),
+                   timeout=15, what=f"job {job_id} to be acked")
+
+    def set_level(level: str) -> None:
+        code, result = ctl(config, "loglevel", "rbit.status", level)
+        assert code == CtlExit.OK, result
+        assert replies(result)["logs"] == {"worker": "logs", "ok": True, "command": "loglevel",
+                                           "logger": "rbit.status", "level": level}
+
+    try:
+        run_job("l1")
+        wait_until(lambda: line("l1", "INFO", "Done") in proc.output, timeout=10,
+                   what="job l1's Done line")
+        assert line("l1", "DEBUG", "Building") not in proc.output
+
+        set_level("WARNING")
+        run_job("l2")
+        set_level("INFO")
+        run_job("l3")
+        # The lines keep their order: with l3's written, l2's would be there already.
+        wait_until(lambda: line("l3", "INFO", "Done") in proc.output, timeout=10,
+                   what="job l3's Done line")
+        assert "rbit.status: job l2 " not in proc.output
+        assert line("l3", "DEBUG", "Building") not in proc.output
+
+        set_level("DEBUG")
+        run_job("l4")
+        wait_until(lambda: line("l4", "INFO", "Done") in proc.output, timeout=10,
+                   what="job l4's Done line")
+        assert line("l4", "DEBUG", "Building") in proc.output
+    finally:
+        proc.kill()
+
+
+def worker_status(config: Path, name: str, *args: str) -> dict[str, Any]:
+    """Worker ``name``'s ``status`` reply ({} if it did not answer)."""
+    return replies(ctl(config, "status", *args)[1]).get(name, {})
+
+
+def test_status_verbose_shows_the_running_job_and_the_counts(tmp_path, rabbit, vhost, out,
+                                                             amqp):
+    runner = {"runner": "python!worker_runners:wait_for_release"}
+    config = worker_config(tmp_path, rabbit.url(vhost), "watched", out, runner)
+    proc = start_worker(config, "watched")
+    try:
+        (out / "release").touch()
+        amqp.publish_jobs(["s1", "s2"])
+        wait_until(lambda: worker_status(config, "watched").get("counts", {}).get("done") == 2,
+                   timeout=15, what="two jobs done")
+        (out / "release").unlink()
+        before = time.time()
+        amqp.publish_jobs(["slow"])
+        wait_until((out / "slow.started").exists, timeout=15, what="the slow job to start")
+
+        code, result = ctl(config, "status", "--verbose")
+        assert code == CtlExit.OK, result
+        status = replies(result)["watched"]
+        assert status["pid"] == proc.proc.pid
+        assert status["queues"] == [{"queue": QUEUE, "consuming": True, "paused": False}]
+        [running] = status["running"]
+        assert (running["job_id"], running["queue"]) == ("slow", QUEUE)
+        assert before <= running["since"] <= time.time()
+        assert status["running_count"] == 1
+        assert status["counts"] == {"done": 2, "failed": 0, "retried": 0, "dead_lettered": 0}
+        assert status["broker_connected"] is True
+        assert status["status_backlog"] == 0  # the log sink writes at once
+        assert "running" not in worker_status(config, "watched")  # only with --verbose
+
+        (out / "release").touch()
+        wait_until(lambda: worker_status(config, "watched").get("counts", {}).get("done") == 3,
+                   timeout=15, what="the slow job done")
+        status = worker_status(config, "watched", "--verbose")
+        assert status["running"] == []
+        assert status["running_count"] == 0
+        assert status["counts"] == {"done": 3, "failed": 0, "retried": 0, "dead_lettered": 0}
+        assert (out / "slow.done").exists()
+    finally:
+        proc.kill()
