@@ -393,7 +393,9 @@ def test_status_verbose_shows_the_running_job_and_the_counts(tmp_path, rabbit, v
         assert status["counts"] == {"done": 2, "failed": 0, "retried": 0, "dead_lettered": 0}
         assert status["broker_connected"] is True
         assert status["status_backlog"] == 0  # the log sink writes at once
-        assert "running" not in worker_status(config, "watched")  # only with --verbose
+        plain = worker_status(config, "watched")
+        assert plain["running_count"] == 1
+        assert "running" not in plain  # the list only with --verbose
 
         (out / "release").touch()
         wait_until(lambda: worker_status(config, "watched").get("counts", {}).get("done") == 3,
