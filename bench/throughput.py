@@ -8,8 +8,8 @@ Run from the repository root with the benchmark's virtualenv::
 Each contender is a separate worker process. Per round and contender: a fresh vhost
 (or fresh queue names on an ``--amqp-url`` broker) is filled with N persistent ~200-byte
 JSON jobs (not timed), the worker is started, and the clock runs from its start to
-its N-th job. Rounds are interleaved (round-robin over the contenders) and the table
-shows medians. See bench/README.rst.
+its N-th job. Rounds are interleaved (round-robin over the contenders, the order
+reversed every other round) and the table shows medians. See bench/README.rst.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import re
@@ -802,6 +803,52 @@ GOALS = [
 ]
 #: (row, other row): the row must move at least as many jobs/s as the other.
 VERSUS = [("rbit-python-child-c1", "celery-prefork-c1")]
+#: (row, other row, goal): a feature's cost, judged round by round. The two rows differ
+#: by one setting, so their difference is smaller than the noise between rounds on a
+#: shared machine; each round's ratio shares that round's state, and the goal is judged
+#: on the geometric mean of those ratios, printed with its ~95% interval.
+PAIRED = [("rbit-python-nostatus", "rbit-python-nohistory", 0.95)]
+
+# Student's t at 97.5% by degrees of freedom (1.96 from 60 on).
+_T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31,
+         9: 2.26, 10: 2.23, 12: 2.18, 15: 2.13, 20: 2.09, 30: 2.04, 40: 2.02, 60: 1.96}
+
+
+def t975(df: int) -> float:
+    """Student's t quantile for a two-sided 95% interval (rounded up between rows)."""
+    return _T975[min((k for k in _T975 if k >= df), default=60)]
+
+
+def paired_ratio(results: list[dict[str, Any]], name: str, other: str,
+                 key: str = "jobs_per_s") -> dict[str, Any] | None:
+    """``name``/``other`` round by round: geometric mean, ~95% interval, the ratios."""
+    by_round: dict[Any, dict[str, float]] = {}
+    for result in results:
+        by_round.setdefault(result.get("round"), {})[result["contender"]] = result[key]
+    ratios = [pair[name] / pair[other] for pair in by_round.values()
+              if pair.get(name) and pair.get(other)]
+    if len(ratios) < 2:
+        return None
+    logs = [math.log(ratio) for ratio in ratios]
+    mean = statistics.mean(logs)
+    half = t975(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return {"ratio": math.exp(mean), "low": math.exp(mean - half),
+            "high": math.exp(mean + half), "rounds": ratios}
+
+
+def format_paired(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for name, other, goal in PAIRED:
+        jobs = paired_ratio(results, name, other)
+        if jobs is None:
+            continue
+        cpu = paired_ratio(results, name, other, "worker_cpu_us_per_job")
+        lines.append("%s >= %.2fx %s, round by round: %.3fx (95%% interval %.3f-%.3f, "
+                     "%d rounds; worker CPU per job %.3fx) -> %s"
+                     % (name, goal, other, jobs["ratio"], jobs["low"], jobs["high"],
+                        len(jobs["rounds"]), cpu["ratio"] if cpu else float("nan"),
+                        "met" if jobs["ratio"] >= goal else "NOT met"))
+    return "\n".join(lines)
 
 
 def format_goals(rows: list[dict[str, Any]]) -> str:
@@ -838,7 +885,8 @@ def format_machine(info: dict[str, str]) -> str:
 def run_rounds(broker: BrokerHandle, chosen: list[Contender], n: int, rounds: int) -> list[dict]:
     results = []
     for round_no in range(1, rounds + 1):
-        for contender in chosen:
+        # Reversed every other round: no row always runs just after the same one.
+        for contender in (chosen if round_no % 2 else chosen[::-1]):
             print("round %d/%d: %s ..." % (round_no, rounds, contender.name), end=" ", flush=True)
             result = measure(contender, broker, contender.jobs or n)
             result["round"] = round_no
@@ -1063,6 +1111,9 @@ def _run_modes(args, broker: BrokerHandle, table: dict[str, Contender],
                    "raw-spawn-loop). jobs/s from worker start to the N-th job done; "
                    "steady = from the first job done to the N-th." % (args.n, args.rounds),
                    "", format_table(rows), "", "goals", format_goals(rows)]
+        paired = format_paired(results)
+        if paired:
+            report.append(paired)
         (RESULTS / ("throughput-%s.json" % args.tag)).write_text(
             json.dumps({"machine": info, "rows": rows, "runs": results}, indent=2))
     if args.rss_long:
