@@ -154,7 +154,10 @@ def queue_totals(rabbit: Any, vhost: str, prefix: str = QUEUE) -> dict[str, tupl
 def all_empty(rabbit: Any, vhost: str, prefix: str = QUEUE) -> bool:
     """Whether every queue of the test holds nothing, ready or unacked.
 
-    A count the broker left blank (a queue too busy to answer) is not taken for zero.
+    A count the broker left blank (a queue too busy to answer) is not taken for zero,
+    nor is a listing without the work queue ``prefix`` itself (left out, or not yet
+    declared): an empty answer must not pass for empty queues.
     """
-    queues = rabbit.list_queues(vhost, blank=None)
-    return all(counts == (0, 0) for name, counts in queues.items() if name.startswith(prefix))
+    queues = {name: counts for name, counts in rabbit.list_queues(vhost, blank=None).items()
+              if name.startswith(prefix)}
+    return prefix in queues and all(counts == (0, 0) for counts in queues.values())
