@@ -145,9 +145,11 @@ class Publisher:
             self.connection.close()
 
 
-def queue_totals(rabbit: Any, vhost: str, prefix: str = QUEUE) -> dict[str, tuple[int, int]]:
-    """``{queue: (ready, unacked)}`` of the queues whose names start with ``prefix``."""
-    return {name: counts for name, counts in rabbit.list_queues(vhost).items()
+def queue_totals(rabbit: Any, vhost: str, prefix: str = QUEUE,
+                 blank: int | None = 0) -> dict[str, tuple[int, int]]:
+    """``{queue: (ready, unacked)}`` of the queues whose names start with ``prefix``
+    (a count the broker left blank reads as ``blank``)."""
+    return {name: counts for name, counts in rabbit.list_queues(vhost, blank).items()
             if name.startswith(prefix)}
 
 
@@ -158,6 +160,5 @@ def all_empty(rabbit: Any, vhost: str, prefix: str = QUEUE) -> bool:
     nor is a listing without the work queue ``prefix`` itself (left out, or not yet
     declared): an empty answer must not pass for empty queues.
     """
-    queues = {name: counts for name, counts in rabbit.list_queues(vhost, blank=None).items()
-              if name.startswith(prefix)}
+    queues = queue_totals(rabbit, vhost, prefix, blank=None)
     return prefix in queues and all(counts == (0, 0) for counts in queues.values())
