@@ -162,7 +162,10 @@ def _hooks(variant: str, settings, pool, reporter) -> dict | None:
     store = StateStore(state.state_dir, state.history_depth)
     store.start()
     hooks["store"] = store
-    pool.observer = JobObserver(store.record if state.history_depth else None)
+    keeper = getattr(store, "keeper", None)
+    if keeper is None:  # before the observer took a queue's keeper
+        keeper = store.record
+    pool.observer = JobObserver(keeper if state.history_depth else None)
     if variant == "tracker":
         from rbit import pybit
         try:

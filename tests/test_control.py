@@ -172,7 +172,7 @@ def test_history_lists_the_jobs_from_before_a_restart(tmp_path, rabbit, vhost, o
         wait_until(lambda: len(runs(out)) == 5, timeout=15, what="five jobs")
         wait_until(lambda: replies(ctl(config, "status")[1]).get("historian", {})
                    .get("counts", {}).get("done") == 5, timeout=10, what="the counts")
-        # The writer commits every 0.2 s; once an outcome is committed, a SIGKILL
+        # The writer commits every second; once an outcome is committed, a SIGKILL
         # must not lose it nor tear the file. Three rows are not enough to wait for:
         # h0-h2 may be committed while h3 and h4 still wait for the next commit.
         wait_until(lambda: (tmp_path / "state-historian" / "state.sqlite3-wal").exists()

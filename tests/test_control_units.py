@@ -99,7 +99,7 @@ def test_recording_only_appends_in_memory(tmp_path):
 def test_observer_counts_and_records_each_fate():
     records = []
     clock = iter([100.0, 100.5, 200.0, 201.0, 300.0, 300.25]).__next__
-    observer = JobObserver(records.append, clock=clock)
+    observer = JobObserver(lambda queue: records.append, clock=clock)
     j1, j2, j3 = (_entry(job_id) for job_id in ("j1", "j2", "j3"))
     observer.started(j1)
     assert observer.running_jobs() == [{"job_id": "j1", "queue": "q", "since": 100.0}]
@@ -125,7 +125,7 @@ def _entry(job_id):
 def test_history_rows_are_built_from_job_entries_by_the_writer(tmp_path):
     clock = iter([100.0, 101.5]).__next__
     store = StateStore(str(tmp_path / "s"), history_depth=5)
-    observer = JobObserver(store.record, clock=clock)
+    observer = JobObserver(store.keeper, clock=clock)
     job = _entry("j1")
     observer.started(job)
     observer.ended(job, Status.WAITING, 2, "x" * 900, True, Usage(1.5, 0.25))
@@ -154,7 +154,7 @@ def test_the_observer_holds_jobs_received_for_pybit_until_they_end():
 
 def test_a_job_settled_without_starting_is_recorded_with_no_duration():
     records = []
-    observer = JobObserver(records.append, clock=lambda: 50.0)
+    observer = JobObserver(lambda queue: records.append, clock=lambda: 50.0)
     job = _entry("j1")
     observer.arrived(job.message)
     observer.ended(job, Status.CANCELLED, 1, "cancelled before it started", False)

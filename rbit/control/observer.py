@@ -33,18 +33,22 @@ _FAILED, _WAITING, _BLOCKED = Status.FAILED, Status.WAITING, Status.BLOCKED
 
 
 class JobObserver:
-    """The jobs held and running, counts since start; outcomes go to ``record``.
+    """The jobs held and running, counts since start; outcomes go to the history.
 
     Args:
-        record: Takes each ended job's entry (a :class:`~rbit.dispatch.JobStatus`, see
-            :meth:`rbit.control.state.StateStore.record`); must not block. None: no
-            history.
+        keeper: ``keeper(queue)`` gives the callable that keeps the ended jobs' entries
+            (:class:`~rbit.dispatch.JobStatus`) of ``queue``, and must not block (see
+            :meth:`rbit.control.state.StateStore.keeper`); it is asked once per queue.
+            None: no history.
         clock: Wall-clock time (Unix seconds).
     """
 
-    def __init__(self, record: Callable[[Any], None] | None = None,
+    def __init__(self, keeper: Callable[[str], Callable[[Any], None]] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self._record = record
+        self._keeper = keeper
+        #: queue -> its keeper, as ``keeper`` gave it (None: no history).
+        self._keep: dict[str, Callable[[Any], None]] | None = (
+            None if keeper is None else {})
         self._clock = clock
         #: message -> its entry once started (None: received, not started yet).
         self._jobs: dict[Message, JobStatus | None] = {}
@@ -91,12 +95,19 @@ class JobObserver:
             counts[key] += 1
             if failed:
                 counts["failed"] += 1
-        if self._record is not None:
-            job.fate, job.attempt, job.note, job.usage = status, attempt, note, usage
+        keep = self._keep
+        if keep is not None:
+            job.fate = status  # one store each: a tuple assignment would build a tuple
+            job.attempt = attempt
+            job.note = note
+            job.usage = usage
             job.ended = now = self._clock()
             if begun is not job:  # settled without starting (cancelled while it waited)
                 job.since = now
-            self._record(job)
+            append = keep.get(job.queue)
+            if append is None:
+                append = keep[job.queue] = self._keeper(job.queue)  # type: ignore[misc]
+            append(job)
 
     def snapshot_counts(self) -> dict[str, int]:
         """The counts since start, consistent with each other."""

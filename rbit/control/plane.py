@@ -48,7 +48,7 @@ class ControlPlane:
         except Exception as exc:  # OSError, sqlite3.Error...
             raise ConfigError(f"cannot open the state directory {state.state_dir!r}: {exc}",
                               file=settings.file, section="rbit", key="state_dir") from exc
-        self.observer = JobObserver(self.store.record if state.history_depth else None)
+        self.observer = JobObserver(self.store.keeper if state.history_depth else None)
         queues = [pool.settings.queue for pool in pools]
         for pool in pools:
             pool.observer = self.observer

@@ -8,8 +8,9 @@ loss may lose the last transactions, never corrupt the file. FULL would add an f
 per commit for that case alone, which history does not need. Paused queues are
 written with ``synchronous=FULL`` at once, since an operator relies on them.
 
-Recording never blocks a job: :meth:`StateStore.record` appends the job's entry to
-its queue's in-memory deque (one atomic append), and a writer thread turns the entries
+Recording never blocks a job: the job's entry is appended to its queue's in-memory
+deque (one atomic append, by the deque's own ``append``: :meth:`StateStore.keeper`),
+and a writer thread turns the entries
 into rows (status names, durations, bounded messages, usage as JSON), commits what has
 gathered every :data:`FLUSH_INTERVAL` seconds (one INSERT statement for up to
 :data:`INSERT_ROWS` rows: SQLite's steps run without the GIL, and one step per row
@@ -33,13 +34,14 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
 #: The writer's pause between two batches (seconds).
-FLUSH_INTERVAL = 0.2
+FLUSH_INTERVAL = 1.0
 #: A history message keeps at most this many characters (the end of it).
 MAX_MESSAGE = 500
 DB_NAME = "state.sqlite3"
@@ -83,8 +85,9 @@ class JobRecord:
 
 #: A history row before the writer bounds its message and writes its usage as JSON:
 #: the fields of a :class:`JobRecord`, in order; the usage is a
-#: :class:`rbit.usage.Usage` or None. :meth:`StateStore.record` takes one of these,
-#: or a job's entry (:class:`HistoryEntry`), which costs a job's path nothing more.
+#: :class:`rbit.usage.Usage` or None. A queue's keeper (:meth:`StateStore.keeper`)
+#: takes one of these, or a job's entry (:class:`HistoryEntry`), which costs a job's
+#: path nothing more.
 RecordTuple = tuple[str, str, str, int, float, float, float, str, Any]
 
 
@@ -149,16 +152,23 @@ class StateStore:
 
     # ------------------------------------------------------------------ history
 
-    def record(self, item: RecordTuple | HistoryEntry) -> None:
-        """Queue an outcome for the writer (any thread; never blocks).
+    def keeper(self, queue: str) -> Callable[[RecordTuple | HistoryEntry], None]:
+        """What queues ``queue``'s outcomes for the writer (any thread; never blocks).
 
-        ``item`` is a row, or a job's entry whose row the writer thread builds.
+        It takes a row, or a job's entry whose row the writer thread builds. It is the
+        ``append`` of the queue's deque itself: a C call, with no Python frame, on
+        every job's path (:class:`rbit.control.observer.JobObserver` asks for it once
+        per queue).
         """
-        queue = item[1] if item.__class__ is tuple else item.queue  # type: ignore[index,union-attr]
         pending = self._pending.get(queue)
         if pending is None:  # setdefault: atomic, should two threads race here
             pending = self._pending.setdefault(queue, collections.deque(maxlen=self.depth))
-        pending.append(item)
+        return pending.append
+
+    def record(self, item: RecordTuple | HistoryEntry) -> None:
+        """Queue one outcome (a row or an entry) for the writer, as its keeper does."""
+        queue = item[1] if item.__class__ is tuple else item.queue  # type: ignore[index,union-attr]
+        self.keeper(queue)(item)
 
     def history(self, queue: str, depth: int) -> list[dict[str, Any]]:
         """The last ``depth`` outcomes of ``queue``, newest first (pending ones too)."""
