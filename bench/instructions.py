@@ -1,12 +1,13 @@
 """Instructions and cache misses per job of the real worker, counted by cachegrind.
 
-``bench/.venv/bin/python bench/instructions.py [--only A,B] [--n 5000]`` runs each
-row of bench/throughput.py named (default: ``rbit-python-nostatus`` and
+``bench/.venv/bin/python bench/instructions.py [--only A,B] [--n 5000] [--rbit-ref REV]``
+runs each row of bench/throughput.py named (default: ``rbit-python-nostatus`` and
 ``rbit-python-nohistory``, the job history on and off) under
 ``valgrind --tool=cachegrind``, against a private RabbitMQ node, once with N jobs and
 once with 3N, and prints what the N jobs between the two runs cost per job: machine
 instructions, first-level instruction and data cache misses (32 KB simulated caches).
-The start and the stop are the same in both runs and cancel out.
+The start and the stop are the same in both runs and cancel out. ``--rbit-ref REV``
+runs the rbit of commit REV instead of the working tree (as bench/throughput.py does).
 
 These are counts, not seconds: they repeat whatever else the machine does, so a
 difference of 1% between two rows shows in one run, where bench/throughput.py needs
@@ -30,7 +31,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 EVENTS = ("Ir", "I1mr", "D1mr", "D1mw")
 
@@ -91,11 +91,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--flush-scale", type=float, default=40.0)
     parser.add_argument("--out", default=None, help="where cachegrind's files go")
+    parser.add_argument("--rbit-ref", default=None, metavar="REV")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
+    if args.child:  # the rbit under test comes first on PYTHONPATH
         sys.exit(_child(args.child, args.flush_scale))
+    sys.path.insert(0, str(ROOT))
     from bench import throughput
+
+    if args.rbit_ref:
+        throughput._snapshot_rbit(args.rbit_ref)  # noqa: SLF001 (the bench's own helper)
 
     everything = throughput.contenders()
     names = [name for name in args.only.split(",") if name]
@@ -117,8 +122,8 @@ def main() -> None:
             print(f"{name} done", file=sys.stderr, flush=True)
     finally:
         broker.close()
-    print(f"per job, from {args.n} and {3 * args.n} jobs under cachegrind "
-          f"(flush interval x{args.flush_scale:g}; files in {out})")
+    print(f"rbit: {throughput.RBIT_SRC['ref']}; per job, from {args.n} and {3 * args.n} "
+          f"jobs under cachegrind (flush interval x{args.flush_scale:g}; files in {out})")
     print(f"{'row':<24}" + "".join(f"{e:>10}" for e in EVENTS))
     first = names[0]
     for name in names:
