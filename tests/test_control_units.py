@@ -50,8 +50,8 @@ def test_every_command_survives_its_own_json():
 def test_history_is_pruned_per_queue_and_survives_reopening(tmp_path):
     store = StateStore(str(tmp_path / "state"), history_depth=2)
     for n in range(4):
-        store.record((f"a{n}", "a", "Done", 1, 10.0, 11.0, 1.0, "x" * 900))
-    store.record(("b0", "b", "Failed", 3, 10.0, 12.0, 2.0, "boom"))
+        store.keeper("a")((f"a{n}", "a", "Done", 1, 10.0, 11.0, 1.0, "x" * 900))
+    store.keeper("b")(("b0", "b", "Failed", 3, 10.0, 12.0, 2.0, "boom"))
     store.set_paused({"a"})
     store.close()
     again = StateStore(str(tmp_path / "state"), history_depth=2)
@@ -71,8 +71,8 @@ def test_a_flush_larger_than_one_insert_statement_keeps_every_row_in_order(tmp_p
     depth = INSERT_ROWS * 2 + 7
     store = StateStore(str(tmp_path / "s"), history_depth=depth)  # writer not started
     for n in range(depth + 3):  # the 3 oldest are pruned in memory already
-        store.record((f"j{n}", "q", "Done", 1, float(n), n + 0.5, 0.5, f"m{n}",
-                      Usage(0.5, 0.25) if n % 2 else None))
+        store.keeper("q")((f"j{n}", "q", "Done", 1, float(n), n + 0.5, 0.5, f"m{n}",
+                           Usage(0.5, 0.25) if n % 2 else None))
     store.flush()
     rows = store.history("q", depth + 10)
     assert [row["job_id"] for row in rows] == [f"j{n}" for n in range(depth + 2, 2, -1)]
@@ -91,7 +91,7 @@ def test_a_rows_usage_is_the_text_json_would_write(usage):
 
 def test_recording_only_appends_in_memory(tmp_path):
     store = StateStore(str(tmp_path / "s"), history_depth=5)  # writer not started
-    store.record(("j", "q", "Done", 1, 1.0, 2.0, 1.0, ""))
+    store.keeper("q")(("j", "q", "Done", 1, 1.0, 2.0, 1.0, ""))
     assert store._pending  # noqa: SLF001 -- nothing was written on the job's path
     store.close()
 

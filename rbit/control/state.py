@@ -8,19 +8,18 @@ loss may lose the last transactions, never corrupt the file. FULL would add an f
 per commit for that case alone, which history does not need. Paused queues are
 written with ``synchronous=FULL`` at once, since an operator relies on them.
 
-Recording never blocks a job: the job's entry is appended to its queue's in-memory
-deque (one atomic append, by the deque's own ``append``: :meth:`StateStore.keeper`),
-and a writer thread turns the entries
-into rows (status names, durations, bounded messages, usage as JSON), commits what has
-gathered every :data:`FLUSH_INTERVAL` seconds (one INSERT statement for up to
-:data:`INSERT_ROWS` rows: SQLite's steps run without the GIL, and one step per row
-would hand it to the job and I/O threads and back once per row), then prunes each
-queue to its last ``history_depth`` outcomes. The writer wakes on its timer only,
-never per job. Each deque holds at most ``history_depth`` entries (an
-older one would be pruned at once): a busy worker's history costs a bounded number of
-rows and objects per interval, however many jobs it runs. A worker killed before
-a flush loses at most the outcomes of that last interval from its history (never a
-job: history is a record, not the source of truth).
+Recording never blocks a job: the job's entry is appended to its queue's in-memory deque
+(one atomic append, by the deque's own ``append``: :meth:`StateStore.keeper`), and a
+writer thread turns the entries into rows (status names, durations, bounded messages,
+usage as JSON), commits what has gathered every :data:`FLUSH_INTERVAL` seconds (one
+INSERT statement for up to :data:`INSERT_ROWS` rows: SQLite's steps run without the GIL,
+and one step per row would hand it to the job and I/O threads and back once per row),
+then prunes each queue to its last ``history_depth`` outcomes. The writer wakes on its
+timer only, never per job. Each deque holds at most ``history_depth`` entries (an older
+one would be pruned at once): a busy worker's history costs a bounded number of rows and
+objects per interval, however many jobs it runs. A worker killed before a flush loses at
+most the outcomes of that last interval from its history (never a job: history is a
+record, not the source of truth).
 """
 
 from __future__ import annotations
@@ -164,11 +163,6 @@ class StateStore:
         if pending is None:  # setdefault: atomic, should two threads race here
             pending = self._pending.setdefault(queue, collections.deque(maxlen=self.depth))
         return pending.append
-
-    def record(self, item: RecordTuple | HistoryEntry) -> None:
-        """Queue one outcome (a row or an entry) for the writer, as its keeper does."""
-        queue = item[1] if item.__class__ is tuple else item.queue  # type: ignore[index,union-attr]
-        self.keeper(queue)(item)
 
     def history(self, queue: str, depth: int) -> list[dict[str, Any]]:
         """The last ``depth`` outcomes of ``queue``, newest first (pending ones too)."""
