@@ -122,6 +122,24 @@ def _entry(job_id):
     return JobStatus(lambda *args: None, job_id, "q", message)
 
 
+def test_the_observer_asks_each_queues_keeper_once_and_keeps_entries_by_queue():
+    asked, kept = [], {}
+
+    def keeper(queue):
+        asked.append(queue)
+        return kept.setdefault(queue, []).append
+
+    observer = JobObserver(keeper, clock=lambda: 1.0)
+    for job_id, queue in [("a1", "a"), ("b1", "b"), ("a2", "a"), ("b2", "b")]:
+        job = JobStatus(lambda *args: None, job_id, queue,
+                        Message(b"{}", queue, message_id=job_id))
+        observer.started(job)
+        observer.ended(job, Status.DONE, 1, "", False)
+    assert asked == ["a", "b"]
+    assert {queue: [job.job_id for job in jobs] for queue, jobs in kept.items()} == {
+        "a": ["a1", "a2"], "b": ["b1", "b2"]}
+
+
 def test_history_rows_are_built_from_job_entries_by_the_writer(tmp_path):
     clock = iter([100.0, 101.5]).__next__
     store = StateStore(str(tmp_path / "s"), history_depth=5)
