@@ -212,6 +212,10 @@ def test_credit_front_door_through_the_cluster_never_answers_a_false_ok(cluster,
         log = daemon.log.read_text(errors="replace") if daemon.log.exists() else ""
         lines = [line for line in log.splitlines() if "answered ER" not in line]
         print(f"\n==> {daemon.log.name} (without its ER lines) <==\n" + "\n".join(lines[-60:]))
+        refused = [line for line in log.splitlines() if "answered ER" in line]
+        if refused:  # why the lines were refused, and from when to when
+            print(f"{len(refused)} ER lines; the first and the last three:\n"
+                  + "\n".join([refused[0], *refused[-3:]]))
         print("credit queue (leader, members, online):",
               cluster.queue_members(vhost, "credits.faults"))
         raise
