@@ -224,9 +224,12 @@ def test_a_dead_workers_holding_queue_expires_after_its_copy_went_back(
 
 def test_a_held_job_burns_no_quorum_deliveries(tmp_path, rabbit, vhost):
     # Renewed three times on a quorum queue that dead-letters after two redeliveries:
-    # the renewals ack and take a copy from the holding queue, so none counts.
+    # the renewals ack and take a copy from the holding queue, so none counts. A lease
+    # is renewed once held consumer_timeout / 2, and the leases are looked at every
+    # consumer_timeout / 10: each renewal comes 0.5 to 0.6 consumer_timeout after the
+    # one before, the third as late as 1.8 consumer_timeout. The job runs 2.5.
     worker = _worker(tmp_path, amqp_keys(rabbit, vhost),
-                     {"sleep": 1.8 * CONSUMER_TIMEOUT, "delivery_limit": 2},
+                     {"sleep": 2.5 * CONSUMER_TIMEOUT, "delivery_limit": 2},
                      rbit={"queue_type": "quorum"})
     publisher = Publisher(rabbit.url(vhost))
     records = Records(tmp_path / "record")
